@@ -1,0 +1,3 @@
+from sovctl.cli import main
+
+main()

@@ -1,0 +1,213 @@
+"""Commands for owned weights: pull, verify, models, rm, mirror serve."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sovctl.cli._common import JsonOpt, begin, emit, human_bytes, settings
+from sovctl.cli._progress import bars
+from sovctl.errors import CheckFailed, UsageError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pull")(pull)
+    app.command("verify")(verify)
+    app.command("models")(models)
+    app.command("rm")(rm)
+    mirror = typer.Typer(help="Serve this box's store to the operator's other machines.",
+                         no_args_is_help=True)
+    mirror.command("serve")(mirror_serve)
+    app.add_typer(mirror, name="mirror")
+
+
+def pull(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="hf://ORG/REPO/FILE.gguf, ORG/REPO:QUANT, a path or "
+                                            "file:// URL, or an https:// URL.")],
+    name: Annotated[str | None, typer.Option(help="Store name [default: from the file name].")]
+    = None,
+    revision: Annotated[str, typer.Option(help="Branch, tag or commit; pinned as its commit.")]
+    = "main",
+    sha256: Annotated[str | None, typer.Option("--sha256", help="Expected sha256 of the file.")]
+    = None,
+    endpoint: Annotated[str | None, typer.Option(
+        help="Hugging Face compatible endpoint (a mirror) [env: HF_ENDPOINT].")] = None,
+    trust_on_first_use: Annotated[bool, typer.Option(
+        "--trust-on-first-use", help="Accept a download with no expected sha256; the lock "
+        "records that it was trusted on first use.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download or import GGUF weights, verify them as they arrive, and pin them in the lock."""
+    import os
+
+    from sovctl.store.pull import pull as do_pull
+
+    state = begin(ctx, json_out)
+    cfg = settings({"hub.endpoint": endpoint})
+    with bars() as progress:
+        result = do_pull(
+            state.home,
+            ref,
+            name=name,
+            revision=revision,
+            sha256=sha256,
+            endpoint=cfg.get("hub.endpoint"),
+            trust_on_first_use=trust_on_first_use,
+            progress=progress,
+            token=os.environ.get("HF_TOKEN"),
+        )
+
+    def render(c: Console) -> None:
+        e = result.entry
+        if result.action == "already-pinned":
+            c.print(f"{e.name}: already pinned and present (sha256 {e.short_sha}); nothing to do")
+            return
+        where = f"{e.repo}/{e.path}@{e.commit[:12]}" if e.source == "hf" else (e.url or e.path)
+        extra = f", resumed at {human_bytes(result.resumed_from)}" if result.resumed_from else ""
+        c.print(f"[green]{result.action}[/] {e.name}: {human_bytes(e.size)} from {where}{extra}")
+        c.print(f"  sha256 {e.sha256} ({e.digest_from})", highlight=False)
+        if e.digest_from == "trust-on-first-use":
+            c.print("  [yellow]trusted on first use:[/] no independent digest vouched for it")
+
+    emit(result, render)
+
+
+def verify(
+    ctx: typer.Context,
+    names: Annotated[list[str] | None, typer.Argument(help="Names to check [default: all].")]
+    = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-hash blobs against the lock, fully offline. Exit 0 only if every one is ok."""
+    from sovctl.store.manage import verify as do_verify
+
+    state = begin(ctx, json_out)
+    with bars() as progress:
+        result = do_verify(state.home, names or [], progress)
+
+    def render(c: Console) -> None:
+        if not result.items:
+            c.print("nothing to verify: the store is empty")
+        for i in result.items:
+            colour = {"ok": "green", "mismatch": "red", "missing": "red"}[i.status]
+            line = f"[{colour}]{i.status:8}[/] {i.name}  sha256 {i.expected[:12]}"
+            if i.status == "mismatch":
+                line += f" but the blob hashes to {i.actual}"
+            c.print(line, highlight=False)
+
+    emit(result, render)
+    if not result.ok:
+        bad = [i.name for i in result.items if i.status != "ok"]
+        raise CheckFailed(
+            f"{len(bad)} of {len(result.items)} failed verification: {', '.join(bad)}",
+            hint="re-fetch with 'sovctl rm NAME' then 'sovctl pull REF'",
+        )
+
+
+def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """List pinned models with their size, digest, revision and GGUF header facts."""
+    from sovctl.store.manage import list_models
+
+    state = begin(ctx, json_out)
+    rows = list_models(state.home)
+
+    def render(c: Console) -> None:
+        if not rows:
+            c.print("no models yet: add one with 'sovctl pull REF'")
+            return
+        t = Table(box=None, pad_edge=False)
+        t.add_column("NAME", no_wrap=True)
+        for col in ("SIZE", "SHA256", "REVISION", "ARCH", "PARAMS", "QUANT", "CTX",
+                    "CHAT", "EMBED"):
+            t.add_column(col)
+        for r in rows:
+            e, f = r.entry, r.facts
+            rev = f"{e.revision}@{e.commit[:7]}" if e.commit else e.source
+            t.add_row(
+                e.name, human_bytes(e.size), e.short_sha + ("" if r.present else " MISSING"), rev,
+                f.architecture if f else "?", _params(f.parameters) if f else "?",
+                f.quantization if f else "?", str(f.context_length or "?") if f else "?",
+                ("yes" if f.chat_template else "no") if f else "?",
+                ("yes" if f.embedding else "no") if f else "?",
+            )
+        c.print(t)
+
+    emit(rows, render)
+
+
+def _params(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def rm(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name to remove.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove a name; its blob goes too once no other name uses it."""
+    from sovctl.store.manage import remove
+
+    state = begin(ctx, json_out)
+    result = remove(state.home, name)
+
+    def render(c: Console) -> None:
+        if result.blob_removed:
+            c.print(f"removed {name} and its blob sha256 {result.sha256[:12]}")
+        else:
+            c.print(f"removed {name}; blob kept for {', '.join(result.still_used_by)}")
+
+    emit(result, render)
+
+
+def mirror_serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8089,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve the store read-only as a Hugging Face compatible endpoint (Ctrl-C stops)."""
+    from sovctl.secrets import ensure_api_key, is_loopback
+    from sovctl.store.mirror import Catalog, make_server
+
+    state = begin(ctx, json_out)
+    catalog = Catalog.from_store(state.home)
+    key = None
+    created = False
+    if not is_loopback(host):
+        key, created = ensure_api_key(state.home)
+    try:
+        server = make_server(catalog, host, port, api_key=key)
+    except OSError as e:
+        raise UsageError(f"cannot bind {host}:{port}: {e.strerror}",
+                         hint="choose another --port") from None
+    bound = f"http://{host}:{server.server_address[1]}"
+    info = {"url": bound, "repos": sorted(catalog.repos()), "files": len(catalog.files),
+            "api_key_required": key is not None}
+
+    def render(c: Console) -> None:
+        c.print(f"mirror serving {len(catalog.files)} file(s) from {len(catalog.repos())} "
+                f"repo(s) at {bound} (read-only; Ctrl-C stops)")
+        c.print(f"  clients: sovctl pull --endpoint {bound} hf://ORG/REPO/FILE.gguf  "
+                f"or  HF_ENDPOINT={bound}")
+        if key:
+            c.print("  clients must send the API key (HF_TOKEN=<key>)"
+                    + (f"; new key, shown once: {key}" if created else
+                       f"; read it with: cat {state.home.secrets / 'api_key'}"))
+
+    emit(info, render)
+    import sys
+
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

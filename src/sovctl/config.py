@@ -1,0 +1,240 @@
+"""Layered configuration: defaults < profile < sovctl.toml < SOVCTL_* environment < flags.
+
+Every value remembers which layer set it, so commands can tell an explicit choice from a
+default (a flag the operator typed outranks everything; a default may be overridden freely).
+Loading has no side effects: nothing is written, nothing is created.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sovctl.errors import ConfigError
+from sovctl.home import Home
+
+# Each key's default also fixes its type: environment strings are converted to it.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "hub": {
+        "endpoint": "https://huggingface.co",
+    },
+    "serve": {
+        "host": "127.0.0.1",
+        "port": 8088,
+        "queue_limit": 16,  # requests waiting per runtime before the gateway answers 429
+        "queue_timeout": 120.0,  # seconds a request may wait for its runtime before 503
+        "max_body_bytes": 8 * 1024 * 1024,
+        "health_interval": 2.0,
+        "health_timeout": 5.0,
+        "health_failures": 3,  # consecutive failed probes before a live runtime counts as hung
+        "start_timeout": 120.0,
+        "stop_timeout": 10.0,
+        "max_restarts": 5,  # restarts within restart_window before a runtime is marked failed
+        "restart_window": 120.0,
+        "log_max_bytes": 10 * 1024 * 1024,
+        "log_backups": 3,
+    },
+    "bench": {
+        "cpu_watts": 65.0,  # used to estimate energy where no power meter exists
+    },
+    "cost": {
+        "currency": "USD",
+        "electricity_per_kwh": 0.15,
+        "hardware_price": 0.0,
+        "hardware_lifetime_years": 3.0,
+        "hardware_utilisation": 0.5,  # share of the lifetime the box is busy generating
+        "cloud_price_per_mtok": 10.0,
+    },
+}
+
+# Keys of a served model's section ([models.NAME]).
+MODEL_KEYS: dict[str, Any] = {
+    "model": str,  # store name; defaults to the section's name
+    "role": str,  # "chat" | "embedding" | "completion"
+    "n_ctx": int,
+    "n_gpu_layers": int,
+    "n_threads": int,
+    "n_batch": int,
+    "chat_format": str,
+    "seed": int,
+    "extra_args": list,
+}
+
+ENV_PREFIX = "SOVCTL_"
+RESERVED_ENV = {"SOVCTL_HOME", "SOVCTL_DEBUG", "SOVCTL_PROFILE", "SOVCTL_MODELS"}
+
+
+def _profile_dirs(home: Home) -> list[Path]:
+    dirs = [home.root / "profiles"]
+    extra = os.environ.get("SOVCTL_PROFILES_DIR")
+    if extra:
+        dirs.insert(0, Path(extra))
+    # The profiles shipped with sovctl sit at the project root, beside src/.
+    dirs.append(Path(__file__).resolve().parents[2] / "profiles")
+    return dirs
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    profile: str | None = None
+
+    def get(self, key: str) -> Any:
+        return self.values[key]
+
+    def source(self, key: str) -> str:
+        return self.sources[key]
+
+    def explicit(self, key: str) -> bool:
+        return self.sources[key] in ("env", "flag")
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(
+            f"{what} {path} is not valid TOML: {e}",
+            hint=f"fix the file by hand (it was left untouched) or move it aside: mv {path} {path}.bak",
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    section, name = key.split(".", 1)
+    default = DEFAULTS[section][name]
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            if kind is bool:
+                return value.lower() in ("1", "true", "yes", "on")
+            return kind(value)
+        except ValueError:
+            raise ConfigError(
+                f"{origin}: {key} must be a {kind.__name__}, got {value!r}",
+                hint="correct the value",
+            ) from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{origin}: {key} must be a {kind.__name__}, got {value!r}", hint="correct the value"
+        )
+    return value
+
+
+def _apply_layer(
+    layer: Mapping[str, Any],
+    origin: str,
+    label: str,
+    values: dict[str, Any],
+    sources: dict[str, str],
+    models: dict[str, dict[str, Any]],
+) -> None:
+    for section, body in layer.items():
+        if section == "profile":
+            continue
+        if section == "models":
+            if not isinstance(body, dict):
+                raise ConfigError(f"{origin}: [models] must be a table of served models")
+            for mname, mbody in body.items():
+                models[mname] = {**models.get(mname, {}), **_check_model(mname, mbody, origin)}
+            continue
+        if section not in DEFAULTS or not isinstance(body, dict):
+            raise ConfigError(
+                f"{origin}: unknown section [{section}]",
+                hint=f"known sections: {', '.join(sorted([*DEFAULTS, 'models']))}",
+            )
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if name not in DEFAULTS[section]:
+                raise ConfigError(
+                    f"{origin}: unknown setting {key}",
+                    hint=f"known in [{section}]: {', '.join(sorted(DEFAULTS[section]))}",
+                )
+            values[key] = _coerce(key, value, origin)
+            sources[key] = label
+
+
+def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{origin}: [models.{name}] must be a table")
+    for k, v in body.items():
+        if k not in MODEL_KEYS:
+            raise ConfigError(
+                f"{origin}: unknown setting models.{name}.{k}",
+                hint=f"known model settings: {', '.join(sorted(MODEL_KEYS))}",
+            )
+        if not isinstance(v, MODEL_KEYS[k]) or isinstance(v, bool):
+            raise ConfigError(
+                f"{origin}: models.{name}.{k} must be a {MODEL_KEYS[k].__name__}, got {v!r}"
+            )
+    role = body.get("role", "chat")
+    if role not in ("chat", "embedding", "completion"):
+        raise ConfigError(
+            f"{origin}: models.{name}.role must be chat, embedding or completion, got {role!r}"
+        )
+    return dict(body)
+
+
+def load(
+    home: Home,
+    flags: Mapping[str, Any] | None = None,
+    profile: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    models: dict[str, dict[str, Any]] = {}
+    for section, body in DEFAULTS.items():
+        for name, value in body.items():
+            values[f"{section}.{name}"] = value
+            sources[f"{section}.{name}"] = "default"
+
+    user: dict[str, Any] = {}
+    if home.config_path.exists():
+        user = _read_toml(home.config_path, "config")
+
+    profile = profile or env.get("SOVCTL_PROFILE") or user.get("profile")
+    if profile is not None:
+        if not isinstance(profile, str) or not profile.replace("-", "").isalnum():
+            raise ConfigError(f"profile name {profile!r} is not valid")
+        for d in _profile_dirs(home):
+            p = d / f"{profile}.toml"
+            if p.is_file():
+                _apply_layer(
+                    _read_toml(p, "profile"), str(p), "profile", values, sources, models
+                )
+                break
+        else:
+            raise ConfigError(
+                f"profile {profile!r} not found",
+                hint=f"profiles are looked up in {', '.join(map(str, _profile_dirs(home)))}",
+            )
+
+    _apply_layer(user, str(home.config_path), "config", values, sources, models)
+
+    for key in list(values):
+        name = env_name(key)
+        if name in env:
+            values[key] = _coerce(key, env[name], f"environment {name}")
+            sources[key] = "env"
+
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, f"flag for {key}")
+            sources[key] = "flag"
+    return Settings(values=values, sources=sources, models=models, profile=profile)

@@ -1,0 +1,160 @@
+"""Talking to a Hugging Face compatible endpoint: resolve a revision to a commit and a file to
+its LFS sha256, then stream its bytes with HTTP Range so an interrupted download resumes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from sovctl.errors import IntegrityError, NetworkError, NotFoundError, UsageError
+
+TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class HubResolution:
+    repo: str
+    path: str
+    commit: str
+    size: int | None
+    sha256: str | None  # from the LFS pointer; None for a file stored outside LFS
+    url: str
+
+
+def _offline(endpoint: str, err: Exception, have: list[str]) -> NetworkError:
+    known = ", ".join(have) if have else "nothing yet"
+    return NetworkError(
+        f"cannot reach {endpoint}: this host looks offline ({type(err).__name__})",
+        hint=f"already in the store: {known}; or pull from a mirror with --endpoint URL",
+    )
+
+
+def resolve(
+    endpoint: str,
+    repo: str,
+    revision: str,
+    *,
+    path: str | None = None,
+    quant: str | None = None,
+    have: list[str],
+) -> HubResolution:
+    """Resolve `revision` to a commit and find the file, from one model-info call."""
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = HfApi(endpoint=endpoint)
+    try:
+        info = api.model_info(repo, revision=revision, files_metadata=True, timeout=TIMEOUT)
+    except RepositoryNotFoundError:
+        raise NotFoundError(
+            f"repository {repo} not found at {endpoint}",
+            hint="check the ORG/REPO spelling, or set HF_TOKEN for a gated or private repo",
+        ) from None
+    except RevisionNotFoundError:
+        raise NotFoundError(
+            f"revision {revision!r} not found in {repo}",
+            hint="pass a branch, tag or full commit sha with --revision",
+        ) from None
+    except (httpx2.TransportError, OfflineModeIsEnabled) as e:
+        raise _offline(endpoint, e, have) from None
+    except HfHubHTTPError as e:
+        raise NetworkError(f"{endpoint} answered an error for {repo}: {e}") from None
+    if not info.sha:
+        raise NetworkError(f"{endpoint} did not report a commit for {repo}@{revision}")
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    if path is None:
+        assert quant is not None
+        ggufs = sorted(f for f in siblings if f.lower().endswith(".gguf"))
+        matches = [f for f in ggufs if quant.lower() in f.rsplit("/", 1)[-1].lower()]
+        if not matches:
+            raise NotFoundError(
+                f"no .gguf file in {repo} matches {quant!r}",
+                hint=f"files there: {', '.join(ggufs) or 'none'}",
+            )
+        if len(matches) > 1:
+            raise UsageError(
+                f"{len(matches)} .gguf files in {repo} match {quant!r}: {', '.join(matches)}",
+                hint=f"name one with hf://{repo}/FILE.gguf",
+            )
+        path = matches[0]
+    sib = siblings.get(path)
+    if sib is None:
+        raise NotFoundError(
+            f"{path} is not in {repo} at {revision}",
+            hint=f".gguf files there: {', '.join(f for f in siblings if f.endswith('.gguf'))}",
+        )
+    lfs = sib.lfs
+    return HubResolution(
+        repo=repo,
+        path=path,
+        commit=info.sha,
+        size=lfs.size if lfs else sib.size,
+        sha256=lfs.sha256.lower() if lfs else None,
+        url=f"{endpoint.rstrip('/')}/{repo}/resolve/{info.sha}/{quote(path)}",
+    )
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    total: int | None  # full size of the resource when the server says it
+    chunks: Iterator[bytes]
+
+
+@contextmanager
+def fetch(url: str, offset: int, token: str | None = None) -> Iterator[Response]:
+    """GET `url` from byte `offset` (a Range request when offset > 0)."""
+    import httpx
+
+    headers = {"Accept-Encoding": "identity", "User-Agent": "sovctl"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    timeout = httpx.Timeout(TIMEOUT, read=60.0)
+    try:
+        with (
+            httpx.Client(follow_redirects=True, timeout=timeout) as client,
+            client.stream("GET", url, headers=headers) as r,
+        ):
+            if r.status_code == 404:
+                raise NotFoundError(f"{url} answered 404 Not Found")
+            if r.status_code == 416:
+                yield Response(416, None, iter(()))
+                return
+            if r.status_code not in (200, 206):
+                raise NetworkError(f"{url} answered HTTP {r.status_code}")
+            total = None
+            if r.status_code == 206:
+                crange = r.headers.get("Content-Range", "")
+                if not crange.startswith(f"bytes {offset}-"):
+                    raise IntegrityError(f"{url} answered a range we did not ask for: {crange!r}")
+                tail = crange.rsplit("/", 1)[-1]
+                total = int(tail) if tail.isdigit() else None
+            elif "Content-Length" in r.headers:
+                total = int(r.headers["Content-Length"])
+            yield Response(r.status_code, total, _chunks(r))
+    except httpx.TransportError as e:
+        raise Interrupted(str(e) or type(e).__name__) from e
+
+
+def _chunks(r: Any) -> Iterator[bytes]:
+    import httpx
+
+    try:
+        yield from r.iter_raw(chunk_size=1024 * 1024)
+    except httpx.TransportError as e:
+        raise Interrupted(str(e) or type(e).__name__) from e
+
+
+class Interrupted(NetworkError):
+    """The connection failed before or during the body; the partial file is kept for resume."""

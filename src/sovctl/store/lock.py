@@ -1,0 +1,121 @@
+"""sovctl.lock: the pin of every name to a source, a resolved commit, a size and a sha256.
+
+The file is TOML, human-readable, and only ever replaced atomically under the store lock,
+so a reader sees the old lock or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import tomli_w
+
+from sovctl.errors import ConfigError, NotFoundError
+from sovctl.fsutil import atomic_write, file_lock
+from sovctl.home import Home
+
+LOCK_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    name: str
+    sha256: str
+    size: int
+    source: str  # "hf" | "url" | "file"
+    ref: str  # what the operator asked for, as typed
+    pulled_at: str
+    digest_from: str  # "hub" | "flag" | "hub+flag" | "trust-on-first-use" | "computed"
+    repo: str = ""
+    path: str = ""
+    endpoint: str = ""
+    url: str = ""
+    revision: str = ""
+    commit: str = ""
+    verified_at: str = ""
+
+    @property
+    def short_sha(self) -> str:
+        return self.sha256[:12]
+
+    def to_toml(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v != ""}
+
+
+_REQUIRED = ("sha256", "size", "source", "ref", "pulled_at", "digest_from")
+
+
+class Lock:
+    """An in-memory copy of the lock file; `Lock.editing(home)` writes it back atomically."""
+
+    def __init__(self, entries: dict[str, LockEntry]) -> None:
+        self.entries = entries
+
+    @classmethod
+    def load(cls, home: Home) -> Lock:
+        path = home.lock_path
+        if not path.exists():
+            return cls({})
+        hint = f"restore it from a backup or fix it by hand; sovctl left {path} untouched"
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"lock file {path} is malformed: {e}", hint=hint) from e
+        if data.get("version") != LOCK_VERSION:
+            raise ConfigError(
+                f"lock file {path} has version {data.get('version')!r}, expected {LOCK_VERSION}",
+                hint=hint,
+            )
+        fields = {f.name for f in dataclasses.fields(LockEntry)}
+        entries = {}
+        for name, body in data.get("models", {}).items():
+            if not isinstance(body, dict) or any(k not in body for k in _REQUIRED):
+                raise ConfigError(f"lock file {path}: entry {name!r} is incomplete", hint=hint)
+            unknown = set(body) - fields
+            if unknown:
+                raise ConfigError(
+                    f"lock file {path}: entry {name!r} has unknown keys {sorted(unknown)}",
+                    hint=hint,
+                )
+            try:
+                entries[name] = LockEntry(name=name, **body)
+            except TypeError as e:
+                raise ConfigError(f"lock file {path}: entry {name!r}: {e}", hint=hint) from e
+            sha = entries[name].sha256
+            if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
+                raise ConfigError(f"lock file {path}: entry {name!r} has a bad sha256", hint=hint)
+        return cls(entries)
+
+    @classmethod
+    @contextmanager
+    def editing(cls, home: Home) -> Iterator[Lock]:
+        with file_lock(home.root / "store" / ".lock.flock", what="sovctl.lock"):
+            lock = cls.load(home)
+            yield lock
+            lock.save(home)
+
+    def save(self, home: Home) -> None:
+        doc = {
+            "version": LOCK_VERSION,
+            "models": {n: e.to_toml() for n, e in sorted(self.entries.items())},
+        }
+        header = b"# Written by sovctl. Each entry pins a name to a commit and a sha256.\n"
+        atomic_write(home.lock_path, header + tomli_w.dumps(doc).encode())
+
+    def get(self, name: str) -> LockEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            known = ", ".join(sorted(self.entries)) or "none yet"
+            raise NotFoundError(
+                f"no model named {name!r} in the store",
+                hint=f"known: {known}; add one with 'sovctl pull REF'",
+            ) from None
+
+    def names_for_blob(self, sha256: str) -> list[str]:
+        return sorted(n for n, e in self.entries.items() if e.sha256 == sha256)

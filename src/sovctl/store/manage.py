@@ -1,0 +1,105 @@
+"""What an operator does with weights already in the store: verify, list, remove."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from sovctl.home import Home
+from sovctl.result import utcnow
+from sovctl.store import gguf_info
+from sovctl.store.blobs import BlobStore, Progress, hash_file
+from sovctl.store.gguf_info import GgufFacts
+from sovctl.store.lock import Lock, LockEntry
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    name: str
+    status: str  # "ok" | "mismatch" | "missing"
+    expected: str
+    actual: str | None
+    size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    items: tuple[VerifyItem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(i.status == "ok" for i in self.items)
+
+
+def verify(
+    home: Home,
+    names: Sequence[str] = (),
+    progress: Callable[[str, int], Progress] | None = None,
+) -> VerifyResult:
+    """Re-hash each named blob (all when none named) against the lock. Fully offline."""
+    import time
+
+    lock = Lock.load(home)
+    entries = [lock.get(n) for n in names] if names else list(lock.entries.values())
+    store = BlobStore(home)
+    items = []
+    for e in entries:
+        blob = store.path(e.sha256)
+        start = time.perf_counter()
+        if not blob.exists():
+            items.append(VerifyItem(e.name, "missing", e.sha256, None, e.size, 0.0))
+            continue
+        cb = progress(f"verify {e.name}", blob.stat().st_size) if progress else None
+        digest, size = hash_file(blob, cb)
+        status = "ok" if (digest == e.sha256 and size == e.size) else "mismatch"
+        items.append(
+            VerifyItem(e.name, status, e.sha256, digest, size, time.perf_counter() - start)
+        )
+    ok_names = {i.name for i in items if i.status == "ok"}
+    if ok_names:
+        now = utcnow()
+        with Lock.editing(home) as edit:
+            for n in ok_names:
+                if n in edit.entries:
+                    edit.entries[n] = replace(edit.entries[n], verified_at=now)
+    return VerifyResult(tuple(items))
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    entry: LockEntry
+    present: bool
+    facts: GgufFacts | None
+
+
+def list_models(home: Home) -> list[ModelRow]:
+    lock = Lock.load(home)
+    store = BlobStore(home)
+    rows = []
+    for name in sorted(lock.entries):
+        e = lock.entries[name]
+        present = store.has(e.sha256)
+        facts = gguf_info.facts_for(home, e.sha256, store.path(e.sha256)) if present else None
+        rows.append(ModelRow(e, present, facts))
+    return rows
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    name: str
+    sha256: str
+    blob_removed: bool
+    still_used_by: tuple[str, ...]
+
+
+def remove(home: Home, name: str) -> RemoveResult:
+    store = BlobStore(home)
+    with Lock.editing(home) as lock:
+        entry = lock.get(name)
+        del lock.entries[name]
+        others = tuple(lock.names_for_blob(entry.sha256))
+    if not others:
+        store.remove(entry.sha256)
+        gguf_info.forget(home, entry.sha256)
+    return RemoveResult(name, entry.sha256, not others, others)

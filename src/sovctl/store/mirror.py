@@ -1,0 +1,241 @@
+"""`sovctl mirror serve`: the store, read-only, as a Hugging Face compatible endpoint.
+
+Other machines of the same operator pull from this box (`sovctl pull --endpoint`, or any
+huggingface_hub client with HF_ENDPOINT) and get the very commit and sha256 it pinned.
+Only files named in the lock are reachable; lookups are by table, never by filesystem path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import BinaryIO, ClassVar
+from urllib.parse import unquote, urlparse
+
+from sovctl.home import Home
+from sovctl.store.blobs import BlobStore
+from sovctl.store.lock import Lock
+
+
+@dataclass(frozen=True)
+class MirrorFile:
+    repo: str
+    revision: str
+    commit: str
+    path: str
+    sha256: str
+    size: int
+    blob: Path
+    pulled_at: str
+
+
+class Catalog:
+    def __init__(self, files: list[MirrorFile]) -> None:
+        self.files = files
+
+    @classmethod
+    def from_store(cls, home: Home) -> Catalog:
+        store = BlobStore(home)
+        files = [
+            MirrorFile(e.repo, e.revision, e.commit, e.path, e.sha256, e.size,
+                       store.path(e.sha256), e.pulled_at)
+            for e in Lock.load(home).entries.values()
+            if e.source == "hf" and store.has(e.sha256)
+        ]
+        return cls(files)
+
+    def repos(self) -> set[str]:
+        return {f.repo for f in self.files}
+
+    def snapshot(self, repo: str, revision: str) -> list[MirrorFile] | None:
+        """The files of `repo` at `revision` (a commit sha, or a branch/tag as pinned)."""
+        files = [f for f in self.files if f.repo == repo]
+        if not files:
+            return None
+        at_commit = [f for f in files if f.commit == revision]
+        if at_commit:
+            return at_commit
+        named = [f for f in files if f.revision == revision]
+        if not named:
+            return []
+        # The same branch pinned at several times: the latest pin is what this box serves.
+        latest = max(named, key=lambda f: f.pulled_at).commit
+        return [f for f in named if f.commit == latest]
+
+
+_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?/?$")
+_PATHS = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)$")
+_RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class MirrorHandler(BaseHTTPRequestHandler):
+    catalog: ClassVar[Catalog]
+    api_key: ClassVar[str | None] = None
+    server_version = "sovctl-mirror"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # access logs would go to stderr of the serving terminal; keep it quiet
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        self._send_json(status, {"error": message}, {"X-Error-Code": code,
+                                                     "X-Error-Message": message})
+
+    def _authorised(self) -> bool:
+        if self.api_key is None:
+            return True
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return True
+        self._error(401, "Unauthorized", "this mirror needs Authorization: Bearer <key>")
+        return False
+
+    def _snapshot(self, repo: str, rev: str) -> list[MirrorFile] | None:
+        snap = self.catalog.snapshot(repo, rev)
+        if snap is None:
+            self._error(404, "RepoNotFound", f"repository {repo} is not on this mirror")
+        elif not snap:
+            self._error(404, "RevisionNotFound", f"revision {rev} of {repo} is not on this mirror")
+        return snap or None
+
+    # -- routes -----------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        if not self._authorised():
+            return
+        path = unquote(urlparse(self.path).path)
+        if m := _API.match(path):
+            self._model_info(m["repo"], m["rev"] or "main")
+        elif m := _RESOLVE.match(path):
+            self._resolve(m["repo"], m["rev"], m["path"])
+        else:
+            self._error(404, "NotFound", f"no route for {path}")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_POST(self) -> None:
+        if not self._authorised():
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, 1 << 20)).decode(errors="replace")
+        path = unquote(urlparse(self.path).path)
+        if m := _PATHS.match(path):
+            from urllib.parse import parse_qs
+
+            wanted = set(parse_qs(body).get("paths", []))
+            snap = self._snapshot(m["repo"], m["rev"])
+            if snap is not None:
+                self._send_json(200, [
+                    {"type": "file", "path": f.path, "size": f.size, "oid": f.sha256,
+                     "lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 135}}
+                    for f in snap if f.path in wanted
+                ])
+        else:
+            self._error(404, "NotFound", f"no route for {path}")
+
+    def _model_info(self, repo: str, rev: str) -> None:
+        snap = self._snapshot(repo, rev)
+        if snap is None:
+            return
+        self._send_json(200, {
+            "id": repo,
+            "modelId": repo,
+            "sha": snap[0].commit,
+            "private": False,
+            "disabled": False,
+            "gated": False,
+            "tags": ["gguf"],
+            "siblings": [
+                {"rfilename": f.path, "size": f.size,
+                 "lfs": {"sha256": f.sha256, "size": f.size, "pointerSize": 135}}
+                for f in snap
+            ],
+        })
+
+    def _resolve(self, repo: str, rev: str, path: str) -> None:
+        snap = self._snapshot(repo, rev)
+        if snap is None:
+            return
+        match = [f for f in snap if f.path == path]
+        if not match:
+            self._error(404, "EntryNotFound", f"{path} is not on this mirror at {rev}")
+            return
+        f = match[0]
+        start, end = 0, f.size - 1
+        status = HTTPStatus.OK
+        if rng := self.headers.get("Range"):
+            m = _RANGE.match(rng.strip())
+            if not m or (not m[1] and not m[2]):
+                self._error(416, "RangeNotSatisfiable", f"bad range {rng!r}")
+                return
+            if m[1]:
+                start = int(m[1])
+                end = min(int(m[2]), f.size - 1) if m[2] else f.size - 1
+            else:
+                start = max(f.size - int(m[2]), 0)
+            if start >= f.size or start > end:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{f.size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = HTTPStatus.PARTIAL_CONTENT
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{f.sha256}"')
+        self.send_header("X-Linked-Etag", f'"{f.sha256}"')
+        self.send_header("X-Linked-Size", str(f.size))
+        self.send_header("X-Repo-Commit", f.commit)
+        if status == HTTPStatus.PARTIAL_CONTENT:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{f.size}")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with f.blob.open("rb") as src:
+            for chunk in self.body_chunks(f, src, start, end):
+                self.wfile.write(chunk)
+
+    def body_chunks(self, f: MirrorFile, src: BinaryIO, start: int, end: int) -> Iterator[bytes]:
+        """The bytes start..end of the file. Tests override this to simulate a bad network."""
+        src.seek(start)
+        left = end - start + 1
+        while left > 0:
+            chunk = src.read(min(1 << 20, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+
+
+def make_server(
+    catalog: Catalog,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    handler: type[MirrorHandler] = MirrorHandler,
+) -> ThreadingHTTPServer:
+    bound = type("BoundMirrorHandler", (handler,), {"catalog": catalog, "api_key": api_key})
+    server = ThreadingHTTPServer((host, port), bound)
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,27 @@
+"""Model names: what an operator types, validated so that no name can escape the store."""
+
+from __future__ import annotations
+
+import re
+
+from sovctl.errors import UsageError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name) or ".." in name:
+        raise UsageError(
+            f"invalid model name {name!r}",
+            hint="use letters, digits, '.', '_' and '-' (at most 128, starting with a letter "
+            "or digit, no '..'), e.g. --name smollm2-135m",
+        )
+    return name
+
+
+def name_from_filename(filename: str) -> str:
+    stem = filename.rsplit("/", 1)[-1]
+    if stem.lower().endswith(".gguf"):
+        stem = stem[: -len(".gguf")]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
+    return check_name(cleaned[:128])

@@ -1,0 +1,298 @@
+"""`sovctl pull`: bring weights into the store, verified as they arrive, and pin them."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sovctl.errors import IntegrityError, UsageError
+from sovctl.fsutil import file_lock
+from sovctl.home import Home
+from sovctl.result import utcnow
+from sovctl.store import gguf_info, hub, refs
+from sovctl.store.blobs import BlobStore, HashingWriter, Progress
+from sovctl.store.lock import Lock, LockEntry
+from sovctl.store.names import check_name, name_from_filename
+
+# (description, total bytes or None, bytes already done) -> a callback taking byte counts
+ProgressFactory = Callable[[str, int | None, int], Progress]
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class PullResult:
+    name: str
+    action: str  # "downloaded" | "resumed" | "imported" | "linked" | "already-pinned"
+    entry: LockEntry
+    transferred: int  # bytes that crossed the network (or were copied) in this run
+    resumed_from: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    entry: LockEntry  # sha256/size may be provisional until the bytes are hashed
+    fetch_url: str | None  # None: copy from a local file
+    local: Path | None
+    expected_sha: str | None
+    expected_size: int | None
+
+
+def _check_sha(value: str | None) -> str | None:
+    if value is None:
+        return None
+    v = value.lower().removeprefix("sha256:")
+    if not _HEX64.match(v):
+        raise UsageError(f"--sha256 {value!r} is not a sha256 hex digest (64 hex characters)")
+    return v
+
+
+def _plan(
+    ref_text: str,
+    ref: refs.Ref,
+    *,
+    revision: str,
+    sha256: str | None,
+    endpoint: str,
+    tofu: bool,
+    have: list[str],
+) -> _Plan:
+    now = utcnow()
+    common = {"ref": ref_text, "pulled_at": now, "verified_at": now, "name": ""}
+    if isinstance(ref, refs.HubFile | refs.HubQuant):
+        res = hub.resolve(
+            endpoint,
+            ref.repo,
+            revision,
+            path=ref.path if isinstance(ref, refs.HubFile) else None,
+            quant=ref.quant if isinstance(ref, refs.HubQuant) else None,
+            have=have,
+        )
+        if sha256 and res.sha256 and sha256 != res.sha256:
+            raise IntegrityError(
+                f"--sha256 {sha256} disagrees with the Hub's sha256 {res.sha256} for "
+                f"{res.repo}/{res.path}@{res.commit[:12]}",
+                hint="check where your expected digest came from; nothing was downloaded",
+            )
+        expected = res.sha256 or sha256
+        if res.sha256 and sha256:
+            origin = "hub+flag"
+        elif expected:
+            origin = "hub" if res.sha256 else "flag"
+        else:
+            origin = _tofu_or_refuse(tofu, f"{endpoint} gives no sha256 for {res.path}")
+        entry = LockEntry(
+            **common,
+            sha256=expected or "",
+            size=res.size or 0,
+            source="hf",
+            digest_from=origin,
+            repo=res.repo,
+            path=res.path,
+            endpoint=endpoint,
+            revision=revision,
+            commit=res.commit,
+        )
+        return _Plan(entry, res.url, None, expected, res.size)
+    if isinstance(ref, refs.Url):
+        origin = "flag" if sha256 else _tofu_or_refuse(tofu, "an https:// URL carries no digest")
+        entry = LockEntry(
+            **common, sha256=sha256 or "", size=0, source="url", digest_from=origin, url=ref.url
+        )
+        return _Plan(entry, ref.url, None, sha256, None)
+    entry = LockEntry(
+        **common,
+        sha256=sha256 or "",
+        size=ref.path.stat().st_size,
+        source="file",
+        digest_from="flag" if sha256 else "computed",
+        path=str(ref.path),
+    )
+    return _Plan(entry, None, ref.path, sha256, entry.size)
+
+
+def _tofu_or_refuse(tofu: bool, why: str) -> str:
+    if not tofu:
+        raise IntegrityError(
+            f"refusing to download without an expected sha256: {why}",
+            hint="pass --sha256 HEX from a source you trust, or --trust-on-first-use",
+        )
+    return "trust-on-first-use"
+
+
+def _already(lock: Lock, store: BlobStore, ref_text: str, revision: str, name: str | None):  # type: ignore[no-untyped-def]
+    for entry in lock.entries.values():
+        if name is not None and entry.name != name:
+            continue
+        same_rev = entry.source != "hf" or revision in (entry.revision, entry.commit)
+        if entry.ref == ref_text and same_rev and store.has(entry.sha256, entry.size):
+            return entry
+    return None
+
+
+def pull(
+    home: Home,
+    ref_text: str,
+    *,
+    name: str | None = None,
+    revision: str = "main",
+    sha256: str | None = None,
+    endpoint: str,
+    trust_on_first_use: bool = False,
+    progress: ProgressFactory | None = None,
+    token: str | None = None,
+) -> PullResult:
+    if name is not None:
+        check_name(name)
+    sha256 = _check_sha(sha256)
+    ref = refs.parse_ref(ref_text)
+    if isinstance(ref, refs.LocalFile):
+        ref_text = str(ref.path)  # the same file pins the same way from any working directory
+    store = BlobStore(home)
+    lock = Lock.load(home)
+
+    done = _already(lock, store, ref_text, revision, name)
+    if done is not None:
+        return PullResult(done.name, "already-pinned", done, 0, 0)
+
+    plan = _plan(
+        ref_text,
+        ref,
+        revision=revision,
+        sha256=sha256,
+        endpoint=endpoint,
+        tofu=trust_on_first_use,
+        have=sorted(lock.entries),
+    )
+    final_name = name or name_from_filename(plan.entry.path or plan.entry.url.split("?")[0])
+    existing = lock.entries.get(final_name)
+    if existing is not None and (existing.ref != ref_text or existing.sha256 != plan.expected_sha):
+        raise UsageError(
+            f"name {final_name!r} already pins {existing.ref} (sha256 {existing.short_sha})",
+            hint=f"choose another --name, or 'sovctl rm {final_name}' first",
+        )
+
+    home.ensure(home.partials)
+    key = plan.expected_sha or hashlib.sha256((plan.fetch_url or str(plan.local)).encode()).hexdigest()
+    with file_lock(home.partials / f"{key}.flock", what=f"the download of {final_name}"):
+        if plan.expected_sha and store.has(plan.expected_sha, plan.expected_size):
+            # Another name, or a concurrent pull that just finished, already holds these bytes.
+            entry = replace(plan.entry, name=final_name)
+            _record(home, entry)
+            return PullResult(final_name, "linked", entry, 0, 0)
+        partial = store.partial(key)
+        if plan.local is not None:
+            digest, size, transferred, resumed = _copy(plan.local, partial, progress, final_name)
+        else:
+            assert plan.fetch_url is not None
+            digest, size, transferred, resumed = _download(
+                plan.fetch_url, partial, plan.expected_size, progress, final_name, token
+            )
+        try:
+            _check_digest(plan, digest, size, final_name)
+            facts = gguf_info.read_facts(partial)
+        except IntegrityError:
+            partial.unlink(missing_ok=True)
+            raise
+        store.adopt(partial, digest)
+        gguf_info.remember(home, digest, facts)
+    entry = replace(plan.entry, name=final_name, sha256=digest, size=size)
+    _record(home, entry)
+    if plan.local is not None:
+        action = "imported"
+    else:
+        action = "resumed" if resumed else "downloaded"
+    return PullResult(final_name, action, entry, transferred, resumed)
+
+
+def _check_digest(plan: _Plan, digest: str, size: int, name: str) -> None:
+    if plan.expected_size is not None and plan.local is None and size != plan.expected_size:
+        raise IntegrityError(
+            f"{name}: received {size} bytes, expected {plan.expected_size}; nothing was stored",
+            hint="the source or a proxy altered the file; try again or use another --endpoint",
+        )
+    if plan.expected_sha and digest != plan.expected_sha:
+        raise IntegrityError(
+            f"{name}: sha256 mismatch: expected {plan.expected_sha}, got {digest}; "
+            "nothing was stored",
+            hint="the bytes were altered on the way or at the source; try again or use another "
+            "--endpoint",
+        )
+
+
+def _record(home: Home, entry: LockEntry) -> None:
+    with Lock.editing(home) as lock:
+        lock.entries[entry.name] = entry
+
+
+def _copy(
+    src: Path, partial: Path, progress: ProgressFactory | None, name: str
+) -> tuple[str, int, int, int]:
+    total = src.stat().st_size
+    cb = progress(f"import {name}", total, 0) if progress else None
+    writer = HashingWriter(partial, resume=False, progress=cb)
+    try:
+        with src.open("rb", buffering=0) as f:
+            while chunk := f.read(4 * 1024 * 1024):
+                writer.write(chunk)
+        digest, size = writer.finish()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return digest, size, size, 0
+
+
+def _download(
+    url: str,
+    partial: Path,
+    expected_size: int | None,
+    progress: ProgressFactory | None,
+    name: str,
+    token: str | None,
+) -> tuple[str, int, int, int]:
+    offset = partial.stat().st_size if partial.exists() else 0
+    if expected_size is not None and offset > expected_size:
+        offset = 0
+    with hub.fetch(url, offset, token) as resp:
+        if resp.status in (200, 416):
+            # The server ignored or refused our range: start over from the first byte.
+            offset = 0
+        if resp.status == 416:
+            partial.unlink(missing_ok=True)
+            return _download(url, partial, expected_size, progress, name, token)
+        total = resp.total if resp.total is not None else expected_size
+        cb = progress(f"pull {name}", total, offset) if progress else None
+        try:
+            writer = HashingWriter(partial, resume=offset > 0)
+        except IntegrityError:
+            partial.unlink(missing_ok=True)
+            raise
+        transferred = 0
+        try:
+            for chunk in resp.chunks:
+                writer.write(chunk)
+                transferred += len(chunk)
+                if cb:
+                    cb(len(chunk))
+        except IntegrityError:
+            writer.close()
+            partial.unlink(missing_ok=True)
+            raise
+        except hub.Interrupted as e:
+            writer.close()
+            raise hub.Interrupted(
+                f"download of {name} interrupted after {writer.size} of "
+                f"{total if total is not None else '?'} bytes ({e})",
+                hint="run the same 'sovctl pull' again: it resumes from the bytes on disk",
+            ) from None
+    digest, size = writer.finish()
+    if total is not None and size < total:
+        raise hub.Interrupted(
+            f"download of {name} ended early after {size} of {total} bytes",
+            hint="run the same 'sovctl pull' again: it resumes from the bytes on disk",
+        )
+    return digest, size, transferred, offset

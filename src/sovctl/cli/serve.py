@@ -1,0 +1,241 @@
+"""Commands for the runtime: serve, status, stop, logs, service install."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sovctl.cli._common import STATE, JsonOpt, begin, console, emit, settings
+
+ChatOpt = Annotated[list[str] | None, typer.Option(
+    "--chat", help="Store name of a chat model to serve (repeatable).")]
+EmbedOpt = Annotated[list[str] | None, typer.Option(
+    "--embedding", help="Store name of an embedding model to serve (repeatable).")]
+HostOpt = Annotated[str | None, typer.Option(
+    help="Gateway address (default 127.0.0.1; anything else requires the API key).")]
+PortOpt = Annotated[int | None, typer.Option(help="Gateway port (default 8088).")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("status")(status)
+    app.command("stop")(stop)
+    app.command("logs")(logs)
+    service = typer.Typer(help="Run the stack as a systemd service.", no_args_is_help=True)
+    service.command("install")(service_install)
+    app.add_typer(service, name="service")
+
+
+def serve(
+    ctx: typer.Context,
+    chat: ChatOpt = None,
+    embedding: EmbedOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d",
+                                         help="Run in the background; state under the home.")]
+    = False,
+    verify: Annotated[bool, typer.Option("--verify",
+                                         help="Re-hash every served blob before starting.")]
+    = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run",
+                                          help="Print each process's argv and environment; "
+                                          "start nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve the configured models behind one OpenAI-compatible gateway, supervised."""
+    from sovctl.runtime import control
+    from sovctl.runtime.plan import build
+    from sovctl.secrets import ensure_api_key
+
+    state = begin(ctx, json_out)
+    home = state.home
+    cfg = settings({"serve.host": host, "serve.port": port})
+    plan = build(home, cfg, chat or [], embedding or [])
+    if dry_run:
+        procs = [{"name": p.name, "kind": p.kind, "argv": list(p.argv.args),
+                  "env": dict(p.argv.env), "port": p.port} for p in plan.processes]
+
+        def render_dry(c: Console) -> None:
+            for p in plan.processes:
+                c.print(f"[bold]{p.name}[/] ({p.kind}, port {p.port})")
+                c.print("  " + str(p.argv), highlight=False, soft_wrap=True)
+
+        emit({"url": plan.url, "processes": procs}, render_dry)
+        return
+    checks = control.check_weights(home, plan, full=verify)
+    key_note = ""
+    if plan.api_key_required:
+        key, created = ensure_api_key(home)
+        key_note = (f"API key (shown once; read it again with: cat {home.secrets / 'api_key'}): "
+                    f"{key}" if created else f"API key required: cat {home.secrets / 'api_key'}")
+    if detach:
+        st = control.start_detached(home, plan)
+
+        def render_detached(c: Console) -> None:
+            c.print(f"stack up at [bold]{st.url}[/] (supervisor pid {st.supervisor_pid})")
+            _status_table(c, st.processes)
+            if key_note:
+                c.print(key_note)
+            c.print("stop it with: sovctl stop")
+
+        emit({"url": st.url, "supervisor_pid": st.supervisor_pid,
+              "processes": st.processes, "weights": checks}, render_detached)
+        return
+
+    seen: dict[str, str] = {}
+
+    def on_change(st: dict[str, Any]) -> None:
+        if STATE.json:
+            return
+        for p in st["processes"]:
+            if seen.get(p["name"]) != p["status"]:
+                seen[p["name"]] = p["status"]
+                console.print(f"{time.strftime('%H:%M:%S')} {p['name']}: {p['status']}"
+                              + (f" ({p['last_exit']})" if p["last_exit"] and
+                                 p["status"] != "up" else ""))
+
+    if not STATE.json:
+        console.print(f"serving {', '.join(m.name for m in plan.models)} at [bold]{plan.url}[/]"
+                      " (Ctrl-C stops)")
+        if key_note:
+            console.print(key_note)
+    control.run_foreground(home, plan, on_change)
+    emit({"url": plan.url, "stopped": True}, lambda c: c.print("stopped"))
+
+
+def _status_table(c: Console, processes: Any) -> None:
+    t = Table(box=None, pad_edge=False)
+    for col in ("PROCESS", "ROLE", "MODEL", "PID", "PORT", "UPTIME", "RESTARTS", "HEALTH"):
+        t.add_column(col)
+    colours = {"up": "green", "failed": "red", "stopped": "dim"}
+    for p in processes:
+        colour = colours.get(p["status"], "yellow")
+        t.add_row(p["name"], p["role"] or p["kind"], p["model"] or "-", str(p["pid"] or "-"),
+                  str(p["port"]), f"{p['uptime']:.0f}s", str(p["restarts"]),
+                  f"[{colour}]{p['status']}[/]")
+    c.print(t)
+
+
+def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Show each supervised process: role, model, pid, port, uptime, restarts, health."""
+    from sovctl.runtime import control
+
+    state = begin(ctx, json_out)
+    st = control.status(state.home)
+
+    def render(c: Console) -> None:
+        if not st.running:
+            c.print("no stack running from this home" +
+                    (" (last run's processes below)" if st.processes else ""))
+        else:
+            c.print(f"stack at [bold]{st.url}[/], supervisor pid {st.supervisor_pid}")
+        if st.processes:
+            _status_table(c, st.processes)
+
+    emit(st, render)
+
+
+def stop(
+    ctx: typer.Context,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait before SIGKILL.")] = 20.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stop the running stack: SIGTERM, wait, then SIGKILL; nothing is left behind."""
+    from sovctl.runtime import control
+
+    state = begin(ctx, json_out)
+    result = control.stop(state.home, timeout)
+
+    def render(c: Console) -> None:
+        if not result.was_running:
+            c.print("no stack was running" + (f"; cleaned up {', '.join(result.stopped)}"
+                                              if result.stopped else ""))
+        else:
+            c.print(f"stopped {', '.join(result.stopped)} ({result.how})")
+
+    emit(result, render)
+
+
+def logs(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Process name (default: the supervisor).")]
+    = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")]
+    = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show from the end.")]
+    = 50,
+) -> None:
+    """Print a process's log (runtimes by model name, 'gateway', or the supervisor's)."""
+    import sys
+
+    from sovctl.runtime.control import log_file
+
+    state = begin(ctx, False)
+    path = log_file(state.home, name)
+    _tail(path, lines, sys.stdout)
+    if follow:
+        _follow(path, sys.stdout)
+
+
+def _tail(path: Path, lines: int, out: Any) -> None:
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(size - 256 * 1024, 0))
+        data = f.read().decode(errors="replace").splitlines()
+    for line in data[-lines:] if lines > 0 else []:
+        out.write(line + "\n")
+    out.flush()
+
+
+def _follow(path: Path, out: Any) -> None:
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        try:
+            while True:
+                chunk = f.read()
+                if chunk:
+                    out.write(chunk.decode(errors="replace"))
+                    out.flush()
+                else:
+                    if path.exists() and path.stat().st_size < f.tell():
+                        f.seek(0)  # rotated or truncated
+                    time.sleep(0.25)
+        except KeyboardInterrupt:
+            pass
+
+
+def service_install(
+    ctx: typer.Context,
+    chat: ChatOpt = None,
+    embedding: EmbedOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    user: Annotated[bool, typer.Option("--user", help="Install a user unit "
+                                                      "(~/.config/systemd/user).")] = False,
+    unit_dir: Annotated[Path | None, typer.Option(help="Write the unit here instead.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a systemd unit for the stack: restart on failure, sandboxed, loopback-only."""
+    from sovctl.fsutil import atomic_write
+    from sovctl.runtime.systemd import unit
+
+    state = begin(ctx, json_out)
+    cfg = settings({"serve.host": host, "serve.port": port})
+    u = unit(state.home, cfg.get("serve.host"), cfg.get("serve.port"), chat or [],
+             embedding or [], user, unit_dir)
+    atomic_write(u.path, u.text.encode())
+
+    def render(c: Console) -> None:
+        c.print(f"wrote {u.path}")
+        c.print("enable it with:")
+        for cmd in u.commands:
+            c.print(f"  {cmd}")
+
+    emit({"path": u.path, "commands": u.commands, "loopback_only": u.loopback_only}, render)

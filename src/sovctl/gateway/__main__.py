@@ -1,0 +1,23 @@
+"""`python -m sovctl.gateway --routes routes.json`: run the gateway with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from sovctl.gateway.app import create_app, load_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="sovctl.gateway")
+    parser.add_argument("--routes", required=True, help="the routing table written by serve")
+    args = parser.parse_args()
+    table = load_table(args.routes)
+    app = create_app(table)
+    uvicorn.run(app, host=table["listen"]["host"], port=int(table["listen"]["port"]),
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Counters and histograms for /metrics, in Prometheus text format."""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterable
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    inner = ",".join(f'{k}="{v.replace(chr(92), "/").replace(chr(34), chr(39))}"'
+                     for k, v in pairs)
+    return "{" + inner + "}" if inner else ""
+
+
+class Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+        self.n += 1
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.tokens: dict[tuple[str, str], int] = defaultdict(int)
+        self.latency: dict[tuple[str, str], Histogram] = defaultdict(Histogram)
+        self.ttft: dict[str, Histogram] = defaultdict(Histogram)
+
+    def request(self, model: str, endpoint: str, code: int, seconds: float) -> None:
+        self.requests[(model, endpoint, str(code))] += 1
+        self.latency[(model, endpoint)].observe(seconds)
+
+    def count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        self.tokens[(model, "in")] += prompt
+        self.tokens[(model, "out")] += completion
+
+    def render(self, runtimes: list[dict], waiting: dict[str, int]) -> str:  # type: ignore[type-arg]
+        out = [
+            "# HELP sovctl_requests_total Requests answered by the gateway.",
+            "# TYPE sovctl_requests_total counter",
+        ]
+        for (model, ep, code), n in sorted(self.requests.items()):
+            labels = _labels([("model", model), ("endpoint", ep), ("code", code)])
+            out.append(f"sovctl_requests_total{labels} {n}")
+        out += ["# HELP sovctl_tokens_total Tokens in (prompt) and out (completion).",
+                "# TYPE sovctl_tokens_total counter"]
+        for (model, direction), n in sorted(self.tokens.items()):
+            labels = _labels([("model", model), ("direction", direction)])
+            out.append(f"sovctl_tokens_total{labels} {n}")
+        out += self._histograms("sovctl_request_duration_seconds",
+                                "End-to-end request latency at the gateway.",
+                                {(("model", m), ("endpoint", e)): h
+                                 for (m, e), h in self.latency.items()})
+        out += self._histograms("sovctl_time_to_first_token_seconds",
+                                "Time to the first streamed chunk.",
+                                {(("model", m),): h for m, h in self.ttft.items()})
+        out += ["# HELP sovctl_runtime_restarts_total Restarts of each supervised process.",
+                "# TYPE sovctl_runtime_restarts_total counter"]
+        for r in runtimes:
+            out.append(f"sovctl_runtime_restarts_total{_labels([('process', r['name'])])} "
+                       f"{r.get('restarts', 0)}")
+        out += ["# HELP sovctl_runtime_up 1 when the process answers its health check.",
+                "# TYPE sovctl_runtime_up gauge"]
+        for r in runtimes:
+            up = 1 if r.get("status") == "up" else 0
+            out.append(f"sovctl_runtime_up{_labels([('process', r['name'])])} {up}")
+        out += ["# HELP sovctl_queue_waiting Requests waiting for their runtime.",
+                "# TYPE sovctl_queue_waiting gauge"]
+        for model, n in sorted(waiting.items()):
+            out.append(f"sovctl_queue_waiting{_labels([('model', model)])} {n}")
+        return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _histograms(name: str, help_: str, series: dict) -> list[str]:  # type: ignore[type-arg]
+        out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        for labels, h in sorted(series.items()):
+            cumulative = 0
+            for bound, c in zip([*BUCKETS, float("inf")], h.counts, strict=True):
+                cumulative += c
+                le = "+Inf" if bound == float("inf") else repr(float(bound))
+                out.append(f"{name}_bucket{_labels([*labels, ('le', le)])} {cumulative}")
+            out.append(f"{name}_sum{_labels(labels)} {h.sum}")
+            out.append(f"{name}_count{_labels(labels)} {h.n}")
+        return out

@@ -1,0 +1,1 @@
+"""The runtime: processes (llama.cpp servers, the gateway, ...) started, watched and stopped."""

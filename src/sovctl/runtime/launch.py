@@ -1,0 +1,51 @@
+"""How every supervised Python process starts: `python -m sovctl.runtime.launch NAME MODULE ...`.
+
+Before handing over to MODULE it (1) asks the kernel to kill it when its parent, the
+supervisor, dies, so no child outlives a SIGKILLed supervisor, and (2) installs the egress
+recorder. Any non-Python program can be run the same way with MODULE `--exec`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+from sovctl.runtime import egress
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(expected_parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died before prctl took effect.
+    if os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        sys.stderr.write("usage: python -m sovctl.runtime.launch NAME MODULE|--exec ARGS...\n")
+        sys.exit(2)
+    component, target, rest = argv[0], argv[1], argv[2:]
+    parent = os.environ.get("SOVCTL_SUPERVISOR_PID")
+    if parent:
+        _die_with_parent(int(parent))
+    if target == "--exec":
+        os.execvp(rest[0], rest)
+    log = os.environ.get(egress.ENV_LOG)
+    if log:
+        egress.install(Path(log), component)
+    probe = os.environ.get(egress.ENV_PROBE)
+    if probe:
+        egress.probe(probe)
+    sys.argv = [target, *rest]
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,128 @@
+"""The one subprocess helper: argv objects, spawning in a process group, and stopping them.
+
+Stop is SIGTERM to the whole group, a bounded wait, then SIGKILL: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Argv:
+    """A process to run, fully described before anything runs (what --dry-run prints)."""
+
+    args: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)  # added to the inherited environment
+    cwd: str | None = None
+
+    def __str__(self) -> str:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (env + " " if env else "") + shlex.join(self.args)
+
+
+def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | None = None,
+          ) -> subprocess.Popen[bytes]:
+    """Start `argv` as the leader of a new session, so its whole group can be signalled."""
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(argv.env)
+    out: int | None = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        return subprocess.Popen(
+            list(argv.args),
+            env=env,
+            cwd=argv.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out if out is not None else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if out is not None:
+            os.close(out)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers signal 0; it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return any(alive(pid) for pid in _group_members(pgid))
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def stop_group(pgid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> str:
+    """SIGTERM the group, wait up to `timeout`, then SIGKILL. Returns how it ended."""
+    how = "exited"
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        how = "terminated"
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            proc.poll()
+        if not group_alive(pgid):
+            break
+        time.sleep(0.05)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            how = "killed"
+        except ProcessLookupError:
+            pass
+        while group_alive(pgid) and time.monotonic() < deadline + 5:
+            if proc is not None:
+                proc.poll()
+            time.sleep(0.05)
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+    return how
+
+
+def describe(args: Sequence[str]) -> str:
+    return shlex.join(args)

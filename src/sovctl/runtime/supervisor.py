@@ -1,0 +1,320 @@
+"""The supervisor: starts every process of a plan, health-checks them, restarts the ones that
+crash or hang (with exponential backoff), marks a crash-looping one failed while the rest keep
+serving, and on stop leaves nothing behind.
+
+It spawns children only from its main thread: each child asks the kernel (PDEATHSIG) to be
+killed when that thread's process dies, so a SIGKILLed supervisor orphans nothing.
+Run detached as `python -m sovctl.runtime.supervisor PLAN.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sovctl.errors import BusyError
+from sovctl.fsutil import atomic_write
+from sovctl.runtime.plan import Plan, ProcessSpec
+from sovctl.runtime.procs import Argv, spawn, stop_group
+
+
+@dataclass
+class _Proc:
+    spec: ProcessSpec
+    popen: subprocess.Popen[bytes] | None = None
+    status: str = "pending"  # pending|starting|up|backoff|failed|stopped
+    started_at: float = 0.0
+    up_since: float = 0.0
+    restarts: int = 0
+    recent: deque[float] = field(default_factory=deque)
+    probe_failures: int = 0
+    next_start: float = 0.0
+    next_probe: float = 0.0
+    last_exit: str = ""
+    probe: Future[bool] | None = None
+
+
+def _probe(url: str, timeout: float) -> bool:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path)
+        return conn.getresponse().status < 500
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def acquire_instance_lock(run_dir: Path) -> int:
+    """Hold run/supervisor.lock for the supervisor's lifetime: one stack per home."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BusyError(
+            "a sovctl stack is already running from this home",
+            hint="see 'sovctl status', or stop it with 'sovctl stop'",
+        ) from None
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def instance_running(run_dir: Path) -> bool:
+    path = run_dir / "supervisor.lock"
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class Supervisor:
+    def __init__(self, plan: Plan, on_change: Callable[[dict[str, Any]], None] | None = None,
+                 ) -> None:
+        self.plan = plan
+        self.cfg = plan.supervision
+        self.procs = [_Proc(spec) for spec in plan.processes]
+        self.stopping = False
+        self.on_change = on_change
+        self.events: deque[dict[str, Any]] = deque(maxlen=50)
+        self.started_at = time.time()
+        self._probes = ThreadPoolExecutor(max_workers=max(2, len(self.procs)),
+                                          thread_name_prefix="probe")
+        self._last_state: dict[str, Any] | None = None
+        self._log = Path(plan.logs_dir) / "supervisor.log"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        for p in self.procs:
+            self._start(p)
+        interval = float(self.cfg["health_interval"])
+        next_state = 0.0
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                for p in self.procs:
+                    self._tick(p, now, interval)
+                if now >= next_state or self._state_changed():
+                    self._write_state()
+                    next_state = now + interval
+                time.sleep(0.05)
+        finally:
+            self._stop_all()
+            self._probes.shutdown(wait=False, cancel_futures=True)
+            self._write_state(final=True)
+
+    def _event(self, proc: str, what: str) -> None:
+        ev = {"time": time.time(), "process": proc, "event": what}
+        self.events.append(ev)
+        self._log.parent.mkdir(parents=True, exist_ok=True)
+        with self._log.open("a") as f:
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f" {proc}: {what}\n")
+
+    def _rotate(self, log: Path) -> None:
+        try:
+            if log.stat().st_size < int(self.cfg["log_max_bytes"]):
+                return
+        except FileNotFoundError:
+            return
+        backups = int(self.cfg["log_backups"])
+        for i in range(backups - 1, 0, -1):
+            older = log.with_name(f"{log.name}.{i}")
+            if older.exists():
+                os.replace(older, log.with_name(f"{log.name}.{i + 1}"))
+        os.replace(log, log.with_name(f"{log.name}.1"))
+
+    def _start(self, p: _Proc) -> None:
+        log = Path(self.plan.logs_dir) / f"{p.spec.name}.log"
+        self._rotate(log)
+        argv = p.spec.argv
+        env = {**argv.env, "SOVCTL_SUPERVISOR_PID": str(os.getpid())}
+        try:
+            p.popen = spawn(Argv(argv.args, env, argv.cwd), log=log)
+        except OSError as e:
+            p.popen = None
+            self._failed_start(p, f"could not start: {e.strerror}")
+            return
+        p.status = "starting"
+        p.started_at = time.monotonic()
+        p.probe_failures = 0
+        p.next_probe = p.started_at + 0.2
+        self._event(p.spec.name, f"started pid {p.popen.pid}")
+
+    def _failed_start(self, p: _Proc, reason: str) -> None:
+        p.last_exit = reason
+        self._schedule_restart(p, reason)
+
+    def _tick(self, p: _Proc, now: float, interval: float) -> None:
+        if p.status in ("failed", "stopped"):
+            return
+        if p.status == "backoff":
+            if now >= p.next_start:
+                self._start(p)
+            return
+        assert p.popen is not None
+        code = p.popen.poll()
+        if code is not None:
+            reason = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
+            self._crashed(p, reason)
+            return
+        if p.status == "starting" and now - p.started_at > float(self.cfg["start_timeout"]):
+            self._crashed(p, f"not healthy within {self.cfg['start_timeout']}s")
+            return
+        if p.probe is not None and p.probe.done():
+            ok = p.probe.result()
+            p.probe = None
+            if ok:
+                if p.status != "up":
+                    p.status = "up"
+                    p.up_since = time.time()
+                    self._event(p.spec.name, "healthy")
+                p.probe_failures = 0
+            elif p.status == "up":
+                p.probe_failures += 1
+                if p.probe_failures >= int(self.cfg["health_failures"]):
+                    self._crashed(p, f"hung: {p.probe_failures} health checks failed")
+                    return
+        if p.probe is None and now >= p.next_probe:
+            url = f"http://127.0.0.1:{p.spec.port}{p.spec.health_path}"
+            p.probe = self._probes.submit(_probe, url, float(self.cfg["health_timeout"]))
+            p.next_probe = now + (interval if p.status == "up" else 0.25)
+
+    def _crashed(self, p: _Proc, reason: str) -> None:
+        if p.popen is not None:
+            # A crashed or hung process gets a short grace: SIGKILL also ends a stopped one.
+            stop_group(p.popen.pid, timeout=1.0, proc=p.popen)
+        p.popen = None
+        p.probe = None
+        p.last_exit = reason
+        self._event(p.spec.name, reason)
+        self._schedule_restart(p, reason)
+
+    def _schedule_restart(self, p: _Proc, reason: str) -> None:
+        now = time.monotonic()
+        window = float(self.cfg["restart_window"])
+        while p.recent and now - p.recent[0] > window:
+            p.recent.popleft()
+        if len(p.recent) >= int(self.cfg["max_restarts"]):
+            p.status = "failed"
+            self._event(p.spec.name, f"marked failed: {len(p.recent) + 1} failures within "
+                                     f"{window:.0f}s, last: {reason}")
+            return
+        p.recent.append(now)
+        p.restarts += 1
+        delay = min(0.5 * 2 ** (len(p.recent) - 1), 30.0)
+        p.status = "backoff"
+        p.next_start = now + delay
+        self._event(p.spec.name, f"restart {p.restarts} in {delay:.1f}s")
+
+    def _stop_all(self) -> None:
+        live = [p for p in self.procs if p.popen is not None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.popen.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + float(self.cfg["stop_timeout"])
+        for p in live:
+            assert p.popen is not None
+            stop_group(p.popen.pid, max(deadline - time.monotonic(), 0.1), p.popen)
+            p.popen = None
+        for p in self.procs:
+            if p.status != "failed":
+                p.status = "stopped"
+        self._event("supervisor", "stopped all processes")
+
+    # -- state ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "version": 1,
+            "supervisor_pid": os.getpid(),
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "url": self.plan.url,
+            "host": self.plan.host,
+            "port": self.plan.port,
+            "api_key_required": self.plan.api_key_required,
+            "stopping": self.stopping,
+            "processes": [
+                {
+                    "name": p.spec.name,
+                    "kind": p.spec.kind,
+                    "role": p.spec.role,
+                    "model": p.spec.model,
+                    "sha256": p.spec.sha256,
+                    "port": p.spec.port,
+                    "pid": p.popen.pid if p.popen else None,
+                    "status": p.status,
+                    "restarts": p.restarts,
+                    "uptime": round(now - p.started_at, 1) if p.status == "up" else 0.0,
+                    "last_exit": p.last_exit,
+                }
+                for p in self.procs
+            ],
+            "events": list(self.events)[-20:],
+        }
+
+    def _state_changed(self) -> bool:
+        keyed = [(p.status, p.restarts, p.popen.pid if p.popen else None) for p in self.procs]
+        changed = keyed != getattr(self, "_last_keyed", None)
+        self._last_keyed = keyed
+        return changed
+
+    def _write_state(self, final: bool = False) -> None:
+        st = self.state()
+        st["final"] = final
+        atomic_write(Path(self.plan.state_file), json.dumps(st, indent=2).encode())
+        if self.on_change:
+            self.on_change(st)
+
+
+def run_plan(plan: Plan, on_change: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run `plan` in this process until SIGTERM/SIGINT. The caller holds the instance lock."""
+    sup = Supervisor(plan, on_change)
+    old_term = signal.signal(signal.SIGTERM, sup.request_stop)
+    old_int = signal.signal(signal.SIGINT, sup.request_stop)
+    old_hup = signal.signal(signal.SIGHUP, sup.request_stop)
+    try:
+        sup.run()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGHUP, old_hup)
+
+
+def main(argv: list[str]) -> None:
+    plan = Plan.from_json(Path(argv[0]).read_text())
+    fd = acquire_instance_lock(Path(plan.state_file).parent)
+    try:
+        run_plan(plan)
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

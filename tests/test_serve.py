@@ -344,3 +344,64 @@ def test_service_install_writes_confined_unit(tmp_path: Path) -> None:
         assert line in text
     assert "serve --host 127.0.0.1 --port 8088 --chat tiny" in text
     assert any("systemctl" in c for c in doc["data"]["commands"])
+
+
+def test_client_gone_mid_stream_frees_the_runtime(stack: Stack) -> None:
+    body = {"model": "smol", "stream": True, "max_tokens": 200,
+            "messages": [{"role": "user", "content": "Write a long poem about rivers."}]}
+    for _ in range(3):
+        with httpx.stream("POST", stack.base + "/v1/chat/completions", json=body,
+                          timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_raw())  # one chunk, then hang up
+    r = httpx.post(stack.base + "/v1/completions", timeout=60,
+                   json={"model": "smol", "prompt": "Hi", "max_tokens": 4})
+    assert r.status_code == 200
+
+
+def test_foreground_serve_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sovctl", "serve", "--chat", "tiny",
+                             "--port", str(port)],
+                            env={**os.environ, "SOVCTL_HOME": str(home), **FAST_SUPERVISION},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
+                 if _listening(port) else False, what="foreground stack ready")
+        state = json.loads((home / "run" / "state.json").read_text())
+        children = [p["pid"] for p in state["processes"]]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+    assert not [p for p in children if pid_alive(p)]
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_runtime_that_cannot_start_fails_the_detached_start(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    (home / "sovctl.toml").write_text(
+        '[serve]\nmax_restarts = 1\n\n[models.tiny]\nrole = "chat"\n'
+        'extra_args = ["--no_such_flag", "1"]\n')
+    result = run(home, "serve", "--port", str(free_port()), "-d", env=FAST_SUPERVISION)
+    assert result.returncode == 7, result.stderr
+    assert "tiny failed to start" in result.stderr
+    assert "unrecognized arguments: --no_such_flag" in run(home, "logs", "tiny").stdout
+    state = json.loads((home / "run" / "state.json").read_text())
+    assert state["final"] is True
+    assert not any(pid_alive(p) for p in [state["supervisor_pid"]])

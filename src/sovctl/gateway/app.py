@@ -8,7 +8,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,14 +212,15 @@ class Gateway:
                          "service_unavailable", "queue_timeout", headers={"Retry-After": "5"})
         finally:
             route.waiting -= 1
-        streaming = bool(payload.get("stream"))
+        lease = _Lease(route.slot)
         try:
-            if streaming:
-                return await self._stream(route, endpoint, body, started)
+            if payload.get("stream"):
+                return await self._stream(route, lease, endpoint, body, started)
             return await self._forward(route, endpoint, body)
-        except BaseException:
-            route.slot.release()
-            raise
+        finally:
+            # A stream hands its lease to the response, which releases it when it ends.
+            if not lease.handed_over:
+                lease.release()
 
     async def _forward(self, route: RouteState, endpoint: str, body: bytes) -> Response:
         assert self.client is not None
@@ -230,8 +231,6 @@ class Gateway:
             return error(503, f"runtime for {route.model!r} did not answer: "
                          f"{type(e).__name__}", "service_unavailable", "runtime_unavailable",
                          headers={"Retry-After": "2"})
-        finally:
-            route.slot.release()
         if up.status_code == 200:
             try:
                 usage = up.json().get("usage") or {}
@@ -242,27 +241,31 @@ class Gateway:
         return Response(up.content, status_code=up.status_code,
                         media_type=up.headers.get("content-type", "application/json"))
 
-    async def _stream(self, route: RouteState, endpoint: str, body: bytes, started: float
-                      ) -> Response:
+    async def _stream(self, route: RouteState, lease: _Lease, endpoint: str, body: bytes,
+                      started: float) -> Response:
         assert self.client is not None
         req = self.client.build_request("POST", route.upstream + endpoint, content=body,
                                         headers={"content-type": "application/json"})
         try:
             up = await self.client.send(req, stream=True)
         except httpx.TransportError as e:
-            route.slot.release()
             return error(503, f"runtime for {route.model!r} did not answer: "
                          f"{type(e).__name__}", "service_unavailable", "runtime_unavailable",
                          headers={"Retry-After": "2"})
         if up.status_code != 200:
             content = await up.aread()
             await up.aclose()
-            route.slot.release()
             return Response(content, status_code=up.status_code,
                             media_type=up.headers.get("content-type", "application/json"))
-        return StreamingResponse(self._relay(route, endpoint, up, started),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        lease.handed_over = True
+
+        async def close() -> None:
+            await up.aclose()
+            lease.release()
+
+        return _ClosingStream(close, self._relay(route, endpoint, up, started),
+                              media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _relay(self, route: RouteState, endpoint: str, up: httpx.Response, started: float
                      ) -> AsyncIterator[bytes]:
@@ -284,11 +287,38 @@ class Gateway:
                              "code": "runtime_failed"}}
             yield f"data: {json.dumps(err)}\n\n".encode()
         finally:
-            await up.aclose()
-            route.slot.release()
             # Each streamed data event carries one token (llama-cpp-python's server).
             self.metrics.count_tokens(route.model, 0, chunks)
             self.metrics.request(route.model, endpoint, code, time.perf_counter() - started)
+
+
+class _Lease:
+    """A held runtime slot, released exactly once whatever path the request takes."""
+
+    def __init__(self, slot: asyncio.Semaphore) -> None:
+        self.slot = slot
+        self.handed_over = False
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.slot.release()
+
+
+class _ClosingStream(StreamingResponse):
+    """A streamed response that runs `on_close` when it ends, however it ends: normally, by
+    error, or cancelled by a client that went away (even before the first byte)."""
+
+    def __init__(self, on_close: Callable[[], Awaitable[None]], *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
 
 def create_app(table: dict[str, Any]) -> Starlette:
@@ -324,4 +354,4 @@ def create_app(table: dict[str, Any]) -> Starlette:
 
 
 def load_table(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())  # type: ignore[no-any-return]
+    return json.loads(Path(path).read_text())

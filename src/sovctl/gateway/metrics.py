@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -42,7 +43,7 @@ class Metrics:
         self.tokens[(model, "in")] += prompt
         self.tokens[(model, "out")] += completion
 
-    def render(self, runtimes: list[dict], waiting: dict[str, int]) -> str:  # type: ignore[type-arg]
+    def render(self, runtimes: list[dict[str, Any]], waiting: dict[str, int]) -> str:
         out = [
             "# HELP sovctl_requests_total Requests answered by the gateway.",
             "# TYPE sovctl_requests_total counter",
@@ -79,7 +80,7 @@ class Metrics:
         return "\n".join(out) + "\n"
 
     @staticmethod
-    def _histograms(name: str, help_: str, series: dict) -> list[str]:  # type: ignore[type-arg]
+    def _histograms(name: str, help_: str, series: dict[Any, Histogram]) -> list[str]:
         out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
         for labels, h in sorted(series.items()):
             cumulative = 0

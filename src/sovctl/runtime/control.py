@@ -97,7 +97,7 @@ class StackStatus:
 
 def _read_state(home: Home) -> dict[str, Any] | None:
     try:
-        return json.loads((home.run / "state.json").read_text())  # type: ignore[no-any-return]
+        return json.loads((home.run / "state.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 

@@ -107,12 +107,12 @@ def served_models(
 ) -> list[ServedModel]:
     """The models to serve: the flags when any were given, otherwise [models.*] in config."""
     if chat or embedding:
-        wanted: list[tuple[str, Mapping[str, Any]]] = [
-            (n, {"role": "chat"}) for n in chat
-        ] + [(n, {"role": "embedding"}) for n in embedding]
         # A flag names a store model; settings for it may still come from its config section.
         by_model = {m.get("model", k): m for k, m in cfg.models.items()}
-        wanted = [(n, {**by_model.get(n, {}), **w}) for n, w in wanted]
+        roles = [(n, "chat") for n in chat] + [(n, "embedding") for n in embedding]
+        wanted: list[tuple[str, Mapping[str, Any]]] = [
+            (n, {**by_model.get(n, {}), "role": role}) for n, role in roles
+        ]
     else:
         wanted = [(m.get("model", k), m) for k, m in cfg.models.items()]
     if not wanted:

@@ -48,7 +48,7 @@ def cli():
 
     runner = CliRunner()
 
-    def invoke(*args: str, input: str | None = None):  # noqa: A002
+    def invoke(*args: str, input: str | None = None):
         _common.STATE.json = False
         return runner.invoke(app, list(args), input=input, catch_exceptions=False)
 

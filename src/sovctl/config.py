@@ -25,6 +25,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "serve": {
         "host": "127.0.0.1",
         "port": 8088,
+        "n_ctx": 2048,  # context size of a served model unless its [models.NAME] says
+        "n_gpu_layers": 0,  # layers offloaded to the GPU unless [models.NAME] says (-1: all)
         "queue_limit": 16,  # requests waiting per runtime before the gateway answers 429
         "queue_timeout": 120.0,  # seconds a request may wait for its runtime before 503
         "max_body_bytes": 8 * 1024 * 1024,
@@ -40,6 +42,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "bench": {
         "cpu_watts": 65.0,  # used to estimate energy where no power meter exists
+        "sample_interval": 0.1,  # seconds between telemetry samples during a phase
+        "memory_bandwidth_gbs": 0.0,  # peak for the roofline; 0 = NVML (GPU) or measured (CPU)
     },
     "cost": {
         "currency": "USD",
@@ -47,7 +51,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "hardware_price": 0.0,
         "hardware_lifetime_years": 3.0,
         "hardware_utilisation": 0.5,  # share of the lifetime the box is busy generating
-        "cloud_price_per_mtok": 10.0,
+        "cloud_price_per_mtok": 10.0,  # generated (output) tokens
+        "cloud_input_price_per_mtok": 2.5,  # prompt (input) tokens
     },
 }
 
@@ -67,10 +72,16 @@ MODEL_KEYS: dict[str, Any] = {
 ENV_PREFIX = "SOVCTL_"
 RESERVED_ENV = {"SOVCTL_HOME", "SOVCTL_DEBUG", "SOVCTL_PROFILE", "SOVCTL_MODELS"}
 
+# Environment variables other tools already use for a setting. They belong to the environment
+# layer but rank below the setting's own SOVCTL_* variable.
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "hub.endpoint": ("HF_ENDPOINT",),
+}
 
-def _profile_dirs(home: Home) -> list[Path]:
+
+def _profile_dirs(home: Home, env: Mapping[str, str]) -> list[Path]:
     dirs = [home.root / "profiles"]
-    extra = os.environ.get("SOVCTL_PROFILES_DIR")
+    extra = env.get("SOVCTL_PROFILES_DIR")
     if extra:
         dirs.insert(0, Path(extra))
     # The profiles shipped with sovctl sit at the project root, beside src/.
@@ -106,7 +117,8 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(
             f"{what} {path} is not valid TOML: {e}",
-            hint=f"fix the file by hand (it was left untouched) or move it aside: mv {path} {path}.bak",
+            hint=f"fix the file by hand (it was left untouched) or move it aside: "
+            f"mv {path} {path}.bak",
         ) from e
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
@@ -212,7 +224,7 @@ def load(
     if profile is not None:
         if not isinstance(profile, str) or not profile.replace("-", "").isalnum():
             raise ConfigError(f"profile name {profile!r} is not valid")
-        for d in _profile_dirs(home):
+        for d in _profile_dirs(home, env):
             p = d / f"{profile}.toml"
             if p.is_file():
                 _apply_layer(
@@ -222,16 +234,16 @@ def load(
         else:
             raise ConfigError(
                 f"profile {profile!r} not found",
-                hint=f"profiles are looked up in {', '.join(map(str, _profile_dirs(home)))}",
+                hint=f"profiles are looked up in {', '.join(map(str, _profile_dirs(home, env)))}",
             )
 
     _apply_layer(user, str(home.config_path), "config", values, sources, models)
 
     for key in list(values):
-        name = env_name(key)
-        if name in env:
-            values[key] = _coerce(key, env[name], f"environment {name}")
-            sources[key] = "env"
+        for name in (*ENV_ALIASES.get(key, ()), env_name(key)):  # lowest rank first
+            if env.get(name):
+                values[key] = _coerce(key, env[name], f"environment {name}")
+                sources[key] = "env"
 
     for key, value in (flags or {}).items():
         if value is not None:

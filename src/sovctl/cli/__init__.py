@@ -1,43 +1,113 @@
-"""The sovctl command line: parse options, call the core, render the result. Nothing else."""
+"""The sovctl command line: parse options, call the core, render the result. Nothing else.
+
+`sovctl --help` must stay fast, so this module imports only typer at the top: rich, json and
+every command's core modules are imported by the code paths that use them.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
-from rich.markup import escape
 from typer.core import TyperGroup
 
 from sovctl import __version__
 from sovctl.cli import _common
-from sovctl.cli._common import STATE, err_console
+from sovctl.cli._common import STATE
 from sovctl.errors import SovctlError
-from sovctl.result import envelope
+
+
+def _click_usage_error() -> type[Exception]:
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:  # typer releases that use click itself
+        import click
+
+        return click.UsageError
+    return UsageError
+
+
+# Command groups whose modules load only when used: `sovctl --help` lists them from here.
+_LAZY_GROUPS = {
+    "audit": ("sovctl.cli.audit", "Prove the stack works with no network at all."),
+    "bench": ("sovctl.cli.bench", "Measure models and endpoints: throughput, telemetry, "
+              "energy per token and cost per million tokens."),
+}
+
 
 class _SovctlGroup(TyperGroup):
     """Turns a SovctlError into its one-line message and exit code; real bugs still crash."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in _LAZY_GROUPS if n not in self.commands)]
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name in _LAZY_GROUPS and name not in self.commands:
+            import importlib
+
+            module = importlib.import_module(_LAZY_GROUPS[name][0])
+            self.add_command(typer.main.get_group(module.group()), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in _LAZY_GROUPS and name not in self.commands:
+                rows.append((name, _LAZY_GROUPS[name][1]))
+                continue
+            cmd = super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        # A fresh invocation (tests run several in one process).
+        STATE.argv, STATE.command, STATE.json, STATE.emitted = list(args), "sovctl", False, False
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except Exception as e:
+            _usage_json(e)
+            raise
+
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except SovctlError as e:
             if os.environ.get("SOVCTL_DEBUG") == "1":
+                import traceback
+
                 traceback.print_exc()
-            if STATE.json:
-                err = {"type": type(e).__name__, "message": e.message, "hint": e.hint,
-                       "exit_code": int(e.exit_code), "exit_name": e.exit_code.name}
-                sys.stdout.write(json.dumps(envelope(STATE.command, None, err), indent=2) + "\n")
+            if STATE.json and not STATE.emitted:
+                _common.write_json(None, _common.error_info(e))
+            from rich.markup import escape
+
             msg = f"[bold red]error:[/] {escape(e.message)}"
             if e.hint:
                 msg += f" [dim]({escape(e.hint)})[/]"
-            err_console.print(msg, soft_wrap=True, highlight=False)
+            _common._stderr_console().print(msg, soft_wrap=True, highlight=False)
             ctx.exit(int(e.exit_code))
+        except Exception as e:
+            if STATE.command == "sovctl" and ctx.invoked_subcommand:
+                STATE.command = ctx.invoked_subcommand
+            _usage_json(e)
+            raise
+
+
+def _usage_json(e: Exception) -> None:
+    """A command line the parser rejects: click prints the usage text on stderr and exits 2;
+    with --json, stdout still gets its one JSON document."""
+    if not isinstance(e, _click_usage_error()) or STATE.emitted:
+        return
+    argv = STATE.argv[: STATE.argv.index("--")] if "--" in STATE.argv else STATE.argv
+    if STATE.json or "--json" in argv:
+        _common.write_json(None, {
+            "type": "UsageError", "message": e.format_message(),  # type: ignore[attr-defined]
+            "hint": "see --help", "exit_code": 2, "exit_name": "USAGE",
+        })
 
 
 app = typer.Typer(
@@ -48,7 +118,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    rich_markup_mode="rich",
+    # Plain help: typer's rich help imports rich's markdown and traceback machinery, which
+    # triples the time of `sovctl --help`.
+    rich_markup_mode=None,
 )
 
 
@@ -64,8 +136,9 @@ def _root(
         Path | None,
         typer.Option(
             "--home",
+            metavar="PATH",
             envvar="SOVCTL_HOME",
-            help="Directory holding everything sovctl owns \\[default: $XDG_DATA_HOME/sovctl].",
+            help="Directory holding everything sovctl owns [default: $XDG_DATA_HOME/sovctl].",
             show_default=False,
         ),
     ] = None,
@@ -80,20 +153,15 @@ def _root(
     _common.STATE.home_path = home
     _common.STATE.json = json_out
     _common.STATE.verbose = verbose
+    _common.STATE.command = "sovctl"
+    _common.STATE.emitted = False
 
 
 def _register() -> None:
-    from sovctl.cli import store as store_cmds
+    from sovctl.cli import serve, store
 
-    store_cmds.register(app)
-    for name in ("serve", "audit", "bench"):
-        try:
-            module = __import__(f"sovctl.cli.{name}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"sovctl.cli.{name}":
-                raise
-            continue
-        module.register(app)
+    store.register(app)
+    serve.register(app)
 
 
 _register()

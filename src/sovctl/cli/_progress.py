@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sovctl.cli._common import STATE, err_console
+from sovctl.cli._common import STATE, _stderr_console
 
 
 @contextmanager
@@ -29,7 +29,7 @@ def bars() -> Iterator[Callable[..., Callable[[int], None]] | None]:
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err_console,
+        console=_stderr_console(),
         transient=True,
     ) as progress:
 

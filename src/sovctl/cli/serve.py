@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from sovctl.cli._common import STATE, JsonOpt, begin, console, emit, settings
+from sovctl.cli import _common
+from sovctl.cli._common import STATE, JsonOpt, begin, emit, settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 ChatOpt = Annotated[list[str] | None, typer.Option(
     "--chat", help="Store name of a chat model to serve (repeatable).")]
@@ -96,20 +98,22 @@ def serve(
         for p in st["processes"]:
             if seen.get(p["name"]) != p["status"]:
                 seen[p["name"]] = p["status"]
-                console.print(f"{time.strftime('%H:%M:%S')} {p['name']}: {p['status']}"
+                _common.console.print(f"{time.strftime('%H:%M:%S')} {p['name']}: {p['status']}"
                               + (f" ({p['last_exit']})" if p["last_exit"] and
                                  p["status"] != "up" else ""))
 
     if not STATE.json:
-        console.print(f"serving {', '.join(m.name for m in plan.models)} at [bold]{plan.url}[/]"
-                      " (Ctrl-C stops)")
+        names = ", ".join(m.name for m in plan.models)
+        _common.console.print(f"serving {names} at [bold]{plan.url}[/] (Ctrl-C stops)")
         if key_note:
-            console.print(key_note)
+            _common.console.print(key_note)
     control.run_foreground(home, plan, on_change)
     emit({"url": plan.url, "stopped": True}, lambda c: c.print("stopped"))
 
 
 def _status_table(c: Console, processes: Any) -> None:
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False)
     for col in ("PROCESS", "ROLE", "MODEL", "PID", "PORT", "UPTIME", "RESTARTS", "HEALTH"):
         t.add_column(col)

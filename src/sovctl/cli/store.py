@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from sovctl.cli._common import JsonOpt, begin, emit, human_bytes, settings
 from sovctl.cli._progress import bars
-from sovctl.errors import CheckFailed, UsageError
+from sovctl.errors import CheckFailed, RuntimeStartError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(app: typer.Typer) -> None:
@@ -19,23 +20,26 @@ def register(app: typer.Typer) -> None:
     app.command("models")(models)
     app.command("rm")(rm)
     mirror = typer.Typer(help="Serve this box's store to the operator's other machines.",
-                         no_args_is_help=True)
+                         no_args_is_help=True, rich_markup_mode=None)
     mirror.command("serve")(mirror_serve)
     app.add_typer(mirror, name="mirror")
 
 
 def pull(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="hf://ORG/REPO/FILE.gguf, ORG/REPO:QUANT, a path or "
-                                            "file:// URL, or an https:// URL.")],
-    name: Annotated[str | None, typer.Option(help="Store name [default: from the file name].")]
-    = None,
-    revision: Annotated[str, typer.Option(help="Branch, tag or commit; pinned as its commit.")]
-    = "main",
-    sha256: Annotated[str | None, typer.Option("--sha256", help="Expected sha256 of the file.")]
-    = None,
+    ref: Annotated[str, typer.Argument(
+        metavar="REF", help="hf://ORG/REPO/PATH/FILE.gguf, ORG/REPO:QUANT, a local path or "
+        "file:// URL, or an https:// URL (with --sha256).")],
+    name: Annotated[str | None, typer.Option(
+        metavar="NAME", help="Store name [default: from the file name].")] = None,
+    revision: Annotated[str, typer.Option(
+        metavar="REV", help="Branch, tag or commit; pinned as its commit.")] = "main",
+    sha256: Annotated[str | None, typer.Option(
+        "--sha256", metavar="HEX",
+        help="Expected sha256 of the file; must agree with the Hub's.")] = None,
     endpoint: Annotated[str | None, typer.Option(
-        help="Hugging Face compatible endpoint (a mirror) [env: HF_ENDPOINT].")] = None,
+        metavar="URL", help="Hugging Face compatible endpoint, e.g. a sovctl mirror [env: "
+        "SOVCTL_HUB__ENDPOINT, HF_ENDPOINT; default: https://huggingface.co].")] = None,
     trust_on_first_use: Annotated[bool, typer.Option(
         "--trust-on-first-use", help="Accept a download with no expected sha256; the lock "
         "records that it was trusted on first use.")] = False,
@@ -78,8 +82,8 @@ def pull(
 
 def verify(
     ctx: typer.Context,
-    names: Annotated[list[str] | None, typer.Argument(help="Names to check [default: all].")]
-    = None,
+    names: Annotated[list[str] | None, typer.Argument(
+        metavar="NAME", help="Names to check [default: all].", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Re-hash blobs against the lock, fully offline. Exit 0 only if every one is ok."""
@@ -99,13 +103,14 @@ def verify(
                 line += f" but the blob hashes to {i.actual}"
             c.print(line, highlight=False)
 
-    emit(result, render)
+    failure = None
     if not result.ok:
         bad = [i.name for i in result.items if i.status != "ok"]
-        raise CheckFailed(
+        failure = CheckFailed(
             f"{len(bad)} of {len(result.items)} failed verification: {', '.join(bad)}",
             hint="re-fetch with 'sovctl rm NAME' then 'sovctl pull REF'",
         )
+    emit(result, render, failure)
 
 
 def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
@@ -116,6 +121,8 @@ def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     rows = list_models(state.home)
 
     def render(c: Console) -> None:
+        from rich.table import Table
+
         if not rows:
             c.print("no models yet: add one with 'sovctl pull REF'")
             return
@@ -134,6 +141,11 @@ def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
                 ("yes" if f.chat_template else "no") if f else "?",
                 ("yes" if f.embedding else "no") if f else "?",
             )
+        if not c.is_terminal:
+            # Piped or logged: no terminal width to fit, so keep every cell whole.
+            from rich.console import Console as _Console
+
+            c = _Console(width=max(c.width, 240), soft_wrap=True)
         c.print(t)
 
     emit(rows, render)
@@ -148,7 +160,7 @@ def _params(n: int) -> str:
 
 def rm(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Name to remove.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Name to remove.")],
     json_out: JsonOpt = False,
 ) -> None:
     """Remove a name; its blob goes too once no other name uses it."""
@@ -168,8 +180,11 @@ def rm(
 
 def mirror_serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8089,
+    host: Annotated[str, typer.Option(
+        metavar="HOST", help="Address to bind; other than loopback, clients need the API key.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to bind; 0 picks a free one.")]
+    = 8089,
     json_out: JsonOpt = False,
 ) -> None:
     """Serve the store read-only as a Hugging Face compatible endpoint (Ctrl-C stops)."""
@@ -185,9 +200,10 @@ def mirror_serve(
     try:
         server = make_server(catalog, host, port, api_key=key)
     except OSError as e:
-        raise UsageError(f"cannot bind {host}:{port}: {e.strerror}",
-                         hint="choose another --port") from None
-    bound = f"http://{host}:{server.server_address[1]}"
+        raise RuntimeStartError(f"cannot bind {host}:{port}: {e.strerror}",
+                                hint="choose another --port or --host") from None
+    shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
+    bound = f"http://{shown_host}:{server.server_address[1]}"
     info = {"url": bound, "repos": sorted(catalog.repos()), "files": len(catalog.files),
             "api_key_required": key is not None}
 

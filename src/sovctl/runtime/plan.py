@@ -136,8 +136,9 @@ def served_models(
             sha256=entry.sha256,
             size=entry.size,
             blob=str(store.path(entry.sha256)),
-            n_ctx=int(m.get("n_ctx", 2048)),
-            n_gpu_layers=int(m.get("n_gpu_layers", 0)),
+            # Per-model settings win; the [serve] defaults are what a hardware profile sets.
+            n_ctx=int(m.get("n_ctx", cfg.get("serve.n_ctx"))),
+            n_gpu_layers=int(m.get("n_gpu_layers", cfg.get("serve.n_gpu_layers"))),
             n_threads=m.get("n_threads"),
             n_batch=m.get("n_batch"),
             chat_format=m.get("chat_format"),

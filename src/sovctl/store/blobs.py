@@ -84,6 +84,8 @@ class HashingWriter:
             self.progress(len(chunk))
 
     def close(self) -> None:
+        if self._file.closed:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -106,11 +108,11 @@ class BlobStore:
         return self.home.blobs / f"sha256-{sha256}"
 
     def has(self, sha256: str, size: int | None = None) -> bool:
-        p = self.path(sha256)
         try:
-            return size is None or p.stat().st_size == size
+            st = self.path(sha256).stat()
         except FileNotFoundError:
             return False
+        return size is None or st.st_size == size
 
     def partial(self, key: str) -> Path:
         return self.home.partials / f"{key}.part"

@@ -34,15 +34,16 @@ def _value(reader: Any, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-def read_facts(path: Path) -> GgufFacts:
+def read_facts(path: Path, label: str | None = None) -> GgufFacts:
     from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader signals corrupt input with assorted exception types
         raise IntegrityError(
-            f"{path.name} is not a valid GGUF file: {type(e).__name__}: {e}",
-            hint="the file is truncated or not GGUF; fetch it again from its origin",
+            f"{label or path.name}: not a valid GGUF file, its header is truncated or corrupt "
+            f"({type(e).__name__}: {e})",
+            hint="nothing was stored; fetch the whole file again from its origin",
         ) from None
     arch = str(_value(reader, "general.architecture") or "unknown")
     file_type = _value(reader, "general.file_type")

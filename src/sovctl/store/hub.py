@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from sovctl.errors import IntegrityError, NetworkError, NotFoundError, UsageError
 
@@ -30,6 +30,17 @@ def _offline(endpoint: str, err: Exception, have: list[str]) -> NetworkError:
         f"cannot reach {endpoint}: this host looks offline ({type(err).__name__})",
         hint=f"already in the store: {known}; or pull from a mirror with --endpoint URL",
     )
+
+
+def _http_error(endpoint: str, repo: str, e: Any) -> NetworkError:
+    """One line for an HTTP error (huggingface_hub's own message spans several lines)."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    said = (getattr(e, "server_message", None) or str(e)).strip().splitlines()
+    detail = f": {said[-1]}" if said else ""
+    hint = None
+    if status in (401, 403):
+        hint = "set HF_TOKEN to a token the endpoint accepts (a sovctl mirror: its API key)"
+    return NetworkError(f"{endpoint} answered HTTP {status} for {repo}{detail}", hint=hint)
 
 
 def resolve(
@@ -67,7 +78,7 @@ def resolve(
     except (httpx2.TransportError, OfflineModeIsEnabled) as e:
         raise _offline(endpoint, e, have) from None
     except HfHubHTTPError as e:
-        raise NetworkError(f"{endpoint} answered an error for {repo}: {e}") from None
+        raise _http_error(endpoint, repo, e) from None
     if not info.sha:
         raise NetworkError(f"{endpoint} did not report a commit for {repo}@{revision}")
     siblings = {s.rfilename: s for s in info.siblings or []}
@@ -111,7 +122,9 @@ class Response:
 
 
 @contextmanager
-def fetch(url: str, offset: int, token: str | None = None) -> Iterator[Response]:
+def fetch(
+    url: str, offset: int, token: str | None = None, have: list[str] | None = None
+) -> Iterator[Response]:
     """GET `url` from byte `offset` (a Range request when offset > 0)."""
     import httpx
 
@@ -131,6 +144,11 @@ def fetch(url: str, offset: int, token: str | None = None) -> Iterator[Response]
             if r.status_code == 416:
                 yield Response(416, None, iter(()))
                 return
+            if r.status_code in (401, 403):
+                raise NetworkError(
+                    f"{url} answered HTTP {r.status_code}",
+                    hint="set HF_TOKEN to a token the server accepts",
+                )
             if r.status_code not in (200, 206):
                 raise NetworkError(f"{url} answered HTTP {r.status_code}")
             total = None
@@ -143,6 +161,10 @@ def fetch(url: str, offset: int, token: str | None = None) -> Iterator[Response]
             elif "Content-Length" in r.headers:
                 total = int(r.headers["Content-Length"])
             yield Response(r.status_code, total, _chunks(r))
+    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        # Nothing was received: the host is offline or the server is not there.
+        origin = urlsplit(url)
+        raise _offline(f"{origin.scheme}://{origin.netloc}", e, have or []) from None
     except httpx.TransportError as e:
         raise Interrupted(str(e) or type(e).__name__) from e
 
@@ -151,7 +173,9 @@ def _chunks(r: Any) -> Iterator[bytes]:
     import httpx
 
     try:
-        yield from r.iter_raw(chunk_size=1024 * 1024)
+        # No chunk_size: every block is handed on as it arrives, so when the connection drops,
+        # all bytes received so far reach the partial file and a resume starts after them.
+        yield from r.iter_raw()
     except httpx.TransportError as e:
         raise Interrupted(str(e) or type(e).__name__) from e
 

@@ -7,6 +7,7 @@ so a reader sees the old lock or the new one, never half of either.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,9 +16,10 @@ from typing import Any
 
 import tomli_w
 
-from sovctl.errors import ConfigError, NotFoundError
+from sovctl.errors import ConfigError, NotFoundError, UsageError
 from sovctl.fsutil import atomic_write, file_lock
 from sovctl.home import Home
+from sovctl.store.names import check_name
 
 LOCK_VERSION = 1
 
@@ -48,6 +50,7 @@ class LockEntry:
 
 
 _REQUIRED = ("sha256", "size", "source", "ref", "pulled_at", "digest_from")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Lock:
@@ -66,29 +69,45 @@ class Lock:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"lock file {path} is malformed: {e}", hint=hint) from e
+        except OSError as e:
+            raise ConfigError(f"cannot read lock file {path}: {e.strerror}", hint=hint) from e
         if data.get("version") != LOCK_VERSION:
             raise ConfigError(
                 f"lock file {path} has version {data.get('version')!r}, expected {LOCK_VERSION}",
                 hint=hint,
             )
-        fields = {f.name for f in dataclasses.fields(LockEntry)}
+        models = data.get("models", {})
+        if not isinstance(models, dict):
+            raise ConfigError(f"lock file {path}: [models] must be a table", hint=hint)
+        types = {f.name: f.type for f in dataclasses.fields(LockEntry)}
         entries = {}
-        for name, body in data.get("models", {}).items():
+        for name, body in models.items():
             if not isinstance(body, dict) or any(k not in body for k in _REQUIRED):
                 raise ConfigError(f"lock file {path}: entry {name!r} is incomplete", hint=hint)
-            unknown = set(body) - fields
+            unknown = set(body) - set(types) | ({"name"} & set(body))
             if unknown:
                 raise ConfigError(
                     f"lock file {path}: entry {name!r} has unknown keys {sorted(unknown)}",
                     hint=hint,
                 )
+            for k, v in body.items():
+                want = int if types[k] in (int, "int") else str
+                if type(v) is not want:
+                    raise ConfigError(
+                        f"lock file {path}: entry {name!r}: {k} must be a{'n' * (want is int)} "
+                        f"{want.__name__}, got {v!r}",
+                        hint=hint,
+                    )
             try:
-                entries[name] = LockEntry(name=name, **body)
-            except TypeError as e:
-                raise ConfigError(f"lock file {path}: entry {name!r}: {e}", hint=hint) from e
-            sha = entries[name].sha256
-            if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
+                check_name(name)
+            except UsageError:
+                raise ConfigError(
+                    f"lock file {path}: {name!r} is not a valid model name", hint=hint
+                ) from None
+            entry = LockEntry(name=name, **body)
+            if not _HEX64.match(entry.sha256):
                 raise ConfigError(f"lock file {path}: entry {name!r} has a bad sha256", hint=hint)
+            entries[name] = entry
         return cls(entries)
 
     @classmethod

@@ -56,12 +56,13 @@ def verify(
         items.append(
             VerifyItem(e.name, status, e.sha256, digest, size, time.perf_counter() - start)
         )
-    ok_names = {i.name for i in items if i.status == "ok"}
-    if ok_names:
+    ok = {i.name: i.expected for i in items if i.status == "ok"}
+    if ok:
         now = utcnow()
         with Lock.editing(home) as edit:
-            for n in ok_names:
-                if n in edit.entries:
+            for n, sha in ok.items():
+                # Only if the name still pins the bytes just hashed (no rm + pull meanwhile).
+                if n in edit.entries and edit.entries[n].sha256 == sha:
                     edit.entries[n] = replace(edit.entries[n], verified_at=now)
     return VerifyResult(tuple(items))
 
@@ -99,7 +100,8 @@ def remove(home: Home, name: str) -> RemoveResult:
         entry = lock.get(name)
         del lock.entries[name]
         others = tuple(lock.names_for_blob(entry.sha256))
-    if not others:
-        store.remove(entry.sha256)
-        gguf_info.forget(home, entry.sha256)
+        if not others:
+            # Under the lock, so that a concurrent pull cannot pin this blob as it goes.
+            store.remove(entry.sha256)
+            gguf_info.forget(home, entry.sha256)
     return RemoveResult(name, entry.sha256, not others, others)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -42,13 +43,14 @@ class Catalog:
     @classmethod
     def from_store(cls, home: Home) -> Catalog:
         store = BlobStore(home)
-        files = [
-            MirrorFile(e.repo, e.revision, e.commit, e.path, e.sha256, e.size,
-                       store.path(e.sha256), e.pulled_at)
-            for e in Lock.load(home).entries.values()
-            if e.source == "hf" and store.has(e.sha256)
-        ]
-        return cls(files)
+        files: dict[tuple[str, str, str], MirrorFile] = {}
+        for e in sorted(Lock.load(home).entries.values(), key=lambda e: e.pulled_at):
+            if e.source == "hf" and store.has(e.sha256, e.size):
+                # Two names may pin the same file at the same commit: serve it once.
+                files[(e.repo, e.commit, e.path)] = MirrorFile(
+                    e.repo, e.revision, e.commit, e.path, e.sha256, e.size,
+                    store.path(e.sha256), e.pulled_at)
+        return cls(list(files.values()))
 
     def repos(self) -> set[str]:
         return {f.repo for f in self.files}
@@ -81,7 +83,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
     server_version = "sovctl-mirror"
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # access logs would go to stderr of the serving terminal; keep it quiet
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -228,6 +230,10 @@ class MirrorHandler(BaseHTTPRequestHandler):
             yield chunk
 
 
+class _ThreadingHTTPServer6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def make_server(
     catalog: Catalog,
     host: str,
@@ -236,6 +242,9 @@ def make_server(
     handler: type[MirrorHandler] = MirrorHandler,
 ) -> ThreadingHTTPServer:
     bound = type("BoundMirrorHandler", (handler,), {"catalog": catalog, "api_key": api_key})
-    server = ThreadingHTTPServer((host, port), bound)
+    server_cls: type[ThreadingHTTPServer] = ThreadingHTTPServer
+    if ":" in host:  # an IPv6 address such as ::1
+        server_cls = _ThreadingHTTPServer6
+    server = server_cls((host, port), bound)
     server.daemon_threads = True
     return server

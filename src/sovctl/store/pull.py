@@ -98,7 +98,7 @@ def _plan(
         )
         return _Plan(entry, res.url, None, expected, res.size)
     if isinstance(ref, refs.Url):
-        origin = "flag" if sha256 else _tofu_or_refuse(tofu, "an https:// URL carries no digest")
+        origin = "flag" if sha256 else _tofu_or_refuse(tofu, f"a URL carries no digest: {ref.url}")
         entry = LockEntry(
             **common, sha256=sha256 or "", size=0, source="url", digest_from=origin, url=ref.url
         )
@@ -123,7 +123,9 @@ def _tofu_or_refuse(tofu: bool, why: str) -> str:
     return "trust-on-first-use"
 
 
-def _already(lock: Lock, store: BlobStore, ref_text: str, revision: str, name: str | None):  # type: ignore[no-untyped-def]
+def _already(
+    lock: Lock, store: BlobStore, ref_text: str, revision: str, name: str | None
+) -> LockEntry | None:
     for entry in lock.entries.values():
         if name is not None and entry.name != name:
             continue
@@ -149,6 +151,13 @@ def pull(
         check_name(name)
     sha256 = _check_sha(sha256)
     ref = refs.parse_ref(ref_text)
+    if isinstance(ref, refs.HubFile | refs.HubQuant) and not endpoint.startswith(
+        ("http://", "https://")
+    ):
+        raise UsageError(
+            f"hub endpoint {endpoint!r} is not an http:// or https:// URL",
+            hint="check --endpoint, HF_ENDPOINT, SOVCTL_HUB__ENDPOINT or [hub] in sovctl.toml",
+        )
     if isinstance(ref, refs.LocalFile):
         ref_text = str(ref.path)  # the same file pins the same way from any working directory
     store = BlobStore(home)
@@ -156,6 +165,12 @@ def pull(
 
     done = _already(lock, store, ref_text, revision, name)
     if done is not None:
+        if sha256 and sha256 != done.sha256:
+            raise IntegrityError(
+                f"--sha256 {sha256} disagrees with the sha256 {done.sha256} that {done.name!r} "
+                "is pinned to",
+                hint="check where your expected digest came from; the store was left as it was",
+            )
         return PullResult(done.name, "already-pinned", done, 0, 0)
 
     plan = _plan(
@@ -169,42 +184,51 @@ def pull(
     )
     final_name = name or name_from_filename(plan.entry.path or plan.entry.url.split("?")[0])
     existing = lock.entries.get(final_name)
-    if existing is not None and (existing.ref != ref_text or existing.sha256 != plan.expected_sha):
-        raise UsageError(
-            f"name {final_name!r} already pins {existing.ref} (sha256 {existing.short_sha})",
-            hint=f"choose another --name, or 'sovctl rm {final_name}' first",
+    if existing is not None:
+        if existing.ref != ref_text or (plan.expected_sha or existing.sha256) != existing.sha256:
+            raise UsageError(
+                f"name {final_name!r} already pins {existing.ref} (sha256 {existing.short_sha})",
+                hint=f"choose another --name, or 'sovctl rm {final_name}' first",
+            )
+        # The same source again, its blob lost: the bytes must be the ones that were pinned.
+        plan = replace(
+            plan,
+            expected_sha=existing.sha256,
+            entry=replace(plan.entry, sha256=existing.sha256, digest_from=existing.digest_from),
         )
 
     home.ensure(home.partials)
-    key = plan.expected_sha or hashlib.sha256((plan.fetch_url or str(plan.local)).encode()).hexdigest()
+    source = plan.fetch_url or str(plan.local)
+    key = plan.expected_sha or hashlib.sha256(source.encode()).hexdigest()
     with file_lock(home.partials / f"{key}.flock", what=f"the download of {final_name}"):
         if plan.expected_sha and store.has(plan.expected_sha, plan.expected_size):
             # Another name, or a concurrent pull that just finished, already holds these bytes.
-            entry = replace(plan.entry, name=final_name)
-            _record(home, entry)
+            size = store.path(plan.expected_sha).stat().st_size
+            entry = replace(plan.entry, name=final_name, size=size)
+            _record(home, store, entry)
             return PullResult(final_name, "linked", entry, 0, 0)
         partial = store.partial(key)
         if plan.local is not None:
             digest, size, transferred, resumed = _copy(plan.local, partial, progress, final_name)
         else:
             assert plan.fetch_url is not None
+            # The Hub token goes to the hub endpoint only, never to an arbitrary URL.
+            hub_token = token if plan.entry.source == "hf" else None
             digest, size, transferred, resumed = _download(
-                plan.fetch_url, partial, plan.expected_size, progress, final_name, token
+                plan.fetch_url, partial, plan.expected_size, progress, final_name, hub_token,
+                sorted(lock.entries),
             )
         try:
             _check_digest(plan, digest, size, final_name)
-            facts = gguf_info.read_facts(partial)
+            facts = gguf_info.read_facts(partial, label=f"{final_name} ({ref_text})")
         except IntegrityError:
             partial.unlink(missing_ok=True)
             raise
         store.adopt(partial, digest)
         gguf_info.remember(home, digest, facts)
     entry = replace(plan.entry, name=final_name, sha256=digest, size=size)
-    _record(home, entry)
-    if plan.local is not None:
-        action = "imported"
-    else:
-        action = "resumed" if resumed else "downloaded"
+    _record(home, store, entry)
+    action = "imported" if plan.local is not None else "resumed" if resumed else "downloaded"
     return PullResult(final_name, action, entry, transferred, resumed)
 
 
@@ -223,8 +247,24 @@ def _check_digest(plan: _Plan, digest: str, size: int, name: str) -> None:
         )
 
 
-def _record(home: Home, entry: LockEntry) -> None:
+def _record(home: Home, store: BlobStore, entry: LockEntry) -> None:
+    """Pin the name, re-checking under the lock what may have changed since the pull began."""
     with Lock.editing(home) as lock:
+        existing = lock.entries.get(entry.name)
+        if existing is not None and (existing.ref, existing.sha256) != (entry.ref, entry.sha256):
+            # Another pull took this name meanwhile; keep its pin, and no orphan blob.
+            if not lock.names_for_blob(entry.sha256):
+                store.remove(entry.sha256)
+            raise UsageError(
+                f"name {entry.name!r} was just pinned to {existing.ref} by another sovctl",
+                hint="choose another --name",
+            )
+        if not store.has(entry.sha256, entry.size):
+            # An `rm` of the last other name removed the blob meanwhile.
+            raise IntegrityError(
+                f"the blob of {entry.name} disappeared from the store while pinning it",
+                hint="run the same 'sovctl pull' again",
+            )
         lock.entries[entry.name] = entry
 
 
@@ -253,17 +293,27 @@ def _download(
     progress: ProgressFactory | None,
     name: str,
     token: str | None,
+    have: list[str],
 ) -> tuple[str, int, int, int]:
     offset = partial.stat().st_size if partial.exists() else 0
     if expected_size is not None and offset > expected_size:
         offset = 0
-    with hub.fetch(url, offset, token) as resp:
+    if offset and offset == expected_size:
+        # An earlier run received every byte but stopped before storing them: hash, no fetch.
+        try:
+            writer = HashingWriter(partial, resume=True)
+        except IntegrityError:
+            partial.unlink(missing_ok=True)
+            raise
+        digest, size = writer.finish()
+        return digest, size, 0, offset
+    with hub.fetch(url, offset, token, have) as resp:
         if resp.status in (200, 416):
             # The server ignored or refused our range: start over from the first byte.
             offset = 0
         if resp.status == 416:
             partial.unlink(missing_ok=True)
-            return _download(url, partial, expected_size, progress, name, token)
+            return _download(url, partial, expected_size, progress, name, token, have)
         total = resp.total if resp.total is not None else expected_size
         cb = progress(f"pull {name}", total, offset) if progress else None
         try:

@@ -1,0 +1,12 @@
+"""The blackout audit: the operator's stack, started in a network namespace with only loopback,
+checked, stopped, and a report filed under the home.
+
+- `isolation`: creating the namespace (as root, or in a user namespace) and explaining exactly
+  why it is refused where it is;
+- `stack`: starting and stopping a stack the way `serve --detach` does, in a run directory of
+  the audit's own;
+- `baseline`: the fixed requests (temperature 0, fixed seed) and their recorded answers;
+- `checks`: the seven checks, each a `CheckResult`;
+- `inside`: the program that runs in the namespace (`python -m sovctl.audit.inside JOB`);
+- `blackout`: the orchestration the CLI calls; `report`: the report and its JSON file.
+"""

@@ -1,0 +1,296 @@
+"""The fixed requests of the audit, their answers, and the baseline they are compared with.
+
+Every served model gets the same requests, in the same order, against a freshly started stack,
+at temperature 0 with a fixed seed: a chat model answers a chat request (plain, then streaming)
+and a completion; a completion model a completion; an embedding model one embeddings request.
+
+A baseline is recorded per model and per model file, under
+`HOME/audit/baselines/NAME/sha256-<hex>.json`. A model whose file changed since its baseline
+(same name, another sha256) is a difference, never a reason to record a new baseline silently:
+`sovctl audit baseline` records one on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sovctl.fsutil import atomic_write
+from sovctl.home import Home
+from sovctl.result import utcnow
+from sovctl.runtime.plan import ServedModel
+
+BASELINE_SCHEMA = "sovctl.audit.baseline/v1"
+EMBEDDING_TOLERANCE = 1e-5
+SEED = 42
+MAX_TOKENS = 32
+
+CHAT_MESSAGES = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "Tell me a short story about a lighthouse keeper."},
+]
+COMPLETION_PROMPT = "Once upon a time, in a small village by the sea,"
+EMBEDDING_INPUTS = [
+    "The lighthouse keeper climbed the stairs at dusk.",
+    "Quarterly revenue grew by ten percent.",
+    "A sovereign stack keeps working when the network is gone.",
+]
+
+# (request id, endpoint, body without "model") per role, in the order they are sent.
+_SAMPLING = {"temperature": 0, "seed": SEED, "max_tokens": MAX_TOKENS}
+REQUESTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
+    "chat": [
+        ("chat", "/v1/chat/completions", {"messages": CHAT_MESSAGES, **_SAMPLING}),
+        ("chat_stream", "/v1/chat/completions",
+         {"messages": CHAT_MESSAGES, **_SAMPLING, "stream": True}),
+        ("completion", "/v1/completions", {"prompt": COMPLETION_PROMPT, **_SAMPLING}),
+    ],
+    "completion": [
+        ("completion", "/v1/completions", {"prompt": COMPLETION_PROMPT, **_SAMPLING}),
+    ],
+    "embedding": [
+        ("embeddings", "/v1/embeddings", {"input": EMBEDDING_INPUTS}),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One fixed request through the gateway and what came back."""
+
+    model: str
+    request: str  # "chat" | "chat_stream" | "completion" | "embeddings"
+    endpoint: str
+    status: int  # HTTP status; 0 when no response arrived
+    seconds: float
+    text: str | None = None
+    finish_reason: str | None = None
+    events: int = 0  # server-sent events received (streaming)
+    vectors: list[list[float]] | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        if self.status != 200 or self.error:
+            return False
+        if self.request == "embeddings":
+            return self.vectors is not None and bool(self.vectors) and all(self.vectors)
+        return self.text is not None and self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """All fixed requests of one run, plus the gateway's model list."""
+
+    answers: tuple[Answer, ...]
+    models_status: int
+    models_listed: tuple[str, ...]
+    models_error: str = ""
+    seconds: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def for_model(self, name: str) -> list[Answer]:
+        return [a for a in self.answers if a.model == name]
+
+
+def _stream(client: Any, url: str, body: dict[str, Any], headers: dict[str, str]
+            ) -> tuple[int, str, str | None, int, str]:
+    parts: list[str] = []
+    finish: str | None = None
+    events = 0
+    error = ""
+    with client.stream("POST", url, json=body, headers=headers) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, "", None, 0, r.text[:300]
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            events += 1
+            chunk = json.loads(data)
+            if "error" in chunk:
+                error = json.dumps(chunk["error"])[:300]
+                break
+            for choice in chunk.get("choices") or []:
+                parts.append((choice.get("delta") or {}).get("content") or "")
+                finish = choice.get("finish_reason") or finish
+        return 200, "".join(parts), finish, events, error
+
+
+def _one(client: Any, base: str, headers: dict[str, str], model: str, request: str,
+         endpoint: str, body: dict[str, Any]) -> Answer:
+    import httpx
+
+    t0 = time.perf_counter()
+    payload = {"model": model, **body}
+    try:
+        if body.get("stream"):
+            status, text, finish, events, error = _stream(client, base + endpoint, payload,
+                                                          headers)
+            return Answer(model, request, endpoint, status, time.perf_counter() - t0,
+                          text=text, finish_reason=finish, events=events, error=error)
+        r = client.post(base + endpoint, json=payload, headers=headers)
+        seconds = time.perf_counter() - t0
+        if r.status_code != 200:
+            return Answer(model, request, endpoint, r.status_code, seconds, error=r.text[:300])
+        doc = r.json()
+        if request == "embeddings":
+            vectors = [d["embedding"] for d in sorted(doc["data"], key=lambda d: d["index"])]
+            return Answer(model, request, endpoint, 200, seconds, vectors=vectors)
+        choice = doc["choices"][0]
+        text = choice["message"]["content"] if request == "chat" else choice["text"]
+        return Answer(model, request, endpoint, 200, seconds, text=text or "",
+                      finish_reason=choice.get("finish_reason"))
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        return Answer(model, request, endpoint, 0, time.perf_counter() - t0,
+                      error=f"{type(e).__name__}: {e}"[:300])
+
+
+def exercise(base: str, models: Sequence[ServedModel], headers: Mapping[str, str],
+             timeout: float = 120.0) -> Exchange:
+    """Send every fixed request through the gateway at `base` (http://host:port)."""
+    import httpx
+
+    t0 = time.perf_counter()
+    answers: list[Answer] = []
+    with httpx.Client(timeout=timeout, trust_env=False) as client:
+        for m in models:
+            for request, endpoint, body in REQUESTS.get(m.role, []):
+                answers.append(_one(client, base, dict(headers), m.name, request, endpoint,
+                                    body))
+        listed: tuple[str, ...] = ()
+        error = ""
+        try:
+            r = client.get(base + "/v1/models", headers=dict(headers))
+            status = r.status_code
+            if status == 200:
+                listed = tuple(d["id"] for d in r.json()["data"])
+            else:
+                error = r.text[:300]
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            status, error = 0, f"{type(e).__name__}: {e}"[:300]
+    return Exchange(tuple(answers), status, listed, error, time.perf_counter() - t0)
+
+
+# -- stored baselines -------------------------------------------------------------------------
+
+def baselines_dir(home: Home) -> Path:
+    return home.root / "audit" / "baselines"
+
+
+def baseline_path(home: Home, name: str, sha256: str) -> Path:
+    return baselines_dir(home) / name / f"sha256-{sha256}.json"
+
+
+def has_any(home: Home, name: str) -> bool:
+    d = baselines_dir(home) / name
+    return d.is_dir() and any(d.glob("sha256-*.json"))
+
+
+@dataclass(frozen=True)
+class Found:
+    """The baseline a model is compared with."""
+
+    status: str  # "match" (recorded for this very file) | "changed" (another file) | "missing"
+    path: Path | None = None
+    doc: Mapping[str, Any] | None = None
+
+
+def find(home: Home, model: ServedModel) -> Found:
+    exact = baseline_path(home, model.name, model.sha256)
+    if exact.is_file():
+        return Found("match", exact, json.loads(exact.read_text()))
+    d = baselines_dir(home) / model.name
+    others = sorted(d.glob("sha256-*.json"), key=lambda p: p.stat().st_mtime) \
+        if d.is_dir() else []
+    if others:
+        return Found("changed", others[-1], json.loads(others[-1].read_text()))
+    return Found("missing")
+
+
+def record(home: Home, models: Iterable[ServedModel], exchange: Exchange,
+           context: Mapping[str, Any]) -> list[Path]:
+    """Write one baseline per model from a run's answers; all must have answered."""
+    from dataclasses import asdict
+
+    written = []
+    for m in models:
+        answers = exchange.for_model(m.name)
+        doc = {
+            "schema": BASELINE_SCHEMA,
+            "model": m.name,
+            "role": m.role,
+            "sha256": m.sha256,
+            "size": m.size,
+            "recorded_at": utcnow(),
+            **dict(context),
+            "answers": {a.request: {k: v for k, v in asdict(a).items()
+                                    if k not in ("seconds", "model")} for a in answers},
+        }
+        path = baseline_path(home, m.name, m.sha256)
+        atomic_write(path, json.dumps(doc, indent=1).encode())
+        written.append(path)
+    return written
+
+
+def _short(text: str | None, n: int = 60) -> str:
+    text = (text or "").replace("\n", " ")
+    return repr(text if len(text) <= n else text[:n] + "…")
+
+
+def compare(model: ServedModel, found: Found, answers: Sequence[Answer]) -> list[str]:
+    """Every difference between the answers and the baseline, in words; empty when unchanged."""
+    if found.doc is None:
+        return [f"{model.name}: no baseline"]
+    diffs = []
+    if found.status == "changed":
+        diffs.append(f"{model.name}: model file changed since its baseline (sha256 "
+                     f"{str(found.doc.get('sha256'))[:12]}… recorded "
+                     f"{found.doc.get('recorded_at')}, now {model.sha256[:12]}…; if the new "
+                     "file is intended, record a new baseline with 'sovctl audit baseline')")
+    recorded = found.doc.get("answers", {})
+    for a in answers:
+        base = recorded.get(a.request)
+        if base is None:
+            diffs.append(f"{model.name}/{a.request}: not in the baseline")
+            continue
+        if a.request == "embeddings":
+            got, want = a.vectors or [], base.get("vectors") or []
+            if len(got) != len(want) or any(len(x) != len(y) for x, y in zip(got, want,
+                                                                              strict=False)):
+                diffs.append(f"{model.name}/embeddings: shape differs "
+                             f"({len(got)}x{len(got[0]) if got else 0} vs baseline "
+                             f"{len(want)}x{len(want[0]) if want else 0})")
+                continue
+            worst = max((abs(x - y) for u, v in zip(got, want, strict=True)
+                         for x, y in zip(u, v, strict=True)), default=0.0)
+            if worst > EMBEDDING_TOLERANCE:
+                diffs.append(f"{model.name}/embeddings: max |Δ| {worst:.3g} > "
+                             f"{EMBEDDING_TOLERANCE:g}")
+        elif a.text != base.get("text"):
+            diffs.append(f"{model.name}/{a.request}: text differs: baseline "
+                         f"{_short(base.get('text'))}, now {_short(a.text)}")
+    return diffs
+
+
+def max_embedding_diff(found: Found, answers: Sequence[Answer]) -> float | None:
+    if found.doc is None:
+        return None
+    worst: float | None = None
+    for a in answers:
+        base = (found.doc.get("answers") or {}).get(a.request) or {}
+        if a.request == "embeddings" and a.vectors and base.get("vectors"):
+            try:
+                d = max(abs(x - y) for u, v in zip(a.vectors, base["vectors"], strict=True)
+                        for x, y in zip(u, v, strict=True))
+            except ValueError:
+                continue
+            worst = d if worst is None else max(worst, d)
+    return worst

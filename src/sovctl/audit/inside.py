@@ -1,0 +1,115 @@
+"""The part of the blackout that runs inside the network namespace.
+
+`python -m sovctl.audit.inside JOB.json` enters a fresh network namespace first thing (while
+the process is still single-threaded), brings loopback up, then starts the stack the way
+`serve --detach` does, runs checks 1 and 3 to 7 against it, stops it, and writes its findings to
+the result file named in the job. Every process it starts inherits the namespace.
+
+Exit codes: 0 findings written (passing or not), 8 the namespace was refused (the refusal is in
+the result file), anything else a crash (see the log the outer process keeps).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sovctl.audit import isolation
+from sovctl.errors import ExitCode, IsolationError
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    from sovctl.fsutil import atomic_write
+
+    atomic_write(path, json.dumps(doc, indent=2).encode())
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops the stack
+
+
+def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
+    from sovctl import config
+    from sovctl.audit import baseline, checks, stack
+    from sovctl.errors import SovctlError
+    from sovctl.home import Home
+    from sovctl.runtime import control, egress
+
+    home = Home(Path(job["home"]))
+    run_home = stack.audit_home(home, "blackout")
+    cfg = config.load(home, flags=job.get("flags") or {})
+    configured, plan = stack.plans(home, run_home, cfg, job["chat"], job["embedding"],
+                                   egress_probe=job.get("egress_probe"))
+    results = [checks.isolation(mode, job["outer_netns"])]
+    live_env: dict[str, dict[str, str] | None] | None = None
+    timings: dict[str, float] = {}
+    if not job["weights_ok"]:
+        why = "the weights failed check 2, and serve refuses to start such a stack"
+        results += [checks.not_run(3, why), checks.not_run(4, why), checks.not_run(5, why),
+                    checks.not_run(6, why)]
+    else:
+        base = stack.client_base(plan)
+        headers = stack.auth_headers(home, plan)
+        t0 = time.perf_counter()
+        start_error: str | None = None
+        try:
+            stack.start(run_home, plan)
+        except SovctlError as e:
+            start_error = e.message + (f" ({e.hint})" if e.hint else "")
+        started_in = time.perf_counter() - t0
+        timings["start"] = round(started_in, 3)
+        try:
+            results.append(checks.stack_starts(base, headers, started_in, start_error))
+            if start_error is None:
+                exchange = baseline.exercise(base, plan.models, headers)
+                timings["requests"] = round(exchange.seconds, 3)
+                results.append(checks.service(plan.models, exchange))
+                results.append(checks.behaviour(home, plan.models, exchange,
+                                                job.get("recorded_now") or []))
+                st = control.status(run_home)
+                live_env = {p["name"]: checks.read_environ(int(p["pid"])) if p["pid"] else None
+                            for p in st.processes}
+            else:
+                why = "the stack did not start"
+                results += [checks.not_run(4, why), checks.not_run(5, why)]
+        finally:
+            t1 = time.perf_counter()
+            stack.stop(run_home)
+            timings["stop"] = round(time.perf_counter() - t1, 3)
+        if start_error is None:
+            results.append(checks.no_egress(plan, live_env or {}))
+        else:
+            attempts = len(egress.read_log(Path(plan.egress_log)))
+            results.append(checks.not_run(6, f"the stack did not start ({attempts} egress "
+                                             "attempt(s) recorded meanwhile)"))
+    results.append(checks.configuration(home, configured, plan, live_env))
+    return {
+        "mode": mode,
+        "netns": isolation.current_netns(),
+        "url": plan.url,
+        "checks": [asdict(c) for c in results],
+        "timings": timings,
+    }
+
+
+def main(argv: list[str]) -> int:
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text())
+    out = Path(job["result"])
+    try:
+        mode = isolation.enter()
+    except IsolationError as e:
+        _write(out, {"isolation_error": {"message": e.message, "hint": e.hint}})
+        return int(ExitCode.ISOLATION)
+    signal.signal(signal.SIGTERM, _terminate)
+    _write(out, run(job, mode))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Benchmarks: the model micro-benchmark, telemetry, energy and cost, history, load tests."""

@@ -23,6 +23,7 @@ from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.result import utcnow
 from sovctl.runtime.plan import ServedModel
+from sovctl.sse import sse_data
 
 BASELINE_SCHEMA = "sovctl.audit.baseline/v1"
 EMBEDDING_TOLERANCE = 1e-5
@@ -107,12 +108,7 @@ def _stream(client: Any, url: str, body: dict[str, Any], headers: dict[str, str]
         if r.status_code != 200:
             r.read()
             return r.status_code, "", None, 0, r.text[:300]
-        for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
+        for data in sse_data(r.iter_lines()):
             events += 1
             chunk = json.loads(data)
             if "error" in chunk:

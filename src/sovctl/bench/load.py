@@ -24,6 +24,7 @@ from typing import Any
 from sovctl.bench.stats import Summary, summarise
 from sovctl.errors import NetworkError, NotFoundError, UsageError
 from sovctl.result import utcnow
+from sovctl.sse import sse_data
 
 # Common words that nearly every tokenizer keeps as one token each, after a space.
 _WORDS = ("the", "cat", "sat", "on", "a", "red", "mat", "and", "the", "dog", "ran", "to", "it")
@@ -173,12 +174,7 @@ class _Client:
                 if r.status_code != 200:
                     detail = r.read().decode(errors="replace")[:200]
                     return failed(f"HTTP {r.status_code}: {detail}")
-                for line in r.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
+                for data in sse_data(r.iter_lines()):
                     try:
                         chunk = json.loads(data)
                     except json.JSONDecodeError:

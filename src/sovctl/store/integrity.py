@@ -39,6 +39,16 @@ def _stat_key(path: Path) -> dict[str, int]:
             "ctime_ns": st.st_ctime_ns}
 
 
+def record(home: Home, sha256: str) -> None:
+    """Stamp a blob whose bytes were just hashed in full and matched `sha256`."""
+    atomic_write(_stamp_path(home, sha256),
+                 json.dumps(_stat_key(BlobStore(home).path(sha256))).encode())
+
+
+def forget(home: Home, sha256: str) -> None:
+    _stamp_path(home, sha256).unlink(missing_ok=True)
+
+
 def check(home: Home, name: str, sha256: str, size: int, full: bool = False) -> BlobCheck:
     blob = BlobStore(home).path(sha256)
     if not blob.exists():
@@ -57,5 +67,5 @@ def check(home: Home, name: str, sha256: str, size: int, full: bool = False) -> 
     if digest != sha256:
         stamp.unlink(missing_ok=True)
         return BlobCheck(name, sha256, "mismatch", "rehash", digest)
-    atomic_write(stamp, json.dumps(key).encode())
+    record(home, sha256)
     return BlobCheck(name, sha256, "ok", "rehash")

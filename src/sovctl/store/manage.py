@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from sovctl.home import Home
 from sovctl.result import utcnow
-from sovctl.store import gguf_info
+from sovctl.store import gguf_info, integrity
 from sovctl.store.blobs import BlobStore, Progress, hash_file
 from sovctl.store.gguf_info import GgufFacts
 from sovctl.store.lock import Lock, LockEntry
@@ -53,6 +53,8 @@ def verify(
         cb = progress(f"verify {e.name}", blob.stat().st_size) if progress else None
         digest, size = hash_file(blob, cb)
         status = "ok" if (digest == e.sha256 and size == e.size) else "mismatch"
+        if status == "ok":
+            integrity.record(home, e.sha256)
         items.append(
             VerifyItem(e.name, status, e.sha256, digest, size, time.perf_counter() - start)
         )
@@ -103,5 +105,6 @@ def remove(home: Home, name: str) -> RemoveResult:
         if not others:
             # Under the lock, so that a concurrent pull cannot pin this blob as it goes.
             store.remove(entry.sha256)
+            integrity.forget(home, entry.sha256)
             gguf_info.forget(home, entry.sha256)
     return RemoveResult(name, entry.sha256, not others, others)

@@ -12,7 +12,7 @@ from sovctl.errors import IntegrityError, UsageError
 from sovctl.fsutil import file_lock
 from sovctl.home import Home
 from sovctl.result import utcnow
-from sovctl.store import gguf_info, hub, refs
+from sovctl.store import gguf_info, hub, integrity, refs
 from sovctl.store.blobs import BlobStore, HashingWriter, Progress
 from sovctl.store.lock import Lock, LockEntry
 from sovctl.store.names import check_name, name_from_filename
@@ -225,6 +225,7 @@ def pull(
             partial.unlink(missing_ok=True)
             raise
         store.adopt(partial, digest)
+        integrity.record(home, digest)
         gguf_info.remember(home, digest, facts)
     entry = replace(plan.entry, name=final_name, sha256=digest, size=size)
     _record(home, store, entry)

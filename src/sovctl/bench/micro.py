@@ -20,8 +20,8 @@ import ctypes
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,22 +216,6 @@ class Context:
         return (time.perf_counter_ns() - t0) / 1e9
 
 
-@contextmanager
-def loaded(path: Path, n_gpu_layers: int, repack: bool) -> Iterator[LoadedModel]:
-    model = LoadedModel(path, n_gpu_layers, repack)
-    try:
-        yield model
-    finally:
-        model.close()
-
-
-@contextmanager
-def context(model: LoadedModel, s: MicroSettings, n_ctx: int) -> Iterator[Context]:
-    ctx = Context(model, s, n_ctx)
-    try:
-        yield ctx
-    finally:
-        ctx.close()
 
 
 Measure = Callable[[str], AbstractContextManager[Any]]
@@ -244,7 +228,7 @@ def run_phases(model: LoadedModel, s: MicroSettings,
     pp = tg = None
     if s.n_prompt:
         test = f"pp{s.n_prompt}"
-        with context(model, s, s.n_prompt) as ctx:
+        with closing(Context(model, s, s.n_prompt)) as ctx:
             ctx.clear()
             ctx.prompt(s.n_prompt)
             with measure(test):
@@ -255,7 +239,7 @@ def run_phases(model: LoadedModel, s: MicroSettings,
         pp = Timing(test, s.n_prompt, tuple(secs))
     if s.n_gen:
         test = f"tg{s.n_gen}"
-        with context(model, s, s.n_gen) as ctx:
+        with closing(Context(model, s, s.n_gen)) as ctx:
             ctx.clear()
             ctx.generate(1)
             with measure(test):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,7 +218,7 @@ def run(home: Home, names: list[str], sweep: Sweep, settings: Any,
         for target in targets:
             for ngl in sweep.gpu_layers:
                 say(f"{target.name}: loading (GPU layers {ngl})")
-                with micro.loaded(target.path, ngl, sweep.repack) as model:
+                with closing(micro.LoadedModel(target.path, ngl, sweep.repack)) as model:
                     info = ModelInfo(
                         name=target.name, sha256=target.sha256, file_bytes=target.size,
                         weights_bytes=model.facts.bytes, parameters=model.facts.parameters,

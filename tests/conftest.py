@@ -15,18 +15,19 @@ MODELS = Path(os.environ.get("SOVCTL_TEST_MODELS", ROOT.parent / "shared" / "mod
 CHAT_MODEL = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBED_MODEL = MODELS / "all-MiniLM-L6-v2-f16.gguf"
 TINY_MODEL = MODELS / "stories260K.gguf"
+MMPROJ = MODELS / "mmproj-tiny-random-f16.gguf"
 
 
-def _require_models() -> None:
-    missing = [p for p in (CHAT_MODEL, EMBED_MODEL, TINY_MODEL) if not p.is_file()]
+@pytest.fixture(scope="session")
+def models() -> Path:
+    """The shared test models' folder. A test that needs a model requests this fixture (or
+    `pytestmark = pytest.mark.usefixtures("models")`): when a model is missing it fails, never
+    skips, so CI cannot go green without running it; tests that need no model still run."""
+    missing = [p for p in (CHAT_MODEL, EMBED_MODEL, TINY_MODEL, MMPROJ) if not p.is_file()]
     if missing:
-        # In CI the models must be there: a missing model is a failure, never a skip.
-        raise pytest.UsageError(
-            f"test models missing: {', '.join(map(str, missing))}; set SOVCTL_TEST_MODELS"
-        )
-
-
-_require_models()
+        pytest.fail(f"test models missing: {', '.join(map(str, missing))}; set "
+                    "SOVCTL_TEST_MODELS to the folder that holds them (see README)", pytrace=False)
+    return MODELS
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +57,7 @@ def cli():
 
 
 @pytest.fixture
-def tiny_copy(tmp_path: Path) -> Path:
+def tiny_copy(tmp_path: Path, models: Path) -> Path:
     dest = tmp_path / "stories260K.gguf"
     shutil.copyfile(TINY_MODEL, dest)
     return dest

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import EMBED_MODEL, TINY_MODEL
 from tests.helpers import SOVCTL, pid_alive, run, run_json
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
 
 AUDIT = ("audit", "blackout", "--chat", "tiny", "--embedding", "minilm")
 NAMES = ("isolation", "weights", "stack starts", "service", "behaviour", "no egress",

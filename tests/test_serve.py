@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, TINY_MODEL
 from tests.helpers import pid_alive, processes, run, run_json, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
 
 FAST_SUPERVISION = {
     "SOVCTL_SERVE__HEALTH_INTERVAL": "0.5",
@@ -34,10 +34,14 @@ def free_port() -> int:
     return fp()
 
 
+RUNTIMES = ("llama-server", "llama-cpp-python")
+
+
 class Stack:
     def __init__(self, home: Path, port: int, env: dict[str, str]) -> None:
         self.home, self.port, self.env = home, port, env
         self.base = f"http://127.0.0.1:{port}"
+        self.runtime = env.get("SOVCTL_SERVE__RUNTIME", "llama-server")
 
     def client(self, key: str = "unused") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0,
@@ -70,9 +74,11 @@ def stop_stack(stack: Stack) -> None:
     assert not [p for p in pids if pid_alive(p)], "processes left behind after stop"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    s = start_stack(tmp_path_factory.mktemp("stack"), "--chat", "smol", "--embedding", "minilm")
+@pytest.fixture(scope="module", params=RUNTIMES)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The same stack on each runtime: every test below passes with both."""
+    s = start_stack(tmp_path_factory.mktemp("stack"), "--chat", "smol", "--embedding", "minilm",
+                    env={"SOVCTL_SERVE__RUNTIME": request.param})
     yield s
     stop_stack(s)
 
@@ -138,22 +144,65 @@ def test_bad_requests_get_openai_errors_and_service_continues(stack: Stack) -> N
     assert stack.client().embeddings.create(model="minilm", input="still here").data
 
 
-def test_concurrent_streams_all_complete(stack: Stack) -> None:
-    """llama-cpp-python alone cuts concurrent streams short; through sovctl none is lost."""
+@pytest.mark.parametrize("clients", [4, 8])
+def test_concurrent_streams_all_complete(stack: Stack, clients: int) -> None:
+    """Every stream completes (llama-cpp-python alone cuts concurrent streams short). On
+    llama-server the first four are served side by side: each has its first token before any
+    of them ends, so none waits for another's whole answer."""
     c = stack.client()
 
-    def one(i: int) -> tuple[str, str]:
-        chunks = list(c.chat.completions.create(
-            model="smol", temperature=0, max_tokens=24, stream=True,
-            messages=[{"role": "user", "content": f"List {i + 3} colours."}]))
+    def one(i: int) -> tuple[str, str | None, float, float]:
+        first = 0.0
+        chunks = []
+        for ch in c.chat.completions.create(
+                model="smol", temperature=0, max_tokens=32, stream=True,
+                messages=[{"role": "user", "content": f"List {i + 3} colours."}]):
+            if not first and ch.choices and ch.choices[0].delta.content:
+                first = time.monotonic()
+            chunks.append(ch)
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-        return text, chunks[-1].choices[0].finish_reason
+        finish = next((ch.choices[0].finish_reason for ch in reversed(chunks)
+                       if ch.choices and ch.choices[0].finish_reason), None)
+        return text, finish, first, time.monotonic()
 
-    with cf.ThreadPoolExecutor(4) as ex:
-        results = list(ex.map(one, range(4)))
-    for text, finish in results:
+    with cf.ThreadPoolExecutor(clients) as ex:
+        results = list(ex.map(one, range(clients)))
+    for text, finish, _, _ in results:
         assert text.strip(), "a stream ended empty"
         assert finish in ("stop", "length")
+    if stack.runtime == "llama-server":
+        firsts = sorted(r[2] for r in results)
+        ends = sorted(r[3] for r in results)
+        assert firsts[3] < ends[0], "the first four streams were not served side by side"
+
+
+def test_runtime_port_refuses_a_client_without_the_internal_key(stack: Stack) -> None:
+    """The gateway is the only way in: its key, limits and policy cannot be skipped by
+    calling a runtime's loopback port."""
+    smol = stack.procs()["smol"]
+    body = {"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    url = f"http://127.0.0.1:{smol['port']}/v1/chat/completions"
+    assert httpx.post(url, json=body, timeout=30).status_code == 401
+    assert httpx.post(url, json=body, timeout=30,
+                      headers={"Authorization": "Bearer guess"}).status_code == 401
+    key_file = stack.home / "run" / "keys" / "smol.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    # Never on a command line, which every local user can read.
+    key = key_file.read_text().strip()
+    cmdline = Path(f"/proc/{smol['pid']}/cmdline").read_bytes().decode()
+    assert key not in cmdline and key not in (stack.home / "run" / "plan.json").read_text()
+    assert stack.client().chat.completions.create(model="smol", max_tokens=2, messages=[
+        {"role": "user", "content": "hi"}]).choices
+
+
+def test_malformed_request_never_reaches_the_runtime(stack: Stack) -> None:
+    r = httpx.post(stack.base + "/v1/chat/completions", timeout=30,
+                   json={"model": "smol", "messages": "hi"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "messages"
+    assert "Traceback" not in r.text and "/" not in err["message"]
 
 
 def test_embeddings_not_blocked_by_long_chat(stack: Stack) -> None:
@@ -275,12 +324,19 @@ def test_supervisor_killed_leaves_no_children(tmp_path: Path) -> None:
 
 
 def test_non_loopback_bind_requires_api_key(tmp_path: Path) -> None:
-    s = start_stack(tmp_path / "home", "--chat", "tiny", "--host", "0.0.0.0",
-                    models=((TINY_MODEL, "tiny"),))
+    home = tmp_path / "home"
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    port = free_port()
+    first = run(home, "serve", "--chat", "tiny", "--host", "0.0.0.0", "--port", str(port), "-d",
+                env=FAST_SUPERVISION)
+    assert first.returncode == 0, first.stderr
+    s = Stack(home, port, FAST_SUPERVISION)
     try:
+        key_line = next(line for line in first.stdout.splitlines() if "shown once" in line)
         key_file = s.home / "secrets" / "api_key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         key = key_file.read_text().strip()
+        assert key_line.endswith(key)
         r = httpx.get(s.base + "/v1/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = httpx.get(s.base + "/v1/models", headers={"Authorization": "Bearer wrong"})
@@ -289,7 +345,7 @@ def test_non_loopback_bind_requires_api_key(tmp_path: Path) -> None:
         # Runtimes never listen beyond loopback.
         for p in s.procs().values():
             if p["kind"] == "runtime":
-                assert httpx.get(f"http://127.0.0.1:{p['port']}/docs").status_code == 200
+                assert httpx.get(f"http://127.0.0.1:{p['port']}/health").status_code == 200
         routes = json.loads((s.home / "run" / "routes.json").read_text())
         assert all(r["upstream"].startswith("http://127.0.0.1:") for r in routes["routes"])
     finally:
@@ -318,12 +374,42 @@ def test_dry_run_prints_argv_and_starts_nothing(tmp_path: Path) -> None:
     procs = {p["name"]: p for p in doc["data"]["processes"]}
     assert set(procs) == {"tiny", "gateway"}
     args = procs["tiny"]["argv"]
-    assert "llama_cpp.server" in args and args[args.index("--host") + 1] == "127.0.0.1"
-    assert args[args.index("--interrupt_requests") + 1] == "False"
+    assert procs["tiny"]["runtime"] == "llama-server"
+    assert args[4] == "--exec" and Path(args[5]).name == "llama-server"
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    # Four slots, each with the context one request may use; the key only as a file's path.
+    assert args[args.index("--parallel") + 1] == "4"
+    assert args[args.index("--ctx-size") + 1] == str(4 * 2048)
+    key_file = args[args.index("--api-key-file") + 1]
+    assert key_file == str(home / "run" / "keys" / "tiny.key") and not Path(key_file).exists()
     assert procs["tiny"]["env"]["HF_HUB_OFFLINE"] == "1"
     assert not (home / "run" / "state.json").exists()
     text = run(home, "serve", "--chat", "tiny", "--dry-run")
-    assert "llama_cpp.server" in text.stdout
+    assert "llama-server" in text.stdout
+    fallback = run_json(home, "serve", "--chat", "tiny", "--dry-run",
+                        env={"SOVCTL_SERVE__RUNTIME": "llama-cpp-python"})
+    args = fallback["data"]["processes"][0]["argv"]
+    assert "llama_cpp.server" in args and args[args.index("--interrupt_requests") + 1] == "False"
+    assert fallback["data"]["processes"][0]["env"]["SOVCTL_RUNTIME_KEY_FILE"] == key_file
+
+
+def test_llama_server_setting_and_fallback(tmp_path: Path) -> None:
+    from sovctl.errors import ConfigError
+    from sovctl.runtime.plan import _choose_runtime
+
+    home = tmp_path / "home"
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    r = run(home, "serve", "--chat", "tiny", "--dry-run",
+            env={"SOVCTL_SERVE__LLAMA_SERVER": str(tmp_path / "no-llama-server")})
+    assert r.returncode == 3 and "not an executable file" in r.stderr
+    assert "scripts/setup" in r.stderr
+    # Where no binary is found at all: auto falls back and says how to get batching; an
+    # explicit llama-server is an error, never a silent fallback.
+    runtime, note = _choose_runtime("tiny", "auto", None)
+    assert runtime == "llama-cpp-python" and note and "scripts/setup" in note
+    with pytest.raises(ConfigError, match="no llama-server binary was found"):
+        _choose_runtime("tiny", "llama-server", None)
+    assert _choose_runtime("tiny", "auto", tmp_path) == ("llama-server", None)
 
 
 def test_serve_errors(tmp_path: Path) -> None:
@@ -392,16 +478,21 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_runtime_that_cannot_start_fails_the_detached_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_runtime_that_cannot_start_fails_the_detached_start(tmp_path: Path, runtime: str
+                                                            ) -> None:
     home = tmp_path / "home"
     run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
     (home / "sovctl.toml").write_text(
         '[serve]\nmax_restarts = 1\n\n[models.tiny]\nrole = "chat"\n'
         'extra_args = ["--no_such_flag", "1"]\n')
-    result = run(home, "serve", "--port", str(free_port()), "-d", env=FAST_SUPERVISION)
+    result = run(home, "serve", "--port", str(free_port()), "-d",
+                 env={**FAST_SUPERVISION, "SOVCTL_SERVE__RUNTIME": runtime})
     assert result.returncode == 7, result.stderr
     assert "tiny failed to start" in result.stderr
-    assert "unrecognized arguments: --no_such_flag" in run(home, "logs", "tiny").stdout
+    said = {"llama-server": "invalid argument: --no-such-flag",
+            "llama-cpp-python": "unrecognized arguments: --no_such_flag"}[runtime]
+    assert said in run(home, "logs", "tiny").stdout
     state = json.loads((home / "run" / "state.json").read_text())
     assert state["final"] is True
     assert not any(pid_alive(p) for p in [state["supervisor_pid"]])

@@ -11,6 +11,8 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "serve": {
         "host": "127.0.0.1",
         "port": 8088,
-        "n_ctx": 2048,  # context size of a served model unless its [models.NAME] says
+        # "llama-server" (llama.cpp's own server: batching over parallel slots),
+        # "llama-cpp-python" (one request at a time), or "auto": llama-server where installed
+        "runtime": "auto",
+        "llama_server": "",  # path of the llama-server binary; "" = the one setup built
+        "parallel": 4,  # requests a llama-server runtime serves at once (its -np slots)
+        "n_threads": 0,  # threads per runtime; 0 = the machine's physical cores
+        "n_ctx": 2048,  # context one request may use, unless its [models.NAME] says
         "n_gpu_layers": 0,  # layers offloaded to the GPU unless [models.NAME] says (-1: all)
         "queue_limit": 16,  # requests waiting per runtime before the gateway answers 429
         "queue_timeout": 120.0,  # seconds a request may wait for its runtime before 503
@@ -60,6 +68,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 MODEL_KEYS: dict[str, Any] = {
     "model": str,  # store name; defaults to the section's name
     "role": str,  # "chat" | "embedding" | "completion"
+    "runtime": str,  # "llama-server" | "llama-cpp-python" | "auto"
+    "parallel": int,
     "n_ctx": int,
     "n_gpu_layers": int,
     "n_threads": int,
@@ -70,7 +80,6 @@ MODEL_KEYS: dict[str, Any] = {
 }
 
 ENV_PREFIX = "SOVCTL_"
-RESERVED_ENV = {"SOVCTL_HOME", "SOVCTL_DEBUG", "SOVCTL_PROFILE", "SOVCTL_MODELS"}
 
 # Environment variables other tools already use for a setting. They belong to the environment
 # layer but rank below the setting's own SOVCTL_* variable.
@@ -80,13 +89,24 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
 
 
 def _profile_dirs(home: Home, env: Mapping[str, str]) -> list[Path]:
+    """Where an operator's own profiles live, searched before the shipped ones."""
     dirs = [home.root / "profiles"]
     extra = env.get("SOVCTL_PROFILES_DIR")
     if extra:
         dirs.insert(0, Path(extra))
-    # The profiles shipped with sovctl sit at the project root, beside src/.
-    dirs.append(Path(__file__).resolve().parents[2] / "profiles")
     return dirs
+
+
+def _shipped_profile(name: str) -> Traversable | None:
+    # Package data, read through importlib.resources: a wheel has no source tree.
+    p = resources.files("sovctl") / "profiles" / f"{name}.toml"
+    return p if p.is_file() else None
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.name.removesuffix(".toml")
+                  for p in (resources.files("sovctl") / "profiles").iterdir()
+                  if p.name.endswith(".toml"))
 
 
 def env_name(key: str) -> str:
@@ -110,7 +130,7 @@ class Settings:
         return self.sources[key] in ("env", "flag")
 
 
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
+def _read_toml(path: Path | Traversable, what: str) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -198,7 +218,18 @@ def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
         raise ConfigError(
             f"{origin}: models.{name}.role must be chat, embedding or completion, got {role!r}"
         )
+    _check_runtime(body.get("runtime", "auto"), f"{origin}: models.{name}.runtime")
+    if body.get("parallel", 1) < 1:
+        raise ConfigError(f"{origin}: models.{name}.parallel must be at least 1")
     return dict(body)
+
+
+RUNTIME_CHOICES = ("auto", "llama-server", "llama-cpp-python")
+
+
+def _check_runtime(value: str, what: str) -> None:
+    if value not in RUNTIME_CHOICES:
+        raise ConfigError(f"{what} must be one of {', '.join(RUNTIME_CHOICES)}, got {value!r}")
 
 
 def load(
@@ -224,18 +255,17 @@ def load(
     if profile is not None:
         if not isinstance(profile, str) or not profile.replace("-", "").isalnum():
             raise ConfigError(f"profile name {profile!r} is not valid")
-        for d in _profile_dirs(home, env):
-            p = d / f"{profile}.toml"
-            if p.is_file():
-                _apply_layer(
-                    _read_toml(p, "profile"), str(p), "profile", values, sources, models
-                )
-                break
-        else:
+        found: Path | Traversable | None = next(
+            (d / f"{profile}.toml" for d in _profile_dirs(home, env)
+             if (d / f"{profile}.toml").is_file()), None) or _shipped_profile(profile)
+        if found is None:
             raise ConfigError(
                 f"profile {profile!r} not found",
-                hint=f"profiles are looked up in {', '.join(map(str, _profile_dirs(home, env)))}",
+                hint=f"shipped profiles: {', '.join(shipped_profiles())}; your own go in "
+                f"{', '.join(map(str, _profile_dirs(home, env)))}",
             )
+        _apply_layer(_read_toml(found, "profile"), str(found), "profile", values, sources,
+                     models)
 
     _apply_layer(user, str(home.config_path), "config", values, sources, models)
 
@@ -249,4 +279,7 @@ def load(
         if value is not None:
             values[key] = _coerce(key, value, f"flag for {key}")
             sources[key] = "flag"
+    _check_runtime(values["serve.runtime"], f"serve.runtime (from {sources['serve.runtime']})")
+    if values["serve.parallel"] < 1:
+        raise ConfigError(f"serve.parallel must be at least 1 (from {sources['serve.parallel']})")
     return Settings(values=values, sources=sources, models=models, profile=profile)

@@ -5,7 +5,6 @@ nothing passes by default.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -13,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.runtime import egress
+from sovctl.runtime.documents import RoutesTable
 from sovctl.runtime.plan import OFFLINE_ENV, Plan, ServedModel, routes_table
 
 if TYPE_CHECKING:
@@ -305,7 +306,8 @@ def _last_value(args: Sequence[str], flag: str) -> str | None:
 
 def configuration(home: Home, configured: Plan, run_plan: Plan,
                   live_env: Mapping[str, Mapping[str, str] | None] | None) -> CheckResult:
-    from sovctl.secrets import is_loopback, read_api_key
+    from sovctl.apikey import read_api_key
+    from sovctl.net import is_loopback
 
     t0 = time.perf_counter()
     problems = []
@@ -313,20 +315,18 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
     # Routes: the table the gateway ran with, else the one it would run with.
     routes_file = Path(run_plan.routes_file)
     try:
-        table = json.loads(routes_file.read_text())
+        table = RoutesTable.read(routes_file)
         source = "routes.json"
-    except (OSError, ValueError):
+    except ConfigError:
         table = routes_table(configured, home)
         source = "the planned routing table"
-    routes = table.get("routes", [])
-    not_local = [f"{r.get('model')} ({r.get('kind')})" for r in routes
-                 if r.get("kind") != "local"]
+    routes = table.routes
+    not_local = [f"{r.model} ({r.kind})" for r in routes if r.kind != "local"]
     if not_local:
         problems.append(f"routes not local: {', '.join(not_local)}")
     else:
-        parts.append(f"{source}: every route local ({', '.join(r['model'] for r in routes)})")
-    wide = [r["model"] for r in routes
-            if not str(r.get("upstream", "")).startswith("http://127.0.0.1:")]
+        parts.append(f"{source}: every route local ({', '.join(r.model for r in routes)})")
+    wide = [r.model for r in routes if not r.upstream.startswith("http://127.0.0.1:")]
     runtimes_wide = [p.name for p in configured.processes
                      if p.kind == "runtime" and _last_value(p.argv.args, "--host") != "127.0.0.1"]
     if wide or runtimes_wide:

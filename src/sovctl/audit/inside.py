@@ -72,7 +72,7 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
                 results.append(checks.behaviour(home, plan.models, exchange,
                                                 job.get("recorded_now") or []))
                 st = control.status(run_home)
-                live_env = {p["name"]: checks.read_environ(int(p["pid"])) if p["pid"] else None
+                live_env = {p.name: checks.read_environ(p.pid) if p.pid else None
                             for p in st.processes}
             else:
                 why = "the stack did not start"

@@ -18,6 +18,7 @@ from sovctl import __version__
 from sovctl.audit.checks import CheckResult
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
+from sovctl.hostinfo import cpu_model
 from sovctl.result import jsonable
 
 REPORT_SCHEMA = "sovctl.audit.report/v1"
@@ -76,8 +77,6 @@ def host_fingerprint() -> dict[str, Any]:
     os_name = next((line.split("=", 1)[1].strip().strip('"')
                     for line in _read("/etc/os-release").splitlines()
                     if line.startswith("PRETTY_NAME=")), platform.system())
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-                if line.startswith("model name")), platform.processor())
     mem_kib = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
                     if line.startswith("MemTotal:")), 0)
     machine_id = _read("/etc/machine-id").strip()
@@ -86,7 +85,7 @@ def host_fingerprint() -> dict[str, Any]:
         "os": os_name,
         "kernel": platform.release(),
         "arch": platform.machine(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "memory_bytes": mem_kib * 1024,
         "machine_id_sha256": hashlib.sha256(machine_id.encode()).hexdigest()[:16]

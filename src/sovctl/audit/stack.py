@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sovctl.apikey import ensure_api_key, read_api_key
 from sovctl.config import Settings
 from sovctl.errors import BusyError
 from sovctl.home import Home
+from sovctl.net import is_loopback
 from sovctl.runtime.plan import Plan, build, free_port
-from sovctl.secrets import is_loopback, read_api_key
 
 UNSPECIFIED = ("0.0.0.0", "::")
 
@@ -122,6 +123,8 @@ def start(home: RunHome, plan: Plan) -> Any:
     from sovctl.runtime import control
 
     control.check_weights(home, plan, full=False)
+    if plan.api_key_required:
+        ensure_api_key(home)
     return control.start_detached(home, plan)
 
 

@@ -10,10 +10,10 @@ import json
 import os
 import platform
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from sovctl import __version__
 from sovctl.bench.telemetry import Nvml, NvmlInfo
+from sovctl.hostinfo import cpu_model
 
 
 @dataclass(frozen=True)
@@ -42,20 +42,37 @@ class Fingerprint:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: fall back to what the platform module knows
-    return platform.processor() or platform.machine()
-
-
 def physical_cores() -> int:
     import psutil
 
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+# enum ggml_backend_dev_type in ggml-backend.h
+_GGML_DEVICE_GPU = 1
+_GGML_DEVICE_IGPU = 2
+
+
+def gpu_offload() -> bool:
+    """Whether llama.cpp has a GPU on this host to offload layers to.
+
+    llama_supports_gpu_offload() alone overstates it: a build with the RPC backend answers
+    True on any host, as layers could go to a remote server. bench never adds one, so only a
+    local GPU device counts.
+    """
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import llama_cpp as bindings
+
+    if not llama_cpp.llama_supports_gpu_offload():  # which also loads llama.cpp's backends
+        return False
+    if not llama_cpp.llama_supports_rpc():
+        return True
+    by_type = bindings._lib.ggml_backend_dev_by_type
+    by_type.restype = ctypes.c_void_p
+    by_type.argtypes = [ctypes.c_int]
+    return any(by_type(t) for t in (_GGML_DEVICE_GPU, _GGML_DEVICE_IGPU))
 
 
 def llama_build() -> LlamaBuild:
@@ -63,7 +80,7 @@ def llama_build() -> LlamaBuild:
 
     return LlamaBuild(
         llama_cpp_python=llama_cpp.__version__,
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        gpu_offload=gpu_offload(),
         system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     )
 

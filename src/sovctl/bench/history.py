@@ -126,6 +126,40 @@ class Comparison:
     def slower(self) -> tuple[PhaseChange, ...]:
         return tuple(c for c in self.changes if c.verdict == "slower")
 
+    def rows(self) -> tuple[ChangeRow, ...]:
+        """The comparison flattened for CSV and Markdown: one row per phase compared."""
+        return tuple(
+            ChangeRow(
+                run=self.run, against=self.against, model=x.model, test=x.test,
+                settings=settings_label(x.settings), tokens_per_s=x.mean, sd=x.sd,
+                against_tokens_per_s=x.against_mean, against_sd=x.against_sd,
+                delta_pct=x.delta_pct, threshold=x.threshold, verdict=x.verdict,
+                joules_per_token=x.joules_per_token,
+                against_joules_per_token=x.against_joules_per_token,
+            )
+            for x in self.changes
+        )
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    """One PhaseChange, flat; the field names are the CSV columns."""
+
+    run: str
+    against: str
+    model: str
+    test: str
+    settings: str
+    tokens_per_s: float
+    sd: float
+    against_tokens_per_s: float
+    against_sd: float
+    delta_pct: float
+    threshold: float
+    verdict: str
+    joules_per_token: float | None
+    against_joules_per_token: float | None
+
 
 def _verdict(m: float, sd: float, m0: float, sd0: float) -> tuple[str, float]:
     threshold = max(SPREAD_SIGMAS * (sd + sd0), MIN_RELATIVE_CHANGE * m0)
@@ -156,7 +190,7 @@ def compare(runs: list[dict[str, Any]], ref: str | None = None,
     unmatched: list[str] = []
     for r in run["results"]:
         b = by_key.get(result_key(r))
-        label = f"{r['model']['name']} {_settings_label(r['settings'])}"
+        label = f"{r['model']['name']} {settings_label(r['settings'])}"
         if b is None:
             unmatched.append(label)
             continue
@@ -193,12 +227,10 @@ def compare(runs: list[dict[str, Any]], ref: str | None = None,
     )
 
 
-def _settings_label(s: Mapping[str, Any]) -> str:
+def settings_label(s: Mapping[str, Any]) -> str:
+    """The settings that tell results apart, as one short line: t=4 ngl=0 b=2048 ub=512."""
     return (f"t={s['threads']} ngl={s['n_gpu_layers']} b={s['batch']} ub={s['ubatch']}"
             f"{' fa' if s['flash_attn'] else ''}{'' if s['repack'] else ' no-repack'}")
-
-
-settings_label = _settings_label
 
 
 @dataclass(frozen=True)
@@ -208,6 +240,21 @@ class RunSummary:
     models: tuple[str, ...]
     results: int
     fingerprint: str
+
+    def row(self) -> SummaryRow:
+        return SummaryRow(id=self.id, started_at=self.started_at, models=" ".join(self.models),
+                          results=self.results, environment=self.fingerprint)
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One RunSummary, flat; the field names are the CSV columns."""
+
+    id: str
+    started_at: str
+    models: str  # space-separated
+    results: int
+    environment: str  # the fingerprint digest
 
 
 def summaries(runs: list[dict[str, Any]]) -> list[RunSummary]:

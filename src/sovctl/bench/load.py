@@ -105,6 +105,55 @@ class LoadRun:
     def errors(self) -> int:
         return sum(level.errors for level in self.levels)
 
+    def rows(self) -> tuple[LevelRow, ...]:
+        """The run flattened for CSV and Markdown: one row per concurrency level."""
+        return tuple(LevelRow.of(self.url, self.model, lv) for lv in self.levels)
+
+
+@dataclass(frozen=True)
+class LevelRow:
+    """One concurrency level, flat, latencies in milliseconds; the field names are the CSV
+    columns. A latency is None when no request of the level produced it."""
+
+    url: str
+    model: str
+    concurrency: int
+    requests: int
+    completed: int
+    errors: int
+    wall_s: float
+    requests_per_s: float
+    output_tokens: int
+    output_tokens_per_s: float
+    tokens_counted_from: str
+    ttft_mean_ms: float | None
+    ttft_median_ms: float | None
+    ttft_p95_ms: float | None
+    ttft_p99_ms: float | None
+    itl_mean_ms: float | None
+    itl_median_ms: float | None
+    itl_p95_ms: float | None
+    itl_p99_ms: float | None
+    e2e_mean_ms: float | None
+    e2e_median_ms: float | None
+    e2e_p95_ms: float | None
+    e2e_p99_ms: float | None
+
+    @classmethod
+    def of(cls, url: str, model: str, lv: LevelResult) -> LevelRow:
+        latencies = {
+            f"{metric}_{q}_ms": getattr(summ, q) * 1000 if summ else None
+            for metric, summ in (("ttft", lv.ttft), ("itl", lv.itl), ("e2e", lv.e2e))
+            for q in ("mean", "median", "p95", "p99")
+        }
+        return cls(
+            url=url, model=model, concurrency=lv.concurrency, requests=lv.requests,
+            completed=lv.completed, errors=lv.errors, wall_s=lv.wall_s,
+            requests_per_s=lv.requests_per_s, output_tokens=lv.output_tokens,
+            output_tokens_per_s=lv.output_tokens_per_s,
+            tokens_counted_from=lv.tokens_counted_from, **latencies,
+        )
+
 
 class _Client:
     def __init__(self, s: LoadSettings, api_key: str | None, max_conn: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from sovctl.bench import costs as costs_mod
 from sovctl.bench import fingerprint as fp_mod
 from sovctl.bench import history, micro, roofline, telemetry
+from sovctl.bench.stats import mean
 from sovctl.errors import NotFoundError, UsageError
 from sovctl.home import Home
 from sovctl.result import jsonable, utcnow
@@ -105,6 +106,87 @@ class BenchRun:
     def estimated(self) -> bool:
         return any(p.costs.estimated for r in self.results for p in (r.pp, r.tg) if p)
 
+    def rows(self) -> tuple[PhaseRow, ...]:
+        """The run flattened for CSV and Markdown: one row per model x settings x phase."""
+        return tuple(PhaseRow.of(self.id, r, p) for r in self.results for p in (r.pp, r.tg)
+                     if p is not None)
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    """One phase of one result, flat; the field names are the CSV columns."""
+
+    run_id: str
+    model: str
+    sha256: str
+    weights_bytes: int
+    parameters: int
+    backend: str  # "GPU" | "CPU"
+    threads: int
+    n_gpu_layers: int
+    batch: int
+    ubatch: int
+    flash_attn: bool
+    repack: bool
+    test: str
+    tokens: int
+    reps: int
+    tokens_per_s: float
+    tokens_per_s_sd: float
+    joules_per_token: float
+    tokens_per_joule: float
+    wh_per_mtok: float
+    electricity_per_mtok: float
+    hardware_per_mtok: float
+    local_per_mtok: float
+    cloud_per_mtok: float
+    currency: str
+    energy_estimated: bool
+    energy_method: str
+    energy_scope: str
+    process_cpu_pct: float
+    rss_max_bytes: int
+    gpu_util_mean_pct: float | None  # mean over the GPUs
+    gpu_power_mean_w: float | None  # summed over the GPUs
+    gpu_temp_max_c: float | None  # hottest GPU
+    throttle_reasons: str  # every GPU's, sorted, ";"-separated
+    roofline_fraction: float | None  # tg rows only: the roofline is about generation
+    peak_bandwidth_gbs: float | None
+    peak_bandwidth_source: str | None
+
+    @classmethod
+    def of(cls, run_id: str, r: Result, p: PhaseResult) -> PhaseRow:
+        s, tel, c, gpus = r.settings, p.telemetry, p.costs, p.telemetry.gpus
+        roof = r.roofline if p is r.tg else None
+        return cls(
+            run_id=run_id, model=r.model.name, sha256=r.model.sha256,
+            weights_bytes=r.model.weights_bytes, parameters=r.model.parameters,
+            backend="GPU" if r.on_gpu else "CPU", threads=s.threads,
+            n_gpu_layers=s.n_gpu_layers, batch=s.batch, ubatch=s.ubatch,
+            flash_attn=s.flash_attn, repack=s.repack, test=p.test, tokens=p.tokens,
+            reps=p.reps, tokens_per_s=p.tps_mean, tokens_per_s_sd=p.tps_sd,
+            joules_per_token=c.joules_per_token, tokens_per_joule=c.tokens_per_joule,
+            wh_per_mtok=c.wh_per_mtok, electricity_per_mtok=c.electricity_per_mtok,
+            hardware_per_mtok=c.hardware_per_mtok, local_per_mtok=c.local_per_mtok,
+            cloud_per_mtok=c.cloud_per_mtok, currency=c.currency,
+            energy_estimated=c.estimated, energy_method=tel.energy_method,
+            energy_scope=tel.energy_scope, process_cpu_pct=tel.process_cpu_pct,
+            rss_max_bytes=tel.rss_max_bytes,
+            gpu_util_mean_pct=_known(mean, [g.util_mean_pct for g in gpus]),
+            gpu_power_mean_w=_known(sum, [g.power_mean_w for g in gpus]),
+            gpu_temp_max_c=_known(max, [g.temperature_max_c for g in gpus]),
+            throttle_reasons=";".join(sorted({t for g in gpus for t in g.throttle_reasons})),
+            roofline_fraction=roof.fraction if roof else None,
+            peak_bandwidth_gbs=roof.peak_bytes_per_s / 1e9 if roof else None,
+            peak_bandwidth_source=roof.peak_source if roof else None,
+        )
+
+
+def _known(combine: Callable[[list[float]], float], xs: list[float | None]) -> float | None:
+    """`combine` over the GPUs that reported the figure; None when none did."""
+    known = [x for x in xs if x is not None]
+    return combine(known) if known else None
+
 
 def new_run_id() -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -116,10 +198,8 @@ def default_threads() -> int:
 
 
 def default_gpu_layers() -> int:
-    """All layers where this llama.cpp build can offload, else none (what actually happens)."""
-    import llama_cpp
-
-    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    """All layers where llama.cpp has a GPU to offload to, else none (what actually happens)."""
+    return -1 if fp_mod.gpu_offload() else 0
 
 
 @dataclass(frozen=True)

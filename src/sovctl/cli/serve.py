@@ -10,8 +10,12 @@ import typer
 
 from sovctl.cli import _common
 from sovctl.cli._common import STATE, JsonOpt, begin, emit, settings
+from sovctl.result import jsonable
+from sovctl.runtime.documents import ProcessState, StackState, Status
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from rich.console import Console
 
 ChatOpt = Annotated[list[str] | None, typer.Option(
@@ -51,28 +55,37 @@ def serve(
     json_out: JsonOpt = False,
 ) -> None:
     """Serve the configured models behind one OpenAI-compatible gateway, supervised."""
+    from sovctl.apikey import ensure_api_key
     from sovctl.runtime import control
     from sovctl.runtime.plan import build
-    from sovctl.secrets import ensure_api_key
 
     state = begin(ctx, json_out)
     home = state.home
     cfg = settings({"serve.host": host, "serve.port": port})
     plan = build(home, cfg, chat or [], embedding or [])
     if dry_run:
-        procs = [{"name": p.name, "kind": p.kind, "argv": list(p.argv.args),
-                  "env": dict(p.argv.env), "port": p.port} for p in plan.processes]
+        procs = [{"name": p.name, "kind": p.kind, "runtime": p.runtime,
+                  "argv": list(p.argv.args), "env": dict(p.argv.env), "port": p.port}
+                 for p in plan.processes]
 
         def render_dry(c: Console) -> None:
+            _notes(c, plan.notes)
             for p in plan.processes:
-                c.print(f"[bold]{p.name}[/] ({p.kind}, port {p.port})")
+                what = f"{p.kind}, {p.runtime}" if p.runtime else p.kind
+                c.print(f"[bold]{p.name}[/] ({what}, port {p.port})")
                 c.print("  " + str(p.argv), highlight=False, soft_wrap=True)
+            if plan.api_key_required:
+                c.print(f"the gateway would require the API key ({home.secrets / 'api_key'})")
 
-        emit({"url": plan.url, "processes": procs}, render_dry)
+        emit({"url": plan.url, "processes": procs, "notes": plan.notes,
+              "api_key_required": plan.api_key_required}, render_dry)
         return
     checks = control.check_weights(home, plan, full=verify)
     key_note = ""
+    new_key: str | None = None  # in the JSON document too: it is shown once, either way
     if plan.api_key_required:
+        # Created here, once, after every check that could refuse the start: a dry run or a
+        # refused start leaves no secret behind.
         key, created = ensure_api_key(home)
         key_note = (f"API key (shown once; read it again with: cat {home.secrets / 'api_key'}): "
                     f"{key}" if created else f"API key required: cat {home.secrets / 'api_key'}")
@@ -80,6 +93,7 @@ def serve(
         st = control.start_detached(home, plan)
 
         def render_detached(c: Console) -> None:
+            _notes(c, plan.notes)
             c.print(f"stack up at [bold]{st.url}[/] (supervisor pid {st.supervisor_pid})")
             _status_table(c, st.processes)
             if key_note:
@@ -87,22 +101,23 @@ def serve(
             c.print("stop it with: sovctl stop")
 
         emit({"url": st.url, "supervisor_pid": st.supervisor_pid,
-              "processes": st.processes, "weights": checks}, render_detached)
+              "processes": _processes_json(st.processes), "weights": checks,
+              "notes": plan.notes, "api_key_created": new_key}, render_detached)
         return
 
-    seen: dict[str, str] = {}
+    seen: dict[str, Status] = {}
 
-    def on_change(st: dict[str, Any]) -> None:
+    def on_change(st: StackState) -> None:
         if STATE.json:
             return
-        for p in st["processes"]:
-            if seen.get(p["name"]) != p["status"]:
-                seen[p["name"]] = p["status"]
-                _common.console.print(f"{time.strftime('%H:%M:%S')} {p['name']}: {p['status']}"
-                              + (f" ({p['last_exit']})" if p["last_exit"] and
-                                 p["status"] != "up" else ""))
+        for p in st.processes:
+            if seen.get(p.name) != p.status:
+                seen[p.name] = p.status
+                why = f" ({p.last_exit})" if p.last_exit and p.status != Status.UP else ""
+                _common.console.print(f"{time.strftime('%H:%M:%S')} {p.name}: {p.status}{why}")
 
     if not STATE.json:
+        _notes(_common.err_console, plan.notes)
         names = ", ".join(m.name for m in plan.models)
         _common.console.print(f"serving {names} at [bold]{plan.url}[/] (Ctrl-C stops)")
         if key_note:
@@ -111,19 +126,31 @@ def serve(
     emit({"url": plan.url, "stopped": True}, lambda c: c.print("stopped"))
 
 
-def _status_table(c: Console, processes: Any) -> None:
+def _notes(c: Console, notes: Sequence[str]) -> None:
+    for n in notes:
+        c.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+def _status_table(c: Console, processes: Sequence[ProcessState]) -> None:
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False)
-    for col in ("PROCESS", "ROLE", "MODEL", "PID", "PORT", "UPTIME", "RESTARTS", "HEALTH"):
+    for col in ("PROCESS", "ROLE", "MODEL", "RUNTIME", "PID", "PORT", "UPTIME", "RESTARTS",
+                "HEALTH"):
         t.add_column(col)
-    colours = {"up": "green", "failed": "red", "stopped": "dim"}
+    colours = {Status.UP: "green", Status.FAILED: "red", Status.STOPPED: "dim"}
+    now = time.time()
     for p in processes:
-        colour = colours.get(p["status"], "yellow")
-        t.add_row(p["name"], p["role"] or p["kind"], p["model"] or "-", str(p["pid"] or "-"),
-                  str(p["port"]), f"{p['uptime']:.0f}s", str(p["restarts"]),
-                  f"[{colour}]{p['status']}[/]")
+        colour = colours.get(p.status, "yellow")
+        t.add_row(p.name, p.role or p.kind, p.model or "-", p.runtime or "-",
+                  str(p.pid or "-"), str(p.port), f"{p.uptime(now):.0f}s", str(p.restarts),
+                  f"[{colour}]{p.status}[/]")
     c.print(t)
+
+
+def _processes_json(processes: Sequence[ProcessState]) -> list[dict[str, Any]]:
+    now = time.time()
+    return [{**jsonable(p), "uptime": round(p.uptime(now), 1)} for p in processes]
 
 
 def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
@@ -142,7 +169,7 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         if st.processes:
             _status_table(c, st.processes)
 
-    emit(st, render)
+    emit({**jsonable(st), "processes": _processes_json(st.processes)}, render)
 
 
 def stop(

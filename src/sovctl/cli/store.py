@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sovctl.cli._common import JsonOpt, begin, emit, human_bytes, settings
+from sovctl.cli._common import JsonOpt, begin, emit, human_bytes, human_params, settings
 from sovctl.cli._progress import bars
 from sovctl.errors import CheckFailed, RuntimeStartError
 
@@ -136,7 +136,7 @@ def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
             rev = f"{e.revision}@{e.commit[:7]}" if e.commit else e.source
             t.add_row(
                 e.name, human_bytes(e.size), e.short_sha + ("" if r.present else " MISSING"), rev,
-                f.architecture if f else "?", _params(f.parameters) if f else "?",
+                f.architecture if f else "?", human_params(f.parameters) if f else "?",
                 f.quantization if f else "?", str(f.context_length or "?") if f else "?",
                 ("yes" if f.chat_template else "no") if f else "?",
                 ("yes" if f.embedding else "no") if f else "?",
@@ -149,13 +149,6 @@ def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         c.print(t)
 
     emit(rows, render)
-
-
-def _params(n: int) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
 
 
 def rm(
@@ -188,7 +181,8 @@ def mirror_serve(
     json_out: JsonOpt = False,
 ) -> None:
     """Serve the store read-only as a Hugging Face compatible endpoint (Ctrl-C stops)."""
-    from sovctl.secrets import ensure_api_key, is_loopback
+    from sovctl.apikey import ensure_api_key
+    from sovctl.net import is_loopback
     from sovctl.store.mirror import Catalog, make_server
 
     state = begin(ctx, json_out)

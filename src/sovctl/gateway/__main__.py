@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import uvicorn
 
-from sovctl.gateway.app import create_app, load_table
+from sovctl.gateway.app import create_app
+from sovctl.runtime.documents import RoutesTable
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="sovctl.gateway")
     parser.add_argument("--routes", required=True, help="the routing table written by serve")
     args = parser.parse_args()
-    table = load_table(args.routes)
+    table = RoutesTable.read(Path(args.routes))
     app = create_app(table)
-    uvicorn.run(app, host=table["listen"]["host"], port=int(table["listen"]["port"]),
+    uvicorn.run(app, host=table.host, port=table.port,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
 

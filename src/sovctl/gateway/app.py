@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 import hmac
 import json
-import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
+from sovctl.errors import ConfigError
+from sovctl.gateway import validate
 from sovctl.gateway.metrics import Metrics
+from sovctl.runtime.documents import ProcessState, Route, RoutesTable, StackState
 
 # Which model roles may answer which endpoint; the first role listed is the default when a
 # request names no model.
@@ -31,20 +33,58 @@ ENDPOINT_ROLES = {
 
 
 def error(status: int, message: str, etype: str, code: str | None = None,
-          headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+          headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-@dataclass
+# What an error message must not carry to a client: a traceback, a source location, a path.
+LEAK = re.compile(r"""Traceback|File "|\.py\b|(?<![\w.:/])/[^\s/]+/|[A-Za-z]:\\""")
+MAX_UPSTREAM_MESSAGE = 500
+IDENTIFIER = re.compile(r"[\w.\[\]-]{1,100}")
+
+
+def upstream_error(process: str, status: int, content: bytes) -> JSONResponse:
+    """A runtime's error answer, retold in the OpenAI format with nothing internal in it.
+
+    The runtime's own message is kept when it is short and clean (a context length exceeded,
+    say); anything else, a crash's traceback above all, is replaced by a pointer to the
+    runtime's log, where the runtime writes its tracebacks.
+    """
+    detail: dict[str, Any] = {}
+    with contextlib.suppress(ValueError):
+        doc = json.loads(content)
+        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+            detail = doc["error"]
+    message = detail.get("message")
+    if not (isinstance(message, str) and 0 < len(message) <= MAX_UPSTREAM_MESSAGE
+            and "\n" not in message and not LEAK.search(message)):
+        what = "failed on" if status >= 500 else "rejected"
+        message = f"the runtime {what} the request (HTTP {status}); see 'sovctl logs {process}'"
+    code, param = detail.get("code"), detail.get("param")
+    return error(status, message, "server_error" if status >= 500 else "invalid_request_error",
+                 code if isinstance(code, str) and IDENTIFIER.fullmatch(code) else None,
+                 param=param if isinstance(param, str) and IDENTIFIER.fullmatch(param) else None)
+
+
 class RouteState:
-    model: str
-    role: str
-    kind: str
-    process: str
-    upstream: str
-    slot: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
-    waiting: int = 0
+    """A route and its admission control: as many requests in flight as the runtime has
+    slots, the rest waiting in a bounded queue."""
+
+    def __init__(self, route: Route) -> None:
+        self.model = route.model
+        self.role = route.role
+        self.kind = route.kind
+        self.process = route.process
+        self.upstream = route.upstream
+        self.runtime = route.runtime
+        self.slots = route.parallel
+        self.slot = asyncio.Semaphore(route.parallel)
+        self.waiting = 0
+        self.headers = {"content-type": "application/json"}
+        if route.key_file:
+            key = Path(route.key_file).read_text().strip()
+            self.headers["authorization"] = f"Bearer {key}"
 
 
 class RuntimeStatus:
@@ -53,36 +93,35 @@ class RuntimeStatus:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._at = 0.0
-        self._procs: dict[str, dict[str, Any]] = {}
+        self._procs: dict[str, ProcessState] = {}
 
-    def processes(self) -> dict[str, dict[str, Any]]:
+    def processes(self) -> dict[str, ProcessState]:
         now = time.monotonic()
         if now - self._at > 0.2:
             self._at = now
             try:
-                state = json.loads(self.path.read_text())
-                self._procs = {p["name"]: p for p in state.get("processes", [])}
-            except (FileNotFoundError, json.JSONDecodeError):
-                self._procs = {}
+                state = StackState.read(self.path)
+            except ConfigError:
+                state = None
+            self._procs = {p.name: p for p in state.processes} if state else {}
         return self._procs
 
     def status(self, process: str) -> str:
-        return str(self.processes().get(process, {}).get("status", "unknown"))
+        p = self.processes().get(process)
+        return str(p.status) if p else "unknown"
 
 
 class Gateway:
-    def __init__(self, table: dict[str, Any]) -> None:
+    def __init__(self, table: RoutesTable) -> None:
         self.table = table
-        self.routes = {r["model"]: RouteState(r["model"], r["role"], r["kind"], r["process"],
-                                              r["upstream"]) for r in table["routes"]}
-        limits = table["limits"]
-        self.queue_limit = int(limits["queue_limit"])
-        self.queue_timeout = float(limits["queue_timeout"])
-        self.max_body = int(limits["max_body_bytes"])
+        self.routes = {r.model: RouteState(r) for r in table.routes}
+        self.queue_limit = table.limits.queue_limit
+        self.queue_timeout = table.limits.queue_timeout
+        self.max_body = table.limits.max_body_bytes
         self.key: str | None = None
-        if table["auth"]["required"]:
-            self.key = Path(table["auth"]["key_file"]).read_text().strip()
-        self.status = RuntimeStatus(Path(table["state_file"]))
+        if table.auth_required:
+            self.key = Path(table.key_file).read_text().strip()
+        self.status = RuntimeStatus(Path(table.state_file))
         self.metrics = Metrics()
         self.client: httpx.AsyncClient | None = None
 
@@ -149,7 +188,8 @@ class Gateway:
         if not self._authorised(request):
             return self._unauthorised()
         data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "sovctl",
-                 "role": r.role, "route": r.kind, "status": self.status.status(r.process)}
+                 "role": r.role, "route": r.kind, "runtime": r.runtime,
+                 "parallel": r.slots, "status": self.status.status(r.process)}
                 for r in self.routes.values()]
         return JSONResponse({"object": "list", "data": data})
 
@@ -188,6 +228,10 @@ class Gateway:
         route = self._pick(endpoint, payload.get("model"))
         if isinstance(route, Response):
             return route
+        invalid = validate.check(endpoint, payload)
+        if invalid is not None:
+            return error(400, invalid.message, "invalid_request_error", invalid.code,
+                         param=invalid.param)
         request.state.model = route.model
         if "model" not in payload:
             payload["model"] = route.model
@@ -226,18 +270,19 @@ class Gateway:
         assert self.client is not None
         try:
             up = await self.client.post(route.upstream + endpoint, content=body,
-                                        headers={"content-type": "application/json"})
+                                        headers=route.headers)
         except httpx.TransportError as e:
             return error(503, f"runtime for {route.model!r} did not answer: "
                          f"{type(e).__name__}", "service_unavailable", "runtime_unavailable",
                          headers={"Retry-After": "2"})
-        if up.status_code == 200:
-            try:
-                usage = up.json().get("usage") or {}
-                self.metrics.count_tokens(route.model, int(usage.get("prompt_tokens", 0)),
-                                          int(usage.get("completion_tokens", 0)))
-            except (ValueError, AttributeError):
-                pass
+        if not up.is_success:
+            return upstream_error(route.process, up.status_code, up.content)
+        try:
+            usage = up.json().get("usage") or {}
+            self.metrics.count_tokens(route.model, int(usage.get("prompt_tokens", 0)),
+                                      int(usage.get("completion_tokens", 0)))
+        except (ValueError, AttributeError):
+            pass
         return Response(up.content, status_code=up.status_code,
                         media_type=up.headers.get("content-type", "application/json"))
 
@@ -245,18 +290,17 @@ class Gateway:
                       started: float) -> Response:
         assert self.client is not None
         req = self.client.build_request("POST", route.upstream + endpoint, content=body,
-                                        headers={"content-type": "application/json"})
+                                        headers=route.headers)
         try:
             up = await self.client.send(req, stream=True)
         except httpx.TransportError as e:
             return error(503, f"runtime for {route.model!r} did not answer: "
                          f"{type(e).__name__}", "service_unavailable", "runtime_unavailable",
                          headers={"Retry-After": "2"})
-        if up.status_code != 200:
+        if not up.is_success:
             content = await up.aread()
             await up.aclose()
-            return Response(content, status_code=up.status_code,
-                            media_type=up.headers.get("content-type", "application/json"))
+            return upstream_error(route.process, up.status_code, content)
         lease.handed_over = True
 
         async def close() -> None:
@@ -321,7 +365,7 @@ class _ClosingStream(StreamingResponse):
             await self.on_close()
 
 
-def create_app(table: dict[str, Any]) -> Starlette:
+def create_app(table: RoutesTable) -> Starlette:
     gw = Gateway(table)
 
     @contextlib.asynccontextmanager
@@ -352,6 +396,3 @@ def create_app(table: dict[str, Any]) -> Starlette:
     app.state.gateway = gw
     return app
 
-
-def load_table(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

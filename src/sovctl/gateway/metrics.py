@@ -7,6 +7,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from sovctl.runtime.documents import ProcessState, Status
+
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -43,7 +45,7 @@ class Metrics:
         self.tokens[(model, "in")] += prompt
         self.tokens[(model, "out")] += completion
 
-    def render(self, runtimes: list[dict[str, Any]], waiting: dict[str, int]) -> str:
+    def render(self, runtimes: list[ProcessState], waiting: dict[str, int]) -> str:
         out = [
             "# HELP sovctl_requests_total Requests answered by the gateway.",
             "# TYPE sovctl_requests_total counter",
@@ -66,13 +68,13 @@ class Metrics:
         out += ["# HELP sovctl_runtime_restarts_total Restarts of each supervised process.",
                 "# TYPE sovctl_runtime_restarts_total counter"]
         for r in runtimes:
-            out.append(f"sovctl_runtime_restarts_total{_labels([('process', r['name'])])} "
-                       f"{r.get('restarts', 0)}")
+            out.append(f"sovctl_runtime_restarts_total{_labels([('process', r.name)])} "
+                       f"{r.restarts}")
         out += ["# HELP sovctl_runtime_up 1 when the process answers its health check.",
                 "# TYPE sovctl_runtime_up gauge"]
         for r in runtimes:
-            up = 1 if r.get("status") == "up" else 0
-            out.append(f"sovctl_runtime_up{_labels([('process', r['name'])])} {up}")
+            up = 1 if r.status == Status.UP else 0
+            out.append(f"sovctl_runtime_up{_labels([('process', r.name)])} {up}")
         out += ["# HELP sovctl_queue_waiting Requests waiting for their runtime.",
                 "# TYPE sovctl_queue_waiting gauge"]
         for model, n in sorted(waiting.items()):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import signal
 import sys
@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sovctl.errors import BusyError, IntegrityError, NotFoundError, RuntimeStartError
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.runtime import plan as planning
+from sovctl.runtime.documents import Event, ProcessState, StackState, Status
 from sovctl.runtime.plan import Plan
+from sovctl.runtime.ports import ensure_free
 from sovctl.runtime.procs import Argv, alive, group_alive, spawn, stop_group
 from sovctl.runtime.supervisor import acquire_instance_lock, instance_running, run_plan
 from sovctl.store.integrity import BlobCheck, check
@@ -41,12 +42,16 @@ def _prepare(home: Home, plan: Plan) -> None:
     if instance_running(home.run):
         raise BusyError("a sovctl stack is already running from this home",
                         hint="see 'sovctl status', or stop it with 'sovctl stop'")
+    for p in plan.processes:
+        host = plan.host if p.kind == "gateway" else "127.0.0.1"
+        ensure_free(host, p.port, "the gateway" if p.kind == "gateway" else f"runtime {p.name}")
     for stale in (plan.state_file, plan.egress_log):
         Path(stale).unlink(missing_ok=True)
+    planning.write_runtime_keys(plan)
     planning.write_routes(plan, home)
 
 
-def run_foreground(home: Home, plan: Plan, on_change: Callable[[dict[str, Any]], None]) -> None:
+def run_foreground(home: Home, plan: Plan, on_change: Callable[[StackState], None]) -> None:
     _prepare(home, plan)
     fd = acquire_instance_lock(home.run)
     try:
@@ -70,9 +75,9 @@ def start_detached(home: Home, plan: Plan) -> StackStatus:
                 hint=f"see {home.logs / 'supervisor.out'}",
             )
         st = status(home)
-        if st.running and st.processes and all(p["status"] == "up" for p in st.processes):
+        if st.running and st.processes and all(p.status == Status.UP for p in st.processes):
             return st
-        failed = [p["name"] for p in st.processes if p["status"] == "failed"]
+        failed = [p.name for p in st.processes if p.status == Status.FAILED]
         if failed:
             stop(home)
             raise RuntimeStartError(
@@ -91,15 +96,12 @@ class StackStatus:
     supervisor_pid: int | None
     url: str | None
     api_key_required: bool
-    processes: tuple[dict[str, Any], ...]
-    events: tuple[dict[str, Any], ...]
+    processes: tuple[ProcessState, ...]
+    events: tuple[Event, ...]
 
 
-def _read_state(home: Home) -> dict[str, Any] | None:
-    try:
-        return json.loads((home.run / "state.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def _read_state(home: Home) -> StackState | None:
+    return StackState.read(home.run / "state.json")
 
 
 def status(home: Home) -> StackStatus:
@@ -107,12 +109,14 @@ def status(home: Home) -> StackStatus:
     running = instance_running(home.run)
     if st is None:
         return StackStatus(running, None, None, False, (), ())
-    procs = tuple(st.get("processes", ()))
+    procs = st.processes
     if not running:
-        procs = tuple({**p, "status": "stopped" if p["status"] != "failed" else "failed",
-                       "pid": None} for p in procs)
-    return StackStatus(running, st.get("supervisor_pid") if running else None, st.get("url"),
-                       bool(st.get("api_key_required")), procs, tuple(st.get("events", ())))
+        # The last run's processes, as they are now: gone.
+        procs = tuple(dataclasses.replace(
+            p, pid=None, status=Status.FAILED if p.status == Status.FAILED else Status.STOPPED)
+            for p in procs)
+    return StackStatus(running, st.supervisor_pid if running else None, st.url,
+                       st.api_key_required, procs, st.events)
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,8 @@ def stop(home: Home, timeout: float = 20.0) -> StopResult:
     if st is None or not instance_running(home.run):
         leftovers = _reap_leftovers(st)
         return StopResult(False, leftovers, "not running")
-    pid = int(st["supervisor_pid"])
-    names = tuple(p["name"] for p in st.get("processes", ()))
+    pid = st.supervisor_pid
+    names = tuple(p.name for p in st.processes)
     how = "terminated"
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -144,14 +148,13 @@ def stop(home: Home, timeout: float = 20.0) -> StopResult:
     return StopResult(True, names, how)
 
 
-def _reap_leftovers(st: dict[str, Any] | None) -> tuple[str, ...]:
+def _reap_leftovers(st: StackState | None) -> tuple[str, ...]:
     """Process groups a dead supervisor may have left (it should have left none)."""
     reaped = []
-    for p in (st or {}).get("processes", ()):
-        pid = p.get("pid")
-        if pid and group_alive(int(pid)):
-            stop_group(int(pid), timeout=5.0)
-            reaped.append(p["name"])
+    for p in st.processes if st else ():
+        if p.pid and group_alive(p.pid):
+            stop_group(p.pid, timeout=5.0)
+            reaped.append(p.name)
     return tuple(reaped)
 
 

@@ -17,6 +17,21 @@ from pathlib import Path
 from sovctl.runtime import egress
 
 PR_SET_PDEATHSIG = 1
+# llama-cpp-python takes its key only from argv or the environment: the key is read from the
+# file named here into the environment, so it is never on a command line.
+KEY_FILE_ENV = "SOVCTL_RUNTIME_KEY_FILE"
+# Settings a runtime reads from the inherited environment, some over its own argv
+# (llama_cpp.server's HOST/PORT, llama-server's LLAMA_ARG_*): the plan alone decides them.
+_OVERRIDES = ("HOST", "PORT", "API_KEY", "CONFIG_FILE")
+
+
+def _scrub_environment() -> None:
+    for k in list(os.environ):
+        if k.startswith("LLAMA_ARG_") or k in _OVERRIDES:
+            del os.environ[k]
+    key_file = os.environ.pop(KEY_FILE_ENV, None)
+    if key_file:
+        os.environ["API_KEY"] = Path(key_file).read_text().strip()
 
 
 def _die_with_parent(expected_parent: int) -> None:
@@ -35,6 +50,7 @@ def main(argv: list[str]) -> None:
     parent = os.environ.get("SOVCTL_SUPERVISOR_PID")
     if parent:
         _die_with_parent(int(parent))
+    _scrub_environment()
     if target == "--exec":
         os.execvp(rest[0], rest)
     log = os.environ.get(egress.ENV_LOG)

@@ -7,6 +7,7 @@ A plan is plain data (it is written to disk for a detached supervisor and printe
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,9 +18,13 @@ from typing import Any
 from sovctl.config import Settings
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
+from sovctl.net import is_loopback
 from sovctl.runtime import egress
+from sovctl.runtime.documents import Limits, Route, RoutesTable
+from sovctl.runtime.launch import KEY_FILE_ENV
+from sovctl.runtime.llamacpp import LLAMA_CPP_PYTHON, LLAMA_SERVER, SETUP_HINT, find_binary
 from sovctl.runtime.procs import Argv
-from sovctl.secrets import ensure_api_key, is_loopback
+from sovctl.store import gguf_info
 from sovctl.store.blobs import BlobStore
 from sovctl.store.lock import Lock
 
@@ -32,7 +37,9 @@ OFFLINE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
-RUNTIME_HEALTH_PATH = "/docs"  # answers without taking llama-cpp-python's model lock
+# Health paths that answer without waiting on a busy model: llama-server's /health is public
+# (no key) and 503 while loading; llama-cpp-python's /v1/models would take its model lock.
+HEALTH_PATH = {LLAMA_SERVER: "/health", LLAMA_CPP_PYTHON: "/docs"}
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,11 @@ class ServedModel:
     sha256: str
     size: int
     blob: str
-    n_ctx: int = 2048
+    runtime: str = LLAMA_SERVER  # "llama-server" | "llama-cpp-python"
+    parallel: int = 4  # requests served at once (llama-cpp-python: always 1)
+    n_ctx: int = 2048  # what one request may use
     n_gpu_layers: int = 0
-    n_threads: int | None = None
+    n_threads: int = 1
     n_batch: int | None = None
     chat_format: str | None = None
     seed: int | None = None
@@ -61,6 +70,8 @@ class ProcessSpec:
     role: str = ""
     model: str = ""
     sha256: str = ""
+    runtime: str = ""  # a runtime's engine
+    key_file: str | None = None  # a runtime's internal key, written at each start
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class Plan:
     logs_dir: str
     api_key_required: bool
     supervision: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the operator should know (a fallback taken)
 
     @property
     def url(self) -> str:
@@ -93,7 +105,7 @@ class Plan:
         )
         models = tuple(ServedModel(**{**m, "extra_args": tuple(m["extra_args"])})
                        for m in d.pop("models"))
-        return cls(processes=procs, models=models, **d)
+        return cls(processes=procs, models=models, notes=tuple(d.pop("notes")), **d)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -102,9 +114,55 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def physical_cores() -> int:
+    import psutil
+
+    return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+def _choose_runtime(name: str, wanted: str, binary: Path | None) -> tuple[str, str | None]:
+    """(the runtime, a note when auto fell back)."""
+    if wanted == LLAMA_CPP_PYTHON:
+        return LLAMA_CPP_PYTHON, None
+    if binary is not None:
+        return LLAMA_SERVER, None
+    if wanted == LLAMA_SERVER:
+        raise ConfigError(f"{name}: runtime llama-server is asked for, but no llama-server "
+                          "binary was found", hint=SETUP_HINT)
+    return LLAMA_CPP_PYTHON, (f"{name}: llama-server not found, serving with llama-cpp-python "
+                              f"(one request at a time); to batch, {SETUP_HINT}")
+
+
+def _check_role(home: Home, name: str, role: str, sha256: str, blob: Path) -> None:
+    """Refuse a model in a role its GGUF says it cannot play."""
+    if not blob.exists():
+        return  # the weights check before start refuses it, with the better message
+    facts = gguf_info.facts_for(home, sha256, blob)
+    if role in ("chat", "completion") and facts.embedding:
+        raise UsageError(
+            f"{name} is an embedding model ({facts.architecture}, it pools its output into one "
+            f"vector); it cannot serve {role}",
+            hint=f"serve it with --embedding {name}, and a text-generation model with --chat",
+        )
+    if role == "embedding" and not facts.embedding:
+        raise UsageError(
+            f"{name} is a {facts.architecture} text-generation model with no pooling; it cannot "
+            "serve embeddings",
+            hint=f"serve it with --chat {name}, and pull an embedding model (a BERT-style GGUF "
+            "such as all-MiniLM-L6-v2) for --embedding",
+        )
+
+
+@dataclass(frozen=True)
+class Selection:
+    models: tuple[ServedModel, ...]
+    notes: tuple[str, ...]  # fallbacks the operator should know about
+    llama_server: str | None  # the binary, when any model runs on it
+
+
 def served_models(
     home: Home, cfg: Settings, chat: Sequence[str] = (), embedding: Sequence[str] = ()
-) -> list[ServedModel]:
+) -> Selection:
     """The models to serve: the flags when any were given, otherwise [models.*] in config."""
     if chat or embedding:
         # A flag names a store model; settings for it may still come from its config section.
@@ -123,52 +181,113 @@ def served_models(
         )
     lock = Lock.load(home)
     store = BlobStore(home)
+    binary: Path | None = None
+    if any(str(m.get("runtime", cfg.get("serve.runtime"))) != LLAMA_CPP_PYTHON
+           for _, m in wanted):
+        binary = find_binary(LLAMA_SERVER, str(cfg.get("serve.llama_server")))
+    threads = int(cfg.get("serve.n_threads")) or physical_cores()
     seen: set[str] = set()
-    out = []
+    out: list[ServedModel] = []
+    notes: list[str] = []
     for name, m in wanted:
         if name in seen:
             raise ConfigError(f"model {name!r} is listed twice", hint="serve each model once")
         seen.add(name)
         entry = lock.get(name)
+        role = str(m.get("role", "chat"))
+        blob = store.path(entry.sha256)
+        _check_role(home, name, role, entry.sha256, blob)
+        runtime, note = _choose_runtime(
+            name, str(m.get("runtime", cfg.get("serve.runtime"))), binary)
+        if note:
+            notes.append(note)
+        parallel = int(m.get("parallel", cfg.get("serve.parallel")))
         out.append(ServedModel(
             name=name,
-            role=str(m.get("role", "chat")),
+            role=role,
             sha256=entry.sha256,
             size=entry.size,
-            blob=str(store.path(entry.sha256)),
+            blob=str(blob),
+            runtime=runtime,
+            parallel=parallel if runtime == LLAMA_SERVER else 1,
             # Per-model settings win; the [serve] defaults are what a hardware profile sets.
             n_ctx=int(m.get("n_ctx", cfg.get("serve.n_ctx"))),
             n_gpu_layers=int(m.get("n_gpu_layers", cfg.get("serve.n_gpu_layers"))),
-            n_threads=m.get("n_threads"),
+            n_threads=int(m.get("n_threads", threads)),
             n_batch=m.get("n_batch"),
             chat_format=m.get("chat_format"),
             seed=m.get("seed"),
             extra_args=tuple(str(a) for a in m.get("extra_args", ())),
         ))
-    return out
+    used = any(m.runtime == LLAMA_SERVER for m in out)
+    return Selection(tuple(out), tuple(notes), str(binary) if used and binary else None)
 
 
-def runtime_argv(m: ServedModel, port: int, common_env: Mapping[str, str]) -> Argv:
+def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str) -> list[str]:
     args = [
-        sys.executable, "-m", "sovctl.runtime.launch", m.name, "llama_cpp.server",
+        binary,
+        "--model", m.blob,
+        "--alias", m.name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        # llama-server divides its context among its slots: each request gets n_ctx.
+        "--ctx-size", str(m.n_ctx * m.parallel),
+        "--parallel", str(m.parallel),
+        "--n-gpu-layers", str(m.n_gpu_layers),
+        "--threads", str(m.n_threads),
+        # The key is read from a file: a command line is readable by every local user.
+        "--api-key-file", key_file,
+        "--no-webui",
+        "--offline",
+    ]
+    if m.role == "embedding":
+        # An embedding request is one batch: let the batch hold a whole context.
+        args += ["--embeddings", "--ubatch-size", str(m.n_ctx), "--batch-size", str(m.n_ctx)]
+    else:
+        args += ["--jinja"]
+    for flag, value in (("--batch-size", m.n_batch if m.role != "embedding" else None),
+                        ("--chat-template", m.chat_format), ("--seed", m.seed)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def _llama_cpp_python_args(m: ServedModel, port: int) -> list[str]:
+    args = [
+        "llama_cpp.server",
         "--model", m.blob,
         "--model_alias", m.name,
         "--host", "127.0.0.1",
         "--port", str(port),
         "--n_ctx", str(m.n_ctx),
         "--n_gpu_layers", str(m.n_gpu_layers),
+        "--n_threads", str(m.n_threads),
         # Never cut a streaming response short because another request arrived: the gateway
         # queues requests itself, and a silently truncated stream is a lost request.
         "--interrupt_requests", "False",
     ]
     if m.role == "embedding":
         args += ["--embedding", "True"]
-    for flag, value in (("--n_threads", m.n_threads), ("--n_batch", m.n_batch),
-                        ("--chat_format", m.chat_format), ("--seed", m.seed)):
+    for flag, value in (("--n_batch", m.n_batch), ("--chat_format", m.chat_format),
+                        ("--seed", m.seed)):
         if value is not None:
             args += [flag, str(value)]
-    args += list(m.extra_args)
-    return Argv(args=tuple(args), env=dict(common_env))
+    return args
+
+
+def runtime_argv(m: ServedModel, port: int, common_env: Mapping[str, str], key_file: str,
+                 binary: str | None) -> Argv:
+    """Every runtime starts through sovctl.runtime.launch (death with the supervisor, the
+    egress recorder, a scrubbed environment); a native one is exec'd from there."""
+    launch = [sys.executable, "-m", "sovctl.runtime.launch", m.name]
+    if m.runtime == LLAMA_SERVER:
+        assert binary is not None
+        args = [*launch, "--exec", *_llama_server_args(m, port, binary, key_file)]
+        env = dict(common_env)
+    else:
+        args = [*launch, *_llama_cpp_python_args(m, port)]
+        env = {**common_env, KEY_FILE_ENV: key_file}
+    return Argv(args=(*args, *m.extra_args), env=env)
 
 
 def build(
@@ -178,21 +297,23 @@ def build(
     embedding: Sequence[str] = (),
     egress_probe: str | None = None,
 ) -> Plan:
+    """Decide what would run. No side effects: nothing is written, no key is created (the
+    caller creates the API key when `api_key_required` and it is about to start)."""
     host, port = str(cfg.get("serve.host")), int(cfg.get("serve.port"))
-    models = served_models(home, cfg, chat, embedding)
-    needs_key = not is_loopback(host)
-    if needs_key:
-        ensure_api_key(home)
+    selection = served_models(home, cfg, chat, embedding)
     run = home.run
     common_env = {**OFFLINE_ENV, egress.ENV_LOG: str(run / "egress.jsonl")}
     if egress_probe:
         common_env[egress.ENV_PROBE] = egress_probe
     procs = []
-    for m in models:
+    for m in selection.models:
         rport = free_port()
+        key_file = str(run / "keys" / f"{m.name}.key")
         procs.append(ProcessSpec(
-            name=m.name, kind="runtime", argv=runtime_argv(m, rport, common_env), port=rport,
-            health_path=RUNTIME_HEALTH_PATH, role=m.role, model=m.name, sha256=m.sha256,
+            name=m.name, kind="runtime", argv=runtime_argv(m, rport, common_env, key_file,
+                                                               selection.llama_server),
+            port=rport, health_path=HEALTH_PATH[m.runtime], role=m.role, model=m.name,
+            sha256=m.sha256, runtime=m.runtime, key_file=key_file,
         ))
     routes_file = run / "routes.json"
     gateway = Argv(
@@ -205,34 +326,51 @@ def build(
     supervision = {k.removeprefix("serve."): cfg.get(k) for k in cfg.values
                    if k.startswith("serve.")}
     return Plan(
-        host=host, port=port, processes=tuple(procs), models=tuple(models),
+        host=host, port=port, processes=tuple(procs), models=selection.models,
         routes_file=str(routes_file), state_file=str(run / "state.json"),
         egress_log=str(run / "egress.jsonl"), logs_dir=str(home.logs),
-        api_key_required=needs_key, supervision=supervision,
+        api_key_required=not is_loopback(host), supervision=supervision,
+        notes=selection.notes,
     )
 
 
-def routes_table(plan: Plan, home: Home) -> dict[str, Any]:
+def routes_table(plan: Plan, home: Home) -> RoutesTable:
     """The gateway's one routing table: model name -> where its requests go."""
-    return {
-        "version": 1,
-        "listen": {"host": plan.host, "port": plan.port},
-        "auth": {"required": plan.api_key_required,
-                 "key_file": str(home.secrets / "api_key")},
-        "limits": {k: plan.supervision[k] for k in
-                   ("queue_limit", "queue_timeout", "max_body_bytes")},
-        "state_file": plan.state_file,
-        "routes": [
-            {"model": p.model, "role": p.role, "kind": "local", "process": p.name,
-             "upstream": f"http://127.0.0.1:{p.port}"}
+    by_name = {m.name: m for m in plan.models}
+    return RoutesTable(
+        host=plan.host,
+        port=plan.port,
+        auth_required=plan.api_key_required,
+        key_file=str(home.secrets / "api_key"),
+        limits=Limits(**{k: plan.supervision[k] for k in
+                         ("queue_limit", "queue_timeout", "max_body_bytes")}),
+        state_file=plan.state_file,
+        routes=tuple(
+            Route(model=p.model, role=p.role, kind="local", process=p.name,
+                  upstream=f"http://127.0.0.1:{p.port}", runtime=p.runtime,
+                  parallel=by_name[p.model].parallel, key_file=p.key_file)
             for p in plan.processes if p.kind == "runtime"
-        ],
-    }
+        ),
+    )
+
+
+def write_runtime_keys(plan: Plan) -> None:
+    """A fresh internal key per runtime, at each start, readable by the owner only: with it
+    the gateway reaches the runtime; without it, a local user who finds the port gets 401."""
+    import secrets
+
+    from sovctl.fsutil import atomic_write
+
+    for p in plan.processes:
+        if p.key_file:
+            d = Path(p.key_file).parent
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+            atomic_write(Path(p.key_file), (secrets.token_urlsafe(32) + "\n").encode(),
+                         mode=0o600)
 
 
 def write_routes(plan: Plan, home: Home) -> Path:
-    from sovctl.fsutil import atomic_write
-
     path = Path(plan.routes_file)
-    atomic_write(path, json.dumps(routes_table(plan, home), indent=2).encode())
+    routes_table(plan, home).write(path)
     return path

@@ -11,7 +11,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +123,3 @@ def stop_group(pgid: int, timeout: float, proc: subprocess.Popen[bytes] | None =
             proc.wait(timeout=1)
     return how
 
-
-def describe(args: Sequence[str]) -> str:
-    return shlex.join(args)

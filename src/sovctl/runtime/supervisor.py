@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -21,12 +20,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from sovctl.errors import BusyError
-from sovctl.fsutil import atomic_write
+from sovctl.runtime.documents import Event, ProcessState, StackState, Status
 from sovctl.runtime.plan import Plan, ProcessSpec
+from sovctl.runtime.ports import listener, owned_by
 from sovctl.runtime.procs import Argv, spawn, stop_group
 
 
@@ -34,19 +34,25 @@ from sovctl.runtime.procs import Argv, spawn, stop_group
 class _Proc:
     spec: ProcessSpec
     popen: subprocess.Popen[bytes] | None = None
-    status: str = "pending"  # pending|starting|up|backoff|failed|stopped
+    status: Status = Status.PENDING
     started_at: float = 0.0
-    up_since: float = 0.0
+    up_since: float | None = None  # wall clock of the first healthy check since this start
     restarts: int = 0
     recent: deque[float] = field(default_factory=deque)
     probe_failures: int = 0
     next_start: float = 0.0
     next_probe: float = 0.0
     last_exit: str = ""
-    probe: Future[bool] | None = None
+    probe: Future[Probe] | None = None
 
 
-def _probe(url: str, timeout: float) -> bool:
+class Probe(Enum):
+    OK = "ok"
+    FAILED = "failed"
+    FOREIGN = "foreign"  # something answers, but not our child: another server holds the port
+
+
+def _probe(url: str, timeout: float, pid: int) -> Probe:
     import http.client
     from urllib.parse import urlsplit
 
@@ -54,11 +60,15 @@ def _probe(url: str, timeout: float) -> bool:
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
         conn.request("GET", parts.path)
-        return conn.getresponse().status < 500
+        answered = conn.getresponse().status < 500
     except (OSError, http.client.HTTPException):
-        return False
+        return Probe.FAILED
     finally:
         conn.close()
+    if not answered:
+        return Probe.FAILED
+    # Checked after the answer: a child still binding is simply not healthy yet.
+    return Probe.OK if owned_by(pid, parts.port or 80) else Probe.FOREIGN
 
 
 def acquire_instance_lock(run_dir: Path) -> int:
@@ -92,19 +102,19 @@ def instance_running(run_dir: Path) -> bool:
 
 
 class Supervisor:
-    def __init__(self, plan: Plan, on_change: Callable[[dict[str, Any]], None] | None = None,
+    def __init__(self, plan: Plan, on_change: Callable[[StackState], None] | None = None,
                  ) -> None:
         self.plan = plan
         self.cfg = plan.supervision
         self.procs = [_Proc(spec) for spec in plan.processes]
         self.stopping = False
         self.on_change = on_change
-        self.events: deque[dict[str, Any]] = deque(maxlen=50)
+        self.events: deque[Event] = deque(maxlen=20)
         self.started_at = time.time()
         self._probes = ThreadPoolExecutor(max_workers=max(2, len(self.procs)),
                                           thread_name_prefix="probe")
-        self._last_state: dict[str, Any] | None = None
         self._log = Path(plan.logs_dir) / "supervisor.log"
+        self._last_keyed: list[tuple[Status, int, int | None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -130,8 +140,7 @@ class Supervisor:
             self._write_state(final=True)
 
     def _event(self, proc: str, what: str) -> None:
-        ev = {"time": time.time(), "process": proc, "event": what}
-        self.events.append(ev)
+        self.events.append(Event(time.time(), proc, what))
         self._log.parent.mkdir(parents=True, exist_ok=True)
         with self._log.open("a") as f:
             f.write(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f" {proc}: {what}\n")
@@ -160,8 +169,9 @@ class Supervisor:
             p.popen = None
             self._failed_start(p, f"could not start: {e.strerror}")
             return
-        p.status = "starting"
+        p.status = Status.STARTING
         p.started_at = time.monotonic()
+        p.up_since = None
         p.probe_failures = 0
         p.next_probe = p.started_at + 0.2
         self._event(p.spec.name, f"started pid {p.popen.pid}")
@@ -171,9 +181,9 @@ class Supervisor:
         self._schedule_restart(p, reason)
 
     def _tick(self, p: _Proc, now: float, interval: float) -> None:
-        if p.status in ("failed", "stopped"):
+        if p.status in (Status.FAILED, Status.STOPPED):
             return
-        if p.status == "backoff":
+        if p.status == Status.BACKOFF:
             if now >= p.next_start:
                 self._start(p)
             return
@@ -183,27 +193,33 @@ class Supervisor:
             reason = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
             self._crashed(p, reason)
             return
-        if p.status == "starting" and now - p.started_at > float(self.cfg["start_timeout"]):
+        if p.status == Status.STARTING and now - p.started_at > float(self.cfg["start_timeout"]):
             self._crashed(p, f"not healthy within {self.cfg['start_timeout']}s")
             return
         if p.probe is not None and p.probe.done():
-            ok = p.probe.result()
+            result = p.probe.result()
             p.probe = None
-            if ok:
-                if p.status != "up":
-                    p.status = "up"
+            if result == Probe.FOREIGN:
+                holder = listener(p.spec.port)
+                self._crashed(p, f"port {p.spec.port} is held by another process"
+                                 + (f": {holder}" if holder else ""))
+                return
+            if result == Probe.OK:
+                if p.status != Status.UP:
+                    p.status = Status.UP
                     p.up_since = time.time()
                     self._event(p.spec.name, "healthy")
                 p.probe_failures = 0
-            elif p.status == "up":
+            elif p.status == Status.UP:
                 p.probe_failures += 1
                 if p.probe_failures >= int(self.cfg["health_failures"]):
                     self._crashed(p, f"hung: {p.probe_failures} health checks failed")
                     return
         if p.probe is None and now >= p.next_probe:
             url = f"http://127.0.0.1:{p.spec.port}{p.spec.health_path}"
-            p.probe = self._probes.submit(_probe, url, float(self.cfg["health_timeout"]))
-            p.next_probe = now + (interval if p.status == "up" else 0.25)
+            p.probe = self._probes.submit(_probe, url, float(self.cfg["health_timeout"]),
+                                          p.popen.pid)
+            p.next_probe = now + (interval if p.status == Status.UP else 0.25)
 
     def _crashed(self, p: _Proc, reason: str) -> None:
         if p.popen is not None:
@@ -221,14 +237,14 @@ class Supervisor:
         while p.recent and now - p.recent[0] > window:
             p.recent.popleft()
         if len(p.recent) >= int(self.cfg["max_restarts"]):
-            p.status = "failed"
+            p.status = Status.FAILED
             self._event(p.spec.name, f"marked failed: {len(p.recent) + 1} failures within "
                                      f"{window:.0f}s, last: {reason}")
             return
         p.recent.append(now)
         p.restarts += 1
         delay = min(0.5 * 2 ** (len(p.recent) - 1), 30.0)
-        p.status = "backoff"
+        p.status = Status.BACKOFF
         p.next_start = now + delay
         self._event(p.spec.name, f"restart {p.restarts} in {delay:.1f}s")
 
@@ -243,57 +259,48 @@ class Supervisor:
             stop_group(p.popen.pid, max(deadline - time.monotonic(), 0.1), p.popen)
             p.popen = None
         for p in self.procs:
-            if p.status != "failed":
-                p.status = "stopped"
+            if p.status != Status.FAILED:
+                p.status = Status.STOPPED
         self._event("supervisor", "stopped all processes")
 
     # -- state ----------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {
-            "version": 1,
-            "supervisor_pid": os.getpid(),
-            "started_at": self.started_at,
-            "updated_at": time.time(),
-            "url": self.plan.url,
-            "host": self.plan.host,
-            "port": self.plan.port,
-            "api_key_required": self.plan.api_key_required,
-            "stopping": self.stopping,
-            "processes": [
-                {
-                    "name": p.spec.name,
-                    "kind": p.spec.kind,
-                    "role": p.spec.role,
-                    "model": p.spec.model,
-                    "sha256": p.spec.sha256,
-                    "port": p.spec.port,
-                    "pid": p.popen.pid if p.popen else None,
-                    "status": p.status,
-                    "restarts": p.restarts,
-                    "uptime": round(now - p.started_at, 1) if p.status == "up" else 0.0,
-                    "last_exit": p.last_exit,
-                }
+    def state(self, final: bool = False) -> StackState:
+        return StackState(
+            supervisor_pid=os.getpid(),
+            started_at=self.started_at,
+            updated_at=time.time(),
+            url=self.plan.url,
+            host=self.plan.host,
+            port=self.plan.port,
+            api_key_required=self.plan.api_key_required,
+            stopping=self.stopping,
+            final=final,
+            processes=tuple(
+                ProcessState(
+                    name=p.spec.name, kind=p.spec.kind, role=p.spec.role, model=p.spec.model,
+                    sha256=p.spec.sha256, runtime=p.spec.runtime, port=p.spec.port,
+                    pid=p.popen.pid if p.popen else None, status=p.status,
+                    restarts=p.restarts, up_since=p.up_since, last_exit=p.last_exit,
+                )
                 for p in self.procs
-            ],
-            "events": list(self.events)[-20:],
-        }
+            ),
+            events=tuple(self.events),
+        )
 
     def _state_changed(self) -> bool:
         keyed = [(p.status, p.restarts, p.popen.pid if p.popen else None) for p in self.procs]
-        changed = keyed != getattr(self, "_last_keyed", None)
+        changed = keyed != self._last_keyed
         self._last_keyed = keyed
         return changed
 
     def _write_state(self, final: bool = False) -> None:
-        st = self.state()
-        st["final"] = final
-        atomic_write(Path(self.plan.state_file), json.dumps(st, indent=2).encode())
+        st = self.state(final)
+        st.write(Path(self.plan.state_file))
         if self.on_change:
             self.on_change(st)
 
 
-def run_plan(plan: Plan, on_change: Callable[[dict[str, Any]], None] | None = None) -> None:
+def run_plan(plan: Plan, on_change: Callable[[StackState], None] | None = None) -> None:
     """Run `plan` in this process until SIGTERM/SIGINT. The caller holds the instance lock."""
     sup = Supervisor(plan, on_change)
     old_term = signal.signal(signal.SIGTERM, sup.request_stop)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovctl.home import Home
-from sovctl.secrets import is_loopback
+from sovctl.net import is_loopback
 
 
 @dataclass(frozen=True)

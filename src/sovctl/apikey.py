@@ -1,22 +1,12 @@
-"""The gateway and mirror API key: generated on first need, kept mode 0600 under the home."""
+"""The gateway and mirror API key: created on first need, kept mode 0600 under the home."""
 
 from __future__ import annotations
 
 import os
-import secrets as _random
+import secrets
 
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
-
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
-
-
-def api_key_path(home: Home) -> os.PathLike[str]:
-    return home.secrets / "api_key"
 
 
 def read_api_key(home: Home) -> str | None:
@@ -33,6 +23,6 @@ def ensure_api_key(home: Home) -> tuple[str, bool]:
         return key, False
     home.ensure(home.secrets)
     os.chmod(home.secrets, 0o700)
-    key = "sk-sov-" + _random.token_urlsafe(32)
+    key = "sk-sov-" + secrets.token_urlsafe(32)
     atomic_write(home.secrets / "api_key", (key + "\n").encode(), mode=0o600)
     return key, True

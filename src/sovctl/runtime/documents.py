@@ -1,0 +1,176 @@
+"""The documents that cross process boundaries: the supervisor's state and the gateway's routes.
+
+Each has one typed definition here, with a schema version, and is written and read only
+through it: the supervisor writes `state.json` and `serve` writes `routes.json`; the CLI, the
+gateway and the audit read them. A document of another version is refused with a clear error
+rather than half-understood.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+from sovctl.errors import ConfigError
+from sovctl.fsutil import atomic_write
+
+STATE_SCHEMA = "sovctl.state/2"
+ROUTES_SCHEMA = "sovctl.routes/2"
+
+
+class Status(StrEnum):
+    """Where a supervised process is in its life."""
+
+    PENDING = "pending"
+    STARTING = "starting"  # spawned, not yet healthy
+    UP = "up"  # answered its health check
+    BACKOFF = "backoff"  # crashed or hung; waiting to be restarted
+    FAILED = "failed"  # crash-looped; given up on until the stack restarts
+    STOPPED = "stopped"
+
+
+def _check_schema(doc: Any, expected: str, path: Path) -> dict[str, Any]:
+    if not isinstance(doc, dict) or doc.get("schema") != expected:
+        found = doc.get("schema") if isinstance(doc, dict) else None
+        raise ConfigError(
+            f"{path} is not a {expected} document (found schema {found!r})",
+            hint="it was written by another sovctl version: stop the stack with that version, "
+            "or remove the run directory, then serve again",
+        )
+    return doc
+
+
+def _load(path: Path, expected: str) -> dict[str, Any] | None:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}",
+                          hint="remove it; the next serve writes it again") from None
+    return _check_schema(doc, expected, path)
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+# -- state.json -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProcessState:
+    name: str
+    kind: str  # "runtime" | "gateway"
+    role: str
+    model: str
+    sha256: str
+    runtime: str  # "llama-server" | "llama-cpp-python" for a runtime; "" otherwise
+    port: int
+    pid: int | None
+    status: Status
+    restarts: int
+    up_since: float | None  # wall-clock time of the first healthy check since the last start
+    last_exit: str
+
+    def uptime(self, now: float | None = None) -> float:
+        """Seconds since it first answered healthy; 0 while it is not up."""
+        if self.status != Status.UP or self.up_since is None:
+            return 0.0
+        return max((now or time.time()) - self.up_since, 0.0)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**{**_known(cls, d), "status": Status(d["status"])})
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float
+    process: str
+    event: str
+
+
+@dataclass(frozen=True)
+class StackState:
+    supervisor_pid: int
+    started_at: float
+    updated_at: float
+    url: str
+    host: str
+    port: int
+    api_key_required: bool
+    stopping: bool
+    final: bool  # the supervisor's last write, as it exited
+    processes: tuple[ProcessState, ...]
+    events: tuple[Event, ...]
+
+    def process(self, name: str) -> ProcessState | None:
+        return next((p for p in self.processes if p.name == name), None)
+
+    def write(self, path: Path) -> None:
+        atomic_write(path, json.dumps({"schema": STATE_SCHEMA, **asdict(self)},
+                                      indent=2).encode())
+
+    @classmethod
+    def read(cls, path: Path) -> Self | None:
+        d = _load(path, STATE_SCHEMA)
+        if d is None:
+            return None
+        return cls(**{
+            **_known(cls, d),
+            "processes": tuple(ProcessState.from_dict(p) for p in d["processes"]),
+            "events": tuple(Event(**e) for e in d["events"]),
+        })
+
+
+# -- routes.json ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    model: str
+    role: str  # "chat" | "embedding" | "completion"
+    kind: str  # "local": a supervised runtime on loopback
+    process: str  # the supervised process that serves it (its status gates requests)
+    upstream: str  # base URL of the runtime
+    runtime: str  # "llama-server" | "llama-cpp-python"
+    parallel: int  # requests the runtime serves at once; the gateway admits that many
+    key_file: str | None  # the runtime's internal key, sent upstream; None: it takes none
+
+
+@dataclass(frozen=True)
+class Limits:
+    queue_limit: int
+    queue_timeout: float
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
+class RoutesTable:
+    host: str
+    port: int
+    auth_required: bool
+    key_file: str  # the gateway's API key, read when auth_required
+    limits: Limits
+    state_file: str
+    routes: tuple[Route, ...]
+
+    def write(self, path: Path) -> None:
+        atomic_write(path, json.dumps({"schema": ROUTES_SCHEMA, **asdict(self)},
+                                      indent=2).encode())
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        d = _load(path, ROUTES_SCHEMA)
+        if d is None:
+            raise ConfigError(f"no routing table at {path}",
+                              hint="the gateway is started by 'sovctl serve'")
+        return cls(**{
+            **_known(cls, d),
+            "limits": Limits(**d["limits"]),
+            "routes": tuple(Route(**r) for r in d["routes"]),
+        })

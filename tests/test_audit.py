@@ -2,29 +2,36 @@
 
 CI runs as root, so `unshare(CLONE_NEWNET)` works; the refusal path is exercised both with the
 documented test switch and for real (a capability-less root in a user namespace whose
-user.max_user_namespaces is 0).
+user.max_user_namespaces is 0). Egress probes only ever target documentation addresses
+(RFC 5737) from inside a network namespace the audit or the test created: nothing can leave.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.conftest import EMBED_MODEL, TINY_MODEL
-from tests.helpers import SOVCTL, pid_alive, run, run_json
+from tests.helpers import SOVCTL, pid_alive, run, run_json, wait_for
+
+from sovctl.runtime import egress
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
 
 AUDIT = ("audit", "blackout", "--chat", "tiny", "--embedding", "minilm")
 NAMES = ("isolation", "weights", "stack starts", "service", "behaviour", "no egress",
          "configuration")
+PYTHON_RUNTIME = {"SOVCTL_SERVE__RUNTIME": "llama-cpp-python"}
 
 
 def sha256(path: Path) -> str:
@@ -48,6 +55,20 @@ def assert_nothing_left(home: Path) -> None:
         st = json.loads(state.read_text())
         pids = [st["supervisor_pid"]] + [p["pid"] for p in st["processes"] if p["pid"]]
         assert not [p for p in pids if pid_alive(p)], "audit stack left processes behind"
+    # Under the tracer the program is strace's child: none may outlive the audit either.
+    for log in (home / "audit" / "blackout" / "run" / "trace").glob("*.strace"):
+        pids = {a["pid"] for a in egress.read_trace(log, log.stem)}
+        assert not [p for p in pids if pid_alive(p)], f"{log.stem} left a traced process"
+
+
+def recorders(check6: dict[str, Any]) -> dict[str, list[str]]:
+    return {r["process"]: r["recorders"] for r in check6["details"]["processes"]}
+
+
+def baseline_engine(home: Path, name: str, model: Path) -> dict[str, str]:
+    doc = json.loads((home / "audit" / "baselines" / name
+                      / f"sha256-{sha256(model)}.json").read_text())
+    return doc["engine"]  # type: ignore[no-any-return]
 
 
 def test_passing_audit(tmp_path: Path) -> None:
@@ -76,12 +97,19 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert "recorded just now" in checks[5]["evidence"]
     assert data["baseline"]["recorded_now"] == ["tiny", "minilm"]
     assert "0 attempts" in checks[6]["evidence"] and checks[6]["details"]["attempts"] == []
+    # The native runtimes are watched by the tracer, proven on a native probe first.
+    assert recorders(checks[6]) == {"tiny": ["strace"], "minilm": ["strace"],
+                                    "gateway": ["strace", "audit hook"]}
+    assert "by strace" in checks[6]["evidence"] and "tiny (llama-server)" in checks[6]["evidence"]
+    assert "self-test recorded a deliberate connect from native code" in checks[6]["evidence"]
+    assert checks[6]["details"]["tracer"]["self_test"]["recorded"][0]["target"] == "192.0.2.1:9"
     assert "every route local" in checks[7]["evidence"]
     assert "HF_HUB_OFFLINE=1" in checks[7]["evidence"]
 
-    # Baselines are keyed by the model file's sha256.
+    # Baselines are keyed by the model file's sha256, and say what served it.
     for name, path in (("tiny", TINY_MODEL), ("minilm", EMBED_MODEL)):
-        assert (home / "audit" / "baselines" / name / f"sha256-{sha256(path)}.json").is_file()
+        engine = baseline_engine(home, name, path)
+        assert engine["runtime"] == "llama-server" and "commit" in engine["build"]
 
     # The report on disk is the same document.
     report = Path(data["path"])
@@ -136,22 +164,162 @@ def test_tampered_blob_fails_weights(tmp_path: Path) -> None:
     assert not (home / "audit" / "baselines").exists()
 
 
-def test_egress_attempt_fails_check_6(tmp_path: Path) -> None:
+def test_python_runtime_audit_then_baseline_of_another_runtime(tmp_path: Path) -> None:
+    """The fallback runtime passes too (watched by its audit hook and the tracer); switching
+    back to llama-server finds baselines of another runtime: reported, recorded again, not
+    compared."""
     home = stack_home(tmp_path)
-    doc = run_json(home, *AUDIT, "--egress-probe", "203.0.113.7:443")
+    doc = run_json(home, *AUDIT, env=PYTHON_RUNTIME)
+    assert doc["_rc"] == 0 and doc["ok"], doc["_stderr"] + json.dumps(doc["data"], indent=1)
+    checks = by_id(doc)
+    assert all(c["passed"] for c in checks.values())
+    assert recorders(checks[6]) == {n: ["strace", "audit hook"]
+                                    for n in ("tiny", "minilm", "gateway")}
+    assert "tiny (python" in checks[6]["evidence"]
+    assert baseline_engine(home, "tiny", TINY_MODEL)["runtime"] == "llama-cpp-python"
+    assert_nothing_left(home)
+
+    doc = run_json(home, *AUDIT)
+    assert doc["_rc"] == 0 and doc["ok"], doc["_stderr"] + json.dumps(doc["data"], indent=1)
+    data, checks = doc["data"], by_id(doc)
+    assert data["baseline"]["recorded_now"] == ["tiny", "minilm"]
+    assert set(data["baseline"]["replaced"]) == {"tiny", "minilm"}
+    assert "another runtime, so it was not compared" in data["baseline"]["note"]
+    evidence = checks[5]["evidence"]
+    assert "tiny: its baseline was recorded with llama-cpp-python" in evidence
+    assert "this stack serves it with llama-server" in evidence and "not compared" in evidence
+    assert "tiny: chat, chat_stream, completion identical" in evidence
+    for name, path in (("tiny", TINY_MODEL), ("minilm", EMBED_MODEL)):
+        assert baseline_engine(home, name, path)["runtime"] == "llama-server"
+    assert_nothing_left(home)
+
+
+@pytest.mark.parametrize("runtime", ["llama-server", "llama-cpp-python"])
+def test_egress_attempt_fails_check_6(tmp_path: Path, runtime: str) -> None:
+    """Every process makes one connect at start: the native runtimes from native code (bash),
+    seen by the tracer alone; the Python processes from Python, seen by both recorders."""
+    home = stack_home(tmp_path)
+    env = PYTHON_RUNTIME if runtime == "llama-cpp-python" else {}
+    doc = run_json(home, *AUDIT, "--egress-probe", "203.0.113.7:443", env=env)
     assert doc["_rc"] == 1 and not doc["ok"]
     assert doc["error"]["type"] == "CheckFailed"
     assert "check 6 (no egress)" in doc["error"]["message"]
     checks = by_id(doc)
     assert [i for i, c in checks.items() if not c["passed"]] == [6]
     attempts = checks[6]["details"]["attempts"]
-    assert {a["component"] for a in attempts} == {"tiny", "minilm", "gateway"}
-    assert all(a["event"] == "socket.connect" and a["target"] == "203.0.113.7:443"
-               for a in attempts)
-    for component in ("tiny", "minilm", "gateway"):
-        assert f"{component} socket.connect 203.0.113.7:443" in checks[6]["evidence"]
+    assert all(a["target"] == "203.0.113.7:443" for a in attempts)
+    seen = {(a["component"], a["recorder"], a["event"]) for a in attempts}
+    python = ["gateway"] + (["tiny", "minilm"] if runtime == "llama-cpp-python" else [])
+    native = [] if runtime == "llama-cpp-python" else ["tiny", "minilm"]
+    assert seen == ({(n, "audit hook", "socket.connect") for n in python}
+                    | {(n, "strace", "connect") for n in python + native})
+    evidence = checks[6]["evidence"]
+    for n in python:
+        assert f"{n} socket.connect 203.0.113.7:443 [audit hook]" in evidence
+    for n in python + native:
+        assert f"{n} connect 203.0.113.7:443 [strace]" in evidence
     assert doc["data"]["extra"]["egress_probe"] == "203.0.113.7:443"
     assert_nothing_left(home)
+
+
+def test_native_runtime_without_tracer_fails_check_6(tmp_path: Path) -> None:
+    """No strace on the machine: llama-server runs unwatched, so there is no 'no egress'."""
+    home = stack_home(tmp_path)
+    no_strace = str(Path(sys.executable).parent)  # a PATH with python, without strace
+    assert shutil.which("strace", path=no_strace) is None
+    doc = run_json(home, "audit", "blackout", "--chat", "tiny", env={"PATH": no_strace})
+    assert doc["_rc"] == 1, doc["_stderr"]
+    checks = by_id(doc)
+    assert [i for i, c in checks.items() if not c["passed"]] == [6]
+    evidence = checks[6]["evidence"]
+    assert "no system call tracer watched tiny (llama-server)" in evidence
+    assert "strace is not installed" in evidence and "apt-get install strace" in evidence
+    assert checks[6]["details"]["unrecorded"] == ["tiny (llama-server)"]
+    assert recorders(checks[6]) == {"tiny": [], "gateway": ["audit hook"]}
+    assert_nothing_left(home)
+
+
+def test_tracer_catches_native_probe(tmp_path: Path) -> None:
+    """The egress recorder sees what native code does: a connect from bash and a name lookup by
+    glibc's resolver (getent), each a C program, run through the runtime launcher under the
+    tracer, in a network namespace this test creates (no route: nothing can leave)."""
+    log = tmp_path / "probe.strace"
+    probe = ("getent hosts sovctl-probe.example; : <>/dev/tcp/192.0.2.1/80; "
+             ": <>/dev/tcp/127.0.0.1/9; : <>/dev/tcp/2001:db8::1/443")
+    r = subprocess.run(["unshare", "--net", sys.executable, "-m", "sovctl.runtime.launch",
+                        "probe", "--exec", "bash", "-c", probe],
+                       env={**os.environ, egress.ENV_TRACE: str(log)},
+                       capture_output=True, text=True, timeout=60)
+    assert "Network is unreachable" in r.stderr, r.stderr
+    attempts = egress.read_trace(log, "probe")
+    assert all(a["component"] == "probe" and a["recorder"] == "strace" for a in attempts)
+    lookups = [a for a in attempts if a["lookup"]]
+    assert lookups and all(a["target"].endswith(":53") for a in lookups)
+    connects = [a for a in attempts if not a["lookup"]]
+    # Loopback is the stack's own traffic and is not egress; the attempts failed (no route).
+    assert {(a["event"], a["target"]) for a in connects} == {("connect", "192.0.2.1:80"),
+                                                             ("connect", "[2001:db8::1]:443")}
+    assert all(a["result"].startswith("E") for a in connects)
+
+
+def test_traced_program_dies_with_its_tracer(tmp_path: Path) -> None:
+    """strace 6.1 cannot kill its tracees when it dies: the inner launch's parent-death signal
+    does, so a SIGKILLed tracer leaves nothing behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "sovctl.runtime.launch", "sleeper",
+                             "--exec", "sleep", "60"],
+                            env={**os.environ, egress.ENV_TRACE: str(tmp_path / "s.strace")},
+                            start_new_session=True)
+    try:
+        import psutil
+
+        tracee = wait_for(lambda: next((c for c in psutil.Process(proc.pid).children()
+                                        if c.name() == "sleep"), None), timeout=30,
+                          what="the traced sleep")
+        assert psutil.Process(proc.pid).name() == "strace"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        wait_for(lambda: not pid_alive(tracee.pid), timeout=10, what="the tracee to die")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_trace_parser() -> None:
+    """strace's own lines, as it writes them (threads interleaved, calls left unfinished)."""
+    lines = [
+        '7 1.0 connect(3, {sa_family=AF_INET, sin_port=htons(8080), '
+        'sin_addr=inet_addr("127.0.0.1")}, 16) = 0',
+        '7 1.1 sendto(3, ""..., 12, 0, NULL, 0) = 12',
+        '7 1.2 connect(4, {sa_family=AF_INET, sin_port=htons(53), '
+        'sin_addr=inet_addr("127.0.0.53")}, 16) = 0',
+        '8 1.3 connect(5, {sa_family=AF_INET6, sin6_port=htons(443), sin6_flowinfo=htonl(0), '
+        'inet_pton(AF_INET6, "::ffff:127.0.0.1", &sin6_addr), sin6_scope_id=0}, 28) = 0',
+        '8 1.4 sendmsg(6, {msg_name={sa_family=AF_INET6, sin6_port=htons(80), '
+        'sin6_flowinfo=htonl(0), inet_pton(AF_INET6, "::ffff:192.0.2.3", &sin6_addr), '
+        'sin6_scope_id=0}, msg_namelen=28, msg_iov=[...], msg_iovlen=1, msg_controllen=0, '
+        'msg_flags=0}, 0 <unfinished ...>',
+        '9 1.5 connect(7, {sa_family=AF_UNIX, sun_path="/var/run/nscd/socket"}, 110) '
+        '= -1 ENOENT (No such file or directory)',
+        '9 1.6 connect(7, {sa_family=AF_UNIX, sun_path="/var/run/nscd/socket"}, 110 '
+        '<unfinished ...>',
+        '8 1.7 <... sendmsg resumed>) = -1 ENETUNREACH (Network is unreachable)',
+        '9 1.8 <... connect resumed>) = 0',
+        '9 1.9 connect(8, {sa_family=AF_UNIX, sun_path="/run/systemd/resolve/io.systemd.Resolve"'
+        '}, 42) = -1 ENOENT (No such file or directory)',
+        '9 2.0 connect(8, {sa_family=AF_UNIX, sun_path="/tmp/x.sock"}, 13) = 0',
+        '9 2.1 sendto(9, ""..., 4, 0, {sa_family=AF_INET, sin_port=htons(123), '
+        'sin_addr=inet_addr("203.0.113.9")}, 16) = 4',
+        'not a call line',
+    ]
+    got = [(a["pid"], a["event"], a["target"], a["lookup"], a["result"])
+           for a in egress.parse_trace(lines, "x")]
+    assert got == [
+        (7, "connect", "127.0.0.53:53", True, "ok"),
+        (8, "sendmsg", "[::ffff:192.0.2.3]:80", False, "ENETUNREACH"),
+        (9, "connect", "/var/run/nscd/socket", True, "ok"),
+        (9, "connect", "/run/systemd/resolve/io.systemd.Resolve", True, "ENOENT"),
+        (9, "sendto", "203.0.113.9:123", False, "ok"),
+    ]
 
 
 def _different_weights(tmp_path: Path) -> Path:

@@ -541,3 +541,22 @@ def test_bench_serve_errors(cli: Any, server: str) -> None:
                  ExitCode.NETWORK, "cannot reach", "sovctl serve")
     assert_error(cli("bench", "serve", "--url", server, "-c", "0"), ExitCode.USAGE)
     assert_error(cli("bench", "serve", "--url", "ftp://x"), ExitCode.USAGE, "--url")
+
+
+@pytest.mark.slow
+def test_bench_serve_records_the_runtime_behind_a_sovctl_gateway(
+        cli: Any, tmp_path: Path, models: Path) -> None:
+    from tests.helpers import run
+
+    home = tmp_path / "stack"
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    port = free_port()
+    run(home, "serve", "--chat", "tiny", "--port", str(port), "-d", check=True)
+    try:
+        doc = doc_of(cli("--json", "bench", "serve", "--url", f"http://127.0.0.1:{port}/v1",
+                         "-c", "2", "--requests", "2", "--prompt-tokens", "8",
+                         "--max-tokens", "4"))
+        assert doc["data"]["model"] == "tiny" and doc["data"]["runtime"] == "llama-server"
+        assert doc["data"]["levels"][0]["completed"] == 2
+    finally:
+        run(home, "stop", check=True)

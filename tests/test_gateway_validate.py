@@ -408,3 +408,24 @@ def test_a_stream_cut_short_says_so_without_internals(client: httpx.Client) -> N
     assert events[-1]["error"]["code"] == "runtime_failed"
     assert "mid-stream" in events[-1]["error"]["message"]
     assert not INTERNALS.search(r.text), r.text
+
+
+def test_metrics_count_every_proxied_request(client: httpx.Client) -> None:
+    """Answered and refused, plain and streamed: each request is counted once, with the
+    tokens its answer's usage reports."""
+
+    def metric(name: str) -> int:
+        lines = client.get("/metrics").text.splitlines()
+        return next((int(line.split()[-1]) for line in lines if line.startswith(name + " ")), 0)
+
+    ok = f'sovctl_requests_total{{model="ok",endpoint="{CHAT}",code="200"}}'
+    refused = f'sovctl_requests_total{{model="-",endpoint="{CHAT}",code="400"}}'
+    tokens_in = 'sovctl_tokens_total{model="ok",direction="in"}'
+    before = {m: metric(m) for m in (ok, refused, tokens_in)}
+    for stream in (False, True):
+        assert client.post(CHAT, json={"model": "ok", "messages": [user("hi")],
+                                       "stream": stream}).status_code == 200
+    assert client.post(CHAT, json={"model": "ok", "messages": "hi"}).status_code == 400
+    assert metric(ok) == before[ok] + 2
+    assert metric(refused) == before[refused] + 1
+    assert metric(tokens_in) == before[tokens_in] + 1  # OK_BODY's usage: one prompt token

@@ -6,6 +6,7 @@ Real model files from ../shared/models; the Hub protocol against a real HTTP ser
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -96,6 +97,19 @@ def sub_env(home: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "SOVCTL_HOME": str(home), **extra}
 
 
+def _proc_io(field: str) -> int:
+    """This process's I/O counter `field` from /proc/self/io: "rchar" counts bytes got from
+    read(2) and friends, "wchar" bytes given to write(2), on files (not sockets, not mmap)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/io")
+
+
+def _bytes_read_from_files() -> int:
+    return _proc_io("rchar")
+
+
 # -- local import ---------------------------------------------------------------------------
 
 
@@ -120,6 +134,21 @@ def test_import_local_path_pins_sha256_size_and_source(cli: Cli, sovctl_home: Pa
     assert blob.read_bytes() == TINY_MODEL.read_bytes()
     assert stat.S_IMODE(blob.stat().st_mode) == 0o444
     assert partials(sovctl_home) == []
+
+
+def test_import_reads_the_source_once_and_writes_it_once(cli: Cli, sovctl_home: Path) -> None:
+    assert cli("pull", str(TINY_MODEL)).exit_code == 0  # every module the pull needs is loaded
+    size = CHAT_MODEL.stat().st_size  # ~94 MiB: many rounds of the copy's ring of buffers
+    read, written = _proc_io("rchar"), _proc_io("wchar")
+    r = cli("--json", "pull", str(CHAT_MODEL), "--name", "smol")
+    read, written = _proc_io("rchar") - read, _proc_io("wchar") - written
+    assert r.exit_code == 0, r.stderr
+    assert lock_models(sovctl_home)["smol"]["sha256"] == CHAT_SHA  # the published digest
+    # The header facts come from a memory map, which these counters do not see; the lock, the
+    # stamps and the facts cache are a few KiB.
+    assert size <= read < size + 256 * 1024, read / size
+    assert size <= written < size + 256 * 1024, written / size
+    assert cli("verify", "smol").exit_code == 0
 
 
 def test_import_file_url_and_two_names_share_one_blob(cli: Cli, sovctl_home: Path,
@@ -192,9 +221,21 @@ def test_bad_refs(cli: Cli, sovctl_home: Path, ref: str, code: ExitCode, needle:
 
 
 def test_bad_sha256_flag(cli: Cli, sovctl_home: Path) -> None:
-    assert_error(cli("pull", str(TINY_MODEL), "--sha256", "abc"), ExitCode.USAGE,
-                 "not a sha256 hex digest")
+    for bad in ("abc", TINY_SHA + "\n", TINY_SHA + "0"):
+        assert_error(cli("pull", str(TINY_MODEL), "--sha256", bad), ExitCode.USAGE,
+                     "not a sha256 hex digest")
     assert not sovctl_home.exists()
+
+
+def test_lock_with_a_bad_sha256_is_refused(cli: Cli, sovctl_home: Path) -> None:
+    """The lock and `--sha256` share one rule: 64 hex digits, and nothing after them."""
+    assert cli("pull", str(TINY_MODEL), "--name", "tiny").exit_code == 0
+    path = sovctl_home / "sovctl.lock"
+    doc = tomllib.loads(path.read_text())
+    for bad in (TINY_SHA + "\n", TINY_SHA.upper(), TINY_SHA[:-1]):
+        doc["models"]["tiny"]["sha256"] = bad
+        path.write_text(tomli_w.dumps(doc))
+        assert_error(cli("verify"), ExitCode.CONFIG, "entry 'tiny' has a bad sha256")
 
 
 def test_name_already_pinning_other_bytes(cli: Cli, sovctl_home: Path) -> None:
@@ -570,6 +611,39 @@ def test_verify_finds_a_corrupted_and_a_missing_blob(cli: Cli, sovctl_home: Path
     assert lock_models(sovctl_home)["tiny"]["verified_at"] == "2000-01-01T00:00:00Z"
 
 
+def test_verify_and_the_start_check_share_one_rule(cli: Cli, sovctl_home: Path) -> None:
+    """`verify` is the full form of the check `serve` runs before it starts: a mismatch found
+    by either drops the blob's stamp, so a fast check can never vouch for it again."""
+    assert cli("pull", str(TINY_MODEL), "--name", "tiny").exit_code == 0
+    stamp = sovctl_home / "store" / "stamps" / f"sha256-{TINY_SHA}.json"
+    assert stamp.is_file()
+    blob = sovctl_home / "store" / "blobs" / f"sha256-{TINY_SHA}"
+    blob.chmod(0o644)
+    with blob.open("r+b") as f:
+        f.truncate(TINY_MODEL.stat().st_size - 1)
+    r = cli("--json", "verify")
+    assert r.exit_code == ExitCode.FAILURE
+    [item] = doc_of(r)["data"]["items"]
+    assert item["status"] == "mismatch" and item["size"] == TINY_MODEL.stat().st_size - 1
+    assert item["actual"] == hashlib.sha256(TINY_MODEL.read_bytes()[:-1]).hexdigest()
+    assert not stamp.exists()
+
+
+def test_verify_in_a_real_process_imports_nothing_heavy(cli: Cli, sovctl_home: Path) -> None:
+    assert cli("pull", str(TINY_MODEL), "--name", "tiny").exit_code == 0
+    code = ("import sys, runpy; sys.argv = ['sovctl', 'verify', 'tiny']\n"
+            "try:\n    runpy.run_module('sovctl', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = [m for m in ('huggingface_hub', 'gguf', 'llama_cpp', 'numpy', 'httpx',"
+            " 'concurrent.futures') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=sub_env(sovctl_home))
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout and "tiny" in r.stdout
+    assert "HEAVY []" in r.stdout
+
+
 def test_verify_unknown_name_and_empty_store(cli: Cli, sovctl_home: Path) -> None:
     r = cli("verify")
     assert r.exit_code == 0 and "nothing to verify" in r.stdout
@@ -636,14 +710,6 @@ def test_rm_keeps_a_shared_blob_and_removes_the_last(cli: Cli, sovctl_home: Path
 
 
 # -- mirror serve ---------------------------------------------------------------------------
-
-
-def _bytes_read_from_files() -> int:
-    """Bytes this process got from read(2) and friends: files, not sockets."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
 
 
 class MirrorProcess:

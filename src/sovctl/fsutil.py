@@ -1,4 +1,4 @@
-"""Small filesystem primitives: atomic writes and advisory file locks."""
+"""Small filesystem primitives: durable writes and renames, and advisory file locks."""
 
 from __future__ import annotations
 
@@ -28,12 +28,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    # The rename itself reaches the disk only with the directory.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Wait until what was written to `path`, by any descriptor, is on disk. For a directory:
+    its entries, which a rename or a new file changes and which its files do not carry."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -18,3 +19,10 @@ def cpu_model(cpuinfo: Path = CPUINFO) -> str:
         pass  # not Linux: fall back to what the platform module knows
     # Also reached on Linux where the kernel names no model (many ARM boards).
     return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    """Cores, not hyper-threads: llama.cpp runs fastest with one thread per physical core."""
+    import psutil
+
+    return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)

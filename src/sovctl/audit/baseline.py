@@ -5,13 +5,17 @@ at temperature 0 with a fixed seed: a chat model answers a chat request (plain, 
 and a completion; a completion model a completion; an embedding model one embeddings request.
 
 A baseline is recorded per model and per model file, under
-`HOME/audit/baselines/NAME/sha256-<hex>.json`. A model whose file changed since its baseline
-(same name, another sha256) is a difference, never a reason to record a new baseline silently:
-`sovctl audit baseline` records one on purpose.
+`HOME/audit/baselines/NAME/sha256-<hex>.json`, with the engine that served it (runtime and
+llama.cpp build). A model whose file changed since its baseline (same name, another sha256) is
+a difference, never a reason to record a new baseline silently: `sovctl audit baseline` records
+one on purpose. A baseline from another runtime is not compared at all (llama-server and
+llama-cpp-python answer differently even at temperature 0): the blackout says so and records a
+new one first.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,7 +26,8 @@ from typing import Any
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.result import utcnow
-from sovctl.runtime.plan import ServedModel
+from sovctl.runtime.llamacpp import LLAMA_CPP_PYTHON, build_info
+from sovctl.runtime.plan import Plan, ServedModel
 from sovctl.sse import sse_data
 
 BASELINE_SCHEMA = "sovctl.audit.baseline/v1"
@@ -175,6 +180,52 @@ def exercise(base: str, models: Sequence[ServedModel], headers: Mapping[str, str
     return Exchange(tuple(answers), status, listed, error, time.perf_counter() - t0)
 
 
+# -- engines -------------------------------------------------------------------------------------
+
+@functools.cache
+def _llama_server_build(binary: str) -> str:
+    """What the binary says of itself, e.g. '0.5.0-dev (build 1, commit 0c1e570)': the one that
+    runs may not be the build scripts/setup recorded ([serve] llama_server)."""
+    import subprocess
+
+    try:
+        r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    line = next((ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("version:")),
+                "")
+    return line.removeprefix("version:").strip() or "unknown"
+
+
+def _llama_cpp_python_build() -> str:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+    build = build_info()
+    return f"{version} (llama.cpp {build.commit})" if build and build.commit else version
+
+
+def engines(plan: Plan) -> dict[str, dict[str, str]]:
+    """Model name -> the engine that serves it: {"runtime", "build"}."""
+    out = {}
+    for p in plan.processes:
+        if p.kind != "runtime":
+            continue
+        build = (_llama_cpp_python_build() if p.runtime == LLAMA_CPP_PYTHON
+                 else _llama_server_build(p.argv.args[p.argv.args.index("--exec") + 1]))
+        out[p.model] = {"runtime": p.runtime, "build": build}
+    return out
+
+
+def describe_engine(engine: Mapping[str, Any] | None) -> str:
+    if not engine:
+        return "an unrecorded runtime (the baseline predates sovctl recording it)"
+    return f"{engine.get('runtime')} {engine.get('build')}"
+
+
 # -- stored baselines -------------------------------------------------------------------------
 
 def baselines_dir(home: Home) -> Path:
@@ -211,9 +262,22 @@ def find(home: Home, model: ServedModel) -> Found:
     return Found("missing")
 
 
+def other_runtime(found: Found, engine: Mapping[str, str]) -> str | None:
+    """The engine a baseline for this very file was recorded with, when it is another runtime
+    than `engine` (such a baseline is recorded again, not compared); else None."""
+    if found.status != "match" or found.doc is None:
+        return None
+    recorded = found.doc.get("engine")
+    if recorded and recorded.get("runtime") == engine["runtime"]:
+        return None
+    return describe_engine(recorded)
+
+
 def record(home: Home, models: Iterable[ServedModel], exchange: Exchange,
-           context: Mapping[str, Any]) -> list[Path]:
-    """Write one baseline per model from a run's answers; all must have answered."""
+           context: Mapping[str, Any], served_by: Mapping[str, Mapping[str, str]]
+           ) -> list[Path]:
+    """Write one baseline per model from a run's answers; all must have answered.
+    `served_by` is each model's engine (see `engines`)."""
     from dataclasses import asdict
 
     written = []
@@ -226,6 +290,7 @@ def record(home: Home, models: Iterable[ServedModel], exchange: Exchange,
             "sha256": m.sha256,
             "size": m.size,
             "recorded_at": utcnow(),
+            "engine": dict(served_by[m.name]),
             **dict(context),
             "answers": {a.request: {k: v for k, v in asdict(a).items()
                                     if k not in ("seconds", "model")} for a in answers},

@@ -3,8 +3,9 @@
 blackout:
  1. make sure a network namespace can be created (else IsolationError, exit 8; no fallback);
  2. check 2, the weights: a full re-hash of every served blob against sovctl.lock;
- 3. where a served model has no baseline at all, record one first, outside the namespace with
-    the network available (never from weights that failed check 2);
+ 3. where a served model has no baseline at all, or one recorded with another runtime, record
+    one first, outside the namespace with the network available (never from weights that
+    failed check 2);
  4. run `python -m sovctl.audit.inside` in a fresh network namespace: it starts the stack,
     runs checks 1 and 3-7, stops the stack and hands its findings back in a file;
  5. write the report under HOME/reports and return it.
@@ -96,7 +97,7 @@ def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
     files = baseline.record(home, chosen, exchange, {
         "network": f"host namespace {netns}", "versions": versions(),
         "n_ctx": {m.name: m.n_ctx for m in chosen},
-    })
+    }, served_by=baseline.engines(plan))
     return BaselineResult(
         models=tuple(ModelInfo(m.name, m.role, m.sha256, m.size) for m in chosen),
         files=tuple(map(str, files)),
@@ -143,6 +144,17 @@ def _run_inside(home: Home, job: dict[str, Any], run_dir: Path) -> dict[str, Any
     return doc
 
 
+def _baseline_note(recorded_now: Sequence[str], replaced: Mapping[str, str]) -> str:
+    if not recorded_now:
+        return ""
+    new = [n for n in recorded_now if n not in replaced]
+    why = ([f"no baseline existed for {', '.join(new)}"] if new else []) + [
+        f"{n}'s baseline was recorded with {w}, another runtime, so it was not compared"
+        for n, w in replaced.items()]
+    return (f"{'; '.join(why)}: a baseline was recorded first for {', '.join(recorded_now)}, "
+            "outside the namespace, with the network available")
+
+
 def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
              embedding: Sequence[str], egress_probe: str | None = None,
              progress: Progress = _quiet) -> AuditReport:
@@ -168,16 +180,25 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
     c2 = checks.weights(home, models)
     timings["weights"] = c2.seconds
 
-    # 3. A baseline for models that never had one, recorded with the network available.
+    # 3. A baseline for models that never had one, or had one from another runtime (whose
+    #    answers differ legitimately), recorded with the network available.
     recorded_now: list[str] = []
+    replaced: dict[str, str] = {}
     baseline_files: list[str] = []
     if c2.passed:
-        missing = [m.name for m in models if not baseline.has_any(home, m.name)]
-        if missing:
-            progress(f"no baseline for {', '.join(missing)}: recording one first, with the "
-                     "network available")
+        served_by = baseline.engines(configured)
+        for m in models:
+            was = baseline.other_runtime(baseline.find(home, m), served_by[m.name])
+            if was is not None:
+                replaced[m.name] = was
+        todo = [m.name for m in models
+                if m.name in replaced or not baseline.has_any(home, m.name)]
+        if todo:
+            why = "; ".join([f"{n}'s was recorded with {w}" for n, w in replaced.items()]
+                            + [f"none for {n}" for n in todo if n not in replaced])
+            progress(f"recording a baseline first, with the network available ({why})")
             t = time.perf_counter()
-            rec = record_baseline(home, flags, chat, embedding, only=missing,
+            rec = record_baseline(home, flags, chat, embedding, only=todo,
                                   full_verify=False, progress=progress)
             timings["baseline"] = round(time.perf_counter() - t, 3)
             recorded_now, baseline_files = [m.name for m in rec.models], list(rec.files)
@@ -192,6 +213,7 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
         "home": str(home.root), "flags": dict(flags), "chat": list(chat),
         "embedding": list(embedding), "egress_probe": egress_probe,
         "outer_netns": outer_netns, "weights_ok": c2.passed, "recorded_now": recorded_now,
+        "replaced": replaced,
     }, run_home.run_root)
     timings["blackout"] = round(time.perf_counter() - t, 3)
     timings.update({f"blackout_{k}": v for k, v in inside.get("timings", {}).items()})
@@ -210,10 +232,9 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
         checks=tuple(found),
         baseline={
             "recorded_now": recorded_now,
+            "replaced": replaced,
             "files": baseline_files or [str(baseline.find(home, m).path or "") for m in models],
-            "note": (f"no baseline existed for {', '.join(recorded_now)}: one was recorded "
-                     "first, outside the namespace, with the network available"
-                     if recorded_now else ""),
+            "note": _baseline_note(recorded_now, replaced),
         },
         timings=timings,
         host=host_fingerprint(),

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sovctl.audit.tracing import SELF_TEST_TARGET, Observed, Tracer
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.runtime import egress
 from sovctl.runtime.documents import RoutesTable
-from sovctl.runtime.plan import OFFLINE_ENV, Plan, ServedModel, routes_table
+from sovctl.runtime.plan import OFFLINE_ENV, Plan, ProcessSpec, ServedModel, routes_table
 
 if TYPE_CHECKING:
     from sovctl.audit.baseline import Exchange
@@ -218,7 +219,10 @@ def service(models: Sequence[ServedModel], exchange: Exchange) -> CheckResult:
 # -- 5. behaviour --------------------------------------------------------------------------------
 
 def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
-              recorded_now: Sequence[str]) -> CheckResult:
+              recorded_now: Sequence[str], replaced: Mapping[str, str],
+              served_by: Mapping[str, Mapping[str, str]]) -> CheckResult:
+    """`replaced`: model -> the engine its old baseline was recorded with, for the models whose
+    baseline came from another runtime and was recorded again before the blackout."""
     from sovctl.audit import baseline
 
     t0 = time.perf_counter()
@@ -233,6 +237,12 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
         used[m.name] = str(found.path)
         answers = exchange.for_model(m.name)
         d = baseline.compare(m, found, answers)
+        # Same runtime (another one is recorded again, never compared), maybe another build:
+        # name both, as a build may legitimately change the answers.
+        engine, was = served_by.get(m.name), (found.doc or {}).get("engine")
+        if d and engine and was and was != engine:
+            d.append(f"{m.name}: baseline recorded with {baseline.describe_engine(was)}, "
+                     f"now served by {baseline.describe_engine(engine)}")
         diffs += d
         if not d:
             worst = baseline.max_embedding_diff(found, answers)
@@ -242,54 +252,120 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
                 bits.append(f"embeddings max |Δ| {worst:.2g} ≤ {baseline.EMBEDDING_TOLERANCE:g}")
             when = found.doc.get("recorded_at") if found.doc else "?"
             parts.append(f"{m.name}: {'; '.join(bits)} (baseline of {when})")
-    note = ""
-    if recorded_now:
-        note = (f"baseline recorded just now, with the network available, for "
-                f"{', '.join(recorded_now)} (none existed)")
-    evidence = "; ".join(diffs + parts + ([note] if note else []))
+    notes = []
+    new = [n for n in recorded_now if n not in replaced]
+    if new:
+        notes.append(f"baseline recorded just now, with the network available, for "
+                     f"{', '.join(new)} (none existed)")
+    for name, was in replaced.items():
+        engine = served_by.get(name)
+        notes.append(f"{name}: its baseline was recorded with {was}, and this stack serves it "
+                     f"with {baseline.describe_engine(engine)}; answers of different runtimes "
+                     "are not comparable, so it was not compared but recorded again just now, "
+                     "with the network available")
+    evidence = "; ".join(diffs + parts + notes)
     return result(5, not diffs, evidence, time.perf_counter() - t0,
-                  {"differences": diffs, "baselines": used, "recorded_now": list(recorded_now)})
+                  {"differences": diffs, "baselines": used, "recorded_now": list(recorded_now),
+                   "replaced": dict(replaced), "engines": dict(served_by)})
 
 
 # -- 6. egress ---------------------------------------------------------------------------------
 
-def no_egress(plan: Plan, live_env: Mapping[str, Mapping[str, str] | None]) -> CheckResult:
-    t0 = time.perf_counter()
+LAUNCH = "sovctl.runtime.launch"
+
+
+def recorded_attempts(plan: Plan) -> list[dict[str, Any]]:
+    """Every egress attempt the audit hooks and the tracer recorded for the plan's processes."""
     attempts = egress.read_log(Path(plan.egress_log))
-    names = [p.name for p in plan.processes]
-    unhooked = [n for n in names
-                if egress.ENV_LOG not in (live_env.get(n) or {})
-                or "sovctl.runtime.launch" not in next(p for p in plan.processes
-                                                       if p.name == n).argv.args]
+    for p in plan.processes:
+        trace_log = p.argv.env.get(egress.ENV_TRACE)
+        if trace_log:
+            attempts += egress.read_trace(Path(trace_log), p.name)
+    return sorted(attempts, key=lambda a: float(a.get("time", 0)))
+
+
+def _describe(a: Mapping[str, Any]) -> str:
+    how = str(a["recorder"]) + (", a name lookup" if a.get("lookup") else "")
+    return f"{a['component']} {a['event']} {a['target']} [{how}]"
+
+
+def _native(p: ProcessSpec) -> bool:
+    """Whether the process runs a program of its own (`launch NAME --exec ...`), or anything
+    not started through the launcher: no audit hook is in it."""
+    args = p.argv.args
+    return LAUNCH not in args or args[args.index(LAUNCH) + 2] == "--exec"
+
+
+def no_egress(plan: Plan, observed: Mapping[str, Observed | None], tracer: Tracer
+              ) -> CheckResult:
+    """No process attempted egress, and every process was watched by a recorder that can see
+    what it runs: the audit hook sees Python only, so a native program needs the tracer."""
+    t0 = time.perf_counter()
+    attempts = recorded_attempts(plan)
+    rows = []
+    by: dict[str, list[str]] = {egress.STRACE: [], egress.HOOK: []}
+    untraced_native: list[str] = []
+    unconfirmed: list[str] = []
+    for p in plan.processes:
+        native = _native(p)
+        trace_log = p.argv.env.get(egress.ENV_TRACE)
+        o = observed.get(p.name)
+        program = o.program if o is not None else "?"
+        recorders = []
+        if trace_log and o is not None and o.tracer_pid is not None:
+            recorders.append(egress.STRACE)
+        if not native and o is not None and egress.ENV_LOG in (o.env or {}):
+            recorders.append(egress.HOOK)
+        for r in recorders:
+            by[r].append(f"{p.name} ({program})")
+        rows.append({"process": p.name, "program": o.exe if o else "", "native": native,
+                     "pid": o.serving_pid if o else None,
+                     "tracer_pid": o.tracer_pid if o else None, "recorders": recorders,
+                     "trace_log": trace_log})
+        if trace_log and egress.STRACE not in recorders:
+            unconfirmed.append(f"strace in {p.name}")  # planned, yet not attached
+        elif not recorders and native:
+            untraced_native.append(f"{p.name} ({program})")
+        elif not recorders:
+            unconfirmed.append(f"the audit hook in {p.name}")
     problems = []
-    if unhooked:
-        problems.append(f"egress recorder not confirmed in {', '.join(unhooked)}")
+    if untraced_native:
+        problems.append(
+            f"no system call tracer watched {', '.join(untraced_native)}: native code, which no "
+            f"audit hook sees, so no attempt of theirs could have been recorded ({tracer.problem})")
+    if unconfirmed:
+        problems.append("egress recorder not confirmed in the running stack: "
+                        + ", ".join(unconfirmed))
     if attempts:
-        listed = "; ".join(f"{a.get('component')} {a.get('event')} {a.get('target')}"
-                           for a in attempts[:20])
+        listed = "; ".join(_describe(a) for a in attempts[:20])
         more = f" (+{len(attempts) - 20} more)" if len(attempts) > 20 else ""
         problems.append(f"{len(attempts)} egress attempt(s): {listed}{more}")
-    evidence = "; ".join(problems) if problems else (
-        f"0 attempts to reach a non-loopback address or resolve a name, recorded by the audit "
-        f"hooks in {', '.join(names)}")
-    return result(6, not problems, evidence, time.perf_counter() - t0,
-                  {"attempts": attempts, "log": plan.egress_log, "unhooked": unhooked})
+    watched = []
+    if by[egress.STRACE]:
+        calls = ", ".join(egress.TRACED_SYSCALLS)
+        watched.append(f"by strace {tracer.version} ({calls} of every thread and child) in "
+                       + ", ".join(by[egress.STRACE]))
+    if by[egress.HOOK]:
+        watched.append("by the audit hook in " + ", ".join(by[egress.HOOK]))
+    parts = ["recorded " + ", and ".join(watched)] if watched else []
+    if tracer.usable:
+        host, port = SELF_TEST_TARGET
+        parts.append(f"the tracer's self-test recorded a deliberate connect from native code "
+                     f"(bash) to {host}:{port} in this namespace")
+    elif not untraced_native:
+        parts.append(f"no system call tracer, so native code inside these processes is not "
+                     f"covered ({tracer.problem})")
+    evidence = "; ".join(problems + parts) if problems else (
+        "0 attempts to reach a non-loopback address or resolve a name; " + "; ".join(parts))
+    return result(6, not problems, evidence, time.perf_counter() - t0, {
+        "attempts": attempts, "log": plan.egress_log, "processes": rows,
+        "unrecorded": [*untraced_native, *unconfirmed],
+        "tracer": {"path": tracer.path, "version": tracer.version, "problem": tracer.problem,
+                   "self_test": dict(tracer.self_test)},
+    })
 
 
 # -- 7. configuration --------------------------------------------------------------------------
-
-def read_environ(pid: int) -> dict[str, str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    env = {}
-    for item in raw.split(b"\0"):
-        k, sep, v = item.partition(b"=")
-        if sep:
-            env[k.decode(errors="replace")] = v.decode(errors="replace")
-    return env
-
 
 def _last_value(args: Sequence[str], flag: str) -> str | None:
     """The value a command line gives `flag` (the last occurrence wins, as with argparse)."""

@@ -1,9 +1,10 @@
 """The part of the blackout that runs inside the network namespace.
 
 `python -m sovctl.audit.inside JOB.json` enters a fresh network namespace first thing (while
-the process is still single-threaded), brings loopback up, then starts the stack the way
-`serve --detach` does, runs checks 1 and 3 to 7 against it, stops it, and writes its findings to
-the result file named in the job. Every process it starts inherits the namespace.
+the process is still single-threaded), brings loopback up, proves the system call tracer works
+there, then starts the stack the way `serve --detach` does (every process under the tracer),
+runs checks 1 and 3 to 7 against it, stops it, and writes its findings to the result file named
+in the job. Every process it starts inherits the namespace.
 
 Exit codes: 0 findings written (passing or not), 8 the namespace was refused (the refusal is in
 the result file), anything else a crash (see the log the outer process keeps).
@@ -35,10 +36,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
     from sovctl import config
-    from sovctl.audit import baseline, checks, stack
+    from sovctl.audit import baseline, checks, stack, tracing
     from sovctl.errors import SovctlError
     from sovctl.home import Home
-    from sovctl.runtime import control, egress
+    from sovctl.runtime import control
 
     home = Home(Path(job["home"]))
     run_home = stack.audit_home(home, "blackout")
@@ -47,12 +48,21 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
                                    egress_probe=job.get("egress_probe"))
     results = [checks.isolation(mode, job["outer_netns"])]
     live_env: dict[str, dict[str, str] | None] | None = None
+    observed: dict[str, tracing.Observed | None] = {}
     timings: dict[str, float] = {}
     if not job["weights_ok"]:
         why = "the weights failed check 2, and serve refuses to start such a stack"
         results += [checks.not_run(3, why), checks.not_run(4, why), checks.not_run(5, why),
                     checks.not_run(6, why)]
     else:
+        # The tracer is proven before the stack starts, and the stack runs under it only then;
+        # without it, check 6 says which processes went unwatched.
+        t0 = time.perf_counter()
+        trace_dir = run_home.run / "trace"
+        tracer = tracing.prepare(trace_dir, job["outer_netns"])
+        if tracer.usable:
+            plan = stack.traced(plan, trace_dir)
+        timings["tracer"] = round(time.perf_counter() - t0, 3)
         base = stack.client_base(plan)
         headers = stack.auth_headers(home, plan)
         t0 = time.perf_counter()
@@ -70,10 +80,13 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
                 timings["requests"] = round(exchange.seconds, 3)
                 results.append(checks.service(plan.models, exchange))
                 results.append(checks.behaviour(home, plan.models, exchange,
-                                                job.get("recorded_now") or []))
+                                                job.get("recorded_now") or [],
+                                                job.get("replaced") or {},
+                                                baseline.engines(plan)))
                 st = control.status(run_home)
-                live_env = {p.name: checks.read_environ(p.pid) if p.pid else None
+                observed = {p.name: tracing.observe(p.pid) if p.pid else None
                             for p in st.processes}
+                live_env = {n: o.env if o else None for n, o in observed.items()}
             else:
                 why = "the stack did not start"
                 results += [checks.not_run(4, why), checks.not_run(5, why)]
@@ -82,9 +95,9 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
             stack.stop(run_home)
             timings["stop"] = round(time.perf_counter() - t1, 3)
         if start_error is None:
-            results.append(checks.no_egress(plan, live_env or {}))
+            results.append(checks.no_egress(plan, observed, tracer))
         else:
-            attempts = len(egress.read_log(Path(plan.egress_log)))
+            attempts = len(checks.recorded_attempts(plan))
             results.append(checks.not_run(6, f"the stack did not start ({attempts} egress "
                                              "attempt(s) recorded meanwhile)"))
     results.append(checks.configuration(home, configured, plan, live_env))

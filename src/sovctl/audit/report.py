@@ -57,11 +57,17 @@ class AuditReport:
 def versions() -> dict[str, str]:
     from importlib import metadata
 
+    from sovctl.runtime.llamacpp import build_info
+
     try:
         llama = metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
         llama = "not installed"
+    build = build_info()
+    # The llama.cpp build scripts/setup made, behind both runtimes (each baseline also records
+    # the build of the engine that actually served it).
     return {"sovctl": __version__, "llama-cpp-python": llama,
+            "llama.cpp": build.commit if build and build.commit else "unknown",
             "python": platform.python_version()}
 
 

@@ -72,6 +72,17 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
     return configured, run
 
 
+def traced(plan: Plan, trace_dir: Path) -> Plan:
+    """The plan with every process started under the system call tracer, each logging to
+    TRACE_DIR/NAME.strace (see sovctl.runtime.launch)."""
+    from sovctl.runtime import egress
+
+    procs = tuple(dataclasses.replace(p, argv=dataclasses.replace(p.argv, env={
+        **p.argv.env, egress.ENV_TRACE: str(trace_dir / f"{p.name}.strace")}))
+        for p in plan.processes)
+    return dataclasses.replace(plan, processes=procs)
+
+
 def client_base(plan: Plan) -> str:
     host = "127.0.0.1" if plan.host in UNSPECIFIED else plan.host
     if ":" in host:

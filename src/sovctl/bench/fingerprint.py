@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from dataclasses import asdict, dataclass
 
 from sovctl import __version__
 from sovctl.bench.telemetry import Nvml, NvmlInfo
-from sovctl.hostinfo import cpu_model
+from sovctl.hostinfo import cpu_model, physical_cores
 
 
 @dataclass(frozen=True)
@@ -21,6 +20,9 @@ class LlamaBuild:
     llama_cpp_python: str
     gpu_offload: bool
     system_info: str
+    # the one llama.cpp compile behind both runtimes, as scripts/build-llama-cpp recorded it
+    commit: str
+    build_flags: str
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,6 @@ class Fingerprint:
         """A short stable hash of everything above, to tell environments apart at a glance."""
         blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 # enum ggml_backend_dev_type in ggml-backend.h
@@ -78,10 +74,15 @@ def gpu_offload() -> bool:
 def llama_build() -> LlamaBuild:
     import llama_cpp
 
+    from sovctl.runtime.llamacpp import build_info
+
+    build = build_info()
     return LlamaBuild(
         llama_cpp_python=llama_cpp.__version__,
         gpu_offload=gpu_offload(),
         system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        commit=build.commit if build else "unknown (not built by scripts/setup)",
+        build_flags=build.flags if build else "",
     )
 
 

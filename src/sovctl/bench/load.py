@@ -98,6 +98,7 @@ class LoadRun:
     finished_at: str
     url: str
     model: str
+    runtime: str | None  # which engine served, as a sovctl gateway reports it; None elsewhere
     settings: LoadSettings
     levels: tuple[LevelResult, ...]
 
@@ -172,7 +173,8 @@ class _Client:
     def close(self) -> None:
         self.http.close()
 
-    def models(self) -> list[str]:
+    def models(self) -> dict[str, str | None]:
+        """Served model ids, each with the runtime a sovctl gateway names for it."""
         httpx = self.httpx
         try:
             r = self.http.get(f"{self.base}/models")
@@ -188,7 +190,7 @@ class _Client:
             raise NetworkError(f"GET {self.base}/models answered HTTP {r.status_code}",
                                hint="is --url the OpenAI-compatible base, ending in /v1?")
         try:
-            return [m["id"] for m in r.json().get("data", [])]
+            return {m["id"]: m.get("runtime") for m in r.json().get("data", [])}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise NetworkError(f"GET {self.base}/models did not answer an OpenAI model list",
                                hint="is --url the OpenAI-compatible base, ending in /v1?") from None
@@ -317,7 +319,7 @@ def run(s: LoadSettings, api_key: str | None,
         if s.model is None:
             if not served:
                 raise NotFoundError(f"{s.url} serves no models", hint="start one, or pass --model")
-            model = served[0]
+            model = next(iter(served))
         else:
             model = s.model
         prompt = make_prompt(s.prompt_tokens)
@@ -334,4 +336,4 @@ def run(s: LoadSettings, api_key: str | None,
     finally:
         client.close()
     return LoadRun(kind="serve", started_at=started, finished_at=utcnow(), url=s.url,
-                   model=model, settings=s, levels=tuple(levels))
+                   model=model, runtime=served.get(model), settings=s, levels=tuple(levels))

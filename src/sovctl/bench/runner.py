@@ -22,6 +22,7 @@ from sovctl.bench import history, micro, roofline, telemetry
 from sovctl.bench.stats import mean
 from sovctl.errors import NotFoundError, UsageError
 from sovctl.home import Home
+from sovctl.hostinfo import physical_cores
 from sovctl.result import jsonable, utcnow
 
 Progress = Callable[[str], None]
@@ -194,7 +195,7 @@ def new_run_id() -> str:
 
 
 def default_threads() -> int:
-    return fp_mod.physical_cores()
+    return physical_cores()
 
 
 def default_gpu_layers() -> int:

@@ -176,7 +176,8 @@ def _ms(v: float | None) -> str:
 
 
 def serve(c: Console, run: LoadRun) -> None:
-    c.print(f"{run.url} model {run.model}: {run.settings.requests} requests per level, "
+    served = f" ({run.runtime})" if run.runtime else ""
+    c.print(f"{run.url} model {run.model}{served}: {run.settings.requests} requests per level, "
             f"~{run.settings.prompt_tokens} prompt tokens, up to {run.settings.max_tokens} "
             f"output tokens, streaming", highlight=False)
     t = _table("throughput")

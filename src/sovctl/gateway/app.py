@@ -1,4 +1,11 @@
-"""The gateway's ASGI application (Starlette), built from the routing table."""
+"""The gateway's ASGI application, built from the routing table.
+
+The proxied POST endpoints are the gateway's whole overhead, so they run as a raw ASGI handler
+over a small HTTP/1.1 client of its own (kept-alive connections to each runtime, parsed with
+httptools): Starlette's Request/Response objects and httpx cost over a millisecond of CPU a
+request there, as much as a small embedding takes. The rest (health, readiness, models,
+metrics, the 404 and 405 answers) stays on Starlette.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +14,28 @@ import contextlib
 import hmac
 import json
 import re
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import httpx
+import httptools
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HttpRoute
 
 from sovctl.errors import ConfigError
 from sovctl.gateway import validate
 from sovctl.gateway.metrics import Metrics
 from sovctl.runtime.documents import ProcessState, Route, RoutesTable, StackState
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 # Which model roles may answer which endpoint; the first role listed is the default when a
 # request names no model.
@@ -67,6 +81,204 @@ def upstream_error(process: str, status: int, content: bytes) -> JSONResponse:
                  param=param if isinstance(param, str) and IDENTIFIER.fullmatch(param) else None)
 
 
+_USAGE_KEY = re.compile(rb'"usage"\s*:')
+_DECODER = json.JSONDecoder()
+
+
+def usage(content: bytes) -> tuple[int, int]:
+    """(prompt, completion) tokens from an answer's usage object, found without parsing the
+    rest: an embeddings answer is mostly vectors, megabytes of them for a batch. A quote
+    inside a JSON string is escaped, so the first `"usage":` is a key."""
+    found = _USAGE_KEY.search(content)
+    if found is None:
+        return 0, 0
+    try:
+        tail = content[found.end():].decode().lstrip()
+        doc = _DECODER.raw_decode(tail)[0]
+        return int(doc.get("prompt_tokens", 0)), int(doc.get("completion_tokens", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0, 0
+
+
+class UpstreamError(Exception):
+    """A runtime that did not answer, or broke its answer off."""
+
+
+# A runtime closes a kept-alive connection idle for 5 s (llama-server's keep-alive timeout):
+# one idle for less than this is still open when the request reaches it.
+IDLE_REUSE_S = 2.0
+CONNECT_TIMEOUT_S = 2.0
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection to a runtime, carrying one exchange at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        self.status = 0
+        self.content_type = b"application/json"
+        self.head_done = False
+        self.framed = False  # a length or chunked encoding: the end is not the connection's
+        self.complete = False
+        self.keep_alive = False
+        self.chunks: list[bytes] = []
+        self.error: UpstreamError | None = None
+
+    def send(self, data: list[bytes]) -> None:
+        assert self.transport is not None
+        self._begin()
+        self.transport.writelines(data)
+
+    def reusable(self) -> bool:
+        return (not self.closed and self.keep_alive
+                and time.monotonic() - self.idle_since < IDLE_REUSE_S)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- reading the answer, for the request's task -------------------------------------------
+    async def head(self) -> int:
+        while not self.head_done:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+        return self.status
+
+    async def chunk(self) -> bytes:
+        """The body's next bytes as they arrive; b"" at its end."""
+        while not self.chunks:
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+    async def body(self) -> bytes:
+        while not self.complete:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # The request goes out in one write, but an answer must not wait on Nagle either.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.error = UpstreamError(f"a malformed answer ({type(e).__name__})")
+            self.close()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.head_done and not self.framed and not self.complete:
+            self.complete = True  # a body that ends with the connection
+        elif not self.complete and self.error is None:
+            self.error = UpstreamError("closed the connection" if exc is None
+                                       else type(exc).__name__)
+        self._wake()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-type":
+            self.content_type = value
+        elif name in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self._wake()
+
+
+class Upstream:
+    """Kept-alive connections to one runtime, the most recently used reused first."""
+
+    def __init__(self, url: str, key: str | None) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.prefix = parts.path.rstrip("/").encode()
+        self.headers = (f"host: {parts.netloc}\r\ncontent-type: application/json\r\n"
+                        + (f"authorization: Bearer {key}\r\n" if key else "")).encode()
+        self.idle: list[_Connection] = []
+
+    async def post(self, path: str, body: bytes) -> _Connection:
+        """Sends the request; the answer is read from the connection returned, which goes back
+        with release() or, when its answer was not read to the end, close()."""
+        conn: _Connection | None = None
+        while self.idle:
+            candidate = self.idle.pop()
+            if candidate.reusable():
+                conn = candidate
+                break
+            candidate.close()
+        if conn is None:
+            fresh = conn = _Connection()
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await loop.create_connection(lambda: fresh, self.host, self.port)
+            except (OSError, TimeoutError) as e:
+                raise UpstreamError(type(e).__name__) from e
+        conn.send([b"POST ", self.prefix, path.encode(), b" HTTP/1.1\r\n", self.headers,
+                   b"content-length: %d\r\n\r\n" % len(body), body])
+        return conn
+
+    def release(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        if conn.complete and conn.reusable():
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
 class RouteState:
     """A route and its admission control: as many requests in flight as the runtime has
     slots, the rest waiting in a bounded queue."""
@@ -76,15 +288,12 @@ class RouteState:
         self.role = route.role
         self.kind = route.kind
         self.process = route.process
-        self.upstream = route.upstream
         self.runtime = route.runtime
         self.slots = route.parallel
         self.slot = asyncio.Semaphore(route.parallel)
         self.waiting = 0
-        self.headers = {"content-type": "application/json"}
-        if route.key_file:
-            key = Path(route.key_file).read_text().strip()
-            self.headers["authorization"] = f"Bearer {key}"
+        key = Path(route.key_file).read_text().strip() if route.key_file else None
+        self.upstream = Upstream(route.upstream, key)
 
 
 class RuntimeStatus:
@@ -111,6 +320,17 @@ class RuntimeStatus:
         return str(p.status) if p else "unknown"
 
 
+def _start(status: int, content_type: bytes, length: int | None = None,
+           extra: tuple[tuple[bytes, bytes], ...] = ()) -> Message:
+    headers = [(b"content-type", content_type), *extra]
+    if length is not None:
+        headers.append((b"content-length", b"%d" % length))
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+
+
 class Gateway:
     def __init__(self, table: RoutesTable) -> None:
         self.table = table
@@ -118,41 +338,52 @@ class Gateway:
         self.queue_limit = table.limits.queue_limit
         self.queue_timeout = table.limits.queue_timeout
         self.max_body = table.limits.max_body_bytes
-        self.key: str | None = None
+        self.key: bytes | None = None
         if table.auth_required:
-            self.key = Path(table.key_file).read_text().strip()
+            self.key = Path(table.key_file).read_text().strip().encode()
         self.status = RuntimeStatus(Path(table.state_file))
         self.metrics = Metrics()
-        self.client: httpx.AsyncClient | None = None
+
+    def close(self) -> None:
+        for route in self.routes.values():
+            route.upstream.close()
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _authorised(self, request: Request) -> bool:
+    def _authorised(self, given: bytes) -> bool:
         if self.key is None:
             return True
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(),
-                                                                  self.key.encode())
+        scheme, _, token = given.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self.key)
+
+    def _authorised_request(self, request: Request) -> bool:
+        return self._authorised(request.headers.get("authorization", "").encode("latin-1"))
 
     def _unauthorised(self) -> JSONResponse:
         return error(401, "missing or wrong API key: send Authorization: Bearer <key>",
                      "invalid_request_error", "invalid_api_key",
                      headers={"WWW-Authenticate": "Bearer"})
 
-    async def _read_body(self, request: Request) -> bytes | JSONResponse:
-        declared = request.headers.get("content-length")
+    def _too_large(self) -> JSONResponse:
+        return error(413, f"request body over {self.max_body} bytes", "invalid_request_error",
+                     "body_too_large")
+
+    async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes | Response:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return error(413, f"request body over {self.max_body} bytes",
-                         "invalid_request_error", "body_too_large")
+            return self._too_large()
         chunks = []
         size = 0
-        async for chunk in request.stream():
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return error(413, f"request body over {self.max_body} bytes",
-                             "invalid_request_error", "body_too_large")
+                return self._too_large()
             chunks.append(chunk)
-        return b"".join(chunks)
+            more = message.get("more_body", False)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _pick(self, endpoint: str, model: Any) -> RouteState | JSONResponse:
         roles = ENDPOINT_ROLES[endpoint]
@@ -173,19 +404,19 @@ class Gateway:
                          f"{endpoint}", "invalid_request_error", "model_role_mismatch")
         return route
 
-    # -- endpoints -----------------------------------------------------------------------------
+    # -- endpoints on Starlette ----------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        if not self._authorised(request):
+        if not self._authorised_request(request):
             return self._unauthorised()
         runtimes = {r.process: self.status.status(r.process) for r in self.routes.values()}
         ok = all(s == "up" for s in runtimes.values())
         return JSONResponse({"ready": ok, "runtimes": runtimes}, status_code=200 if ok else 503)
 
     async def models(self, request: Request) -> Response:
-        if not self._authorised(request):
+        if not self._authorised_request(request):
             return self._unauthorised()
         data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "sovctl",
                  "role": r.role, "route": r.kind, "runtime": r.runtime,
@@ -194,195 +425,228 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics_text(self, request: Request) -> Response:
-        if not self._authorised(request):
+        if not self._authorised_request(request):
             return self._unauthorised()
         procs = list(self.status.processes().values())
         waiting = {r.model: r.waiting for r in self.routes.values()}
         return PlainTextResponse(self.metrics.render(procs, waiting),
                                  media_type="text/plain; version=0.0.4")
 
-    async def proxy(self, request: Request) -> Response:
-        endpoint = request.url.path
+    # -- the proxied endpoints, raw ASGI -------------------------------------------------------
+    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = scope["path"]
         started = time.perf_counter()
-        response = await self._proxy(request, endpoint, started)
-        if not isinstance(response, StreamingResponse):
-            model = getattr(request.state, "model", "-")
+        try:
+            answer = await self._proxy(scope, receive, send, endpoint, started)
+        except _ClientGone:
+            return
+        if answer is not None:
+            model, response = answer
+            await response(scope, receive, send)
             self.metrics.request(model, endpoint, response.status_code,
                                  time.perf_counter() - started)
-        return response
 
-    async def _proxy(self, request: Request, endpoint: str, started: float) -> Response:
-        if not self._authorised(request):
-            return self._unauthorised()
-        body = await self._read_body(request)
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
+                     started: float) -> tuple[str, Response] | None:
+        """Serves the request; returns what is left to send (an error) with the model to
+        count it under, or None when the answer went out already."""
+        auth, declared = b"", None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value
+            elif name == b"content-length":
+                declared = value
+        if not self._authorised(auth):
+            return "-", self._unauthorised()
+        body = await self._read_body(declared, receive)
         if isinstance(body, Response):
-            return body
+            return "-", body
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(400, f"request body is not valid JSON: {e}", "invalid_request_error",
-                         "invalid_json")
+            return "-", error(400, f"request body is not valid JSON: {e}",
+                              "invalid_request_error", "invalid_json")
         if not isinstance(payload, dict):
-            return error(400, "request body must be a JSON object", "invalid_request_error",
-                         "invalid_json")
+            return "-", error(400, "request body must be a JSON object", "invalid_request_error",
+                              "invalid_json")
         route = self._pick(endpoint, payload.get("model"))
         if isinstance(route, Response):
-            return route
+            return "-", route
         invalid = validate.check(endpoint, payload)
         if invalid is not None:
-            return error(400, invalid.message, "invalid_request_error", invalid.code,
-                         param=invalid.param)
-        request.state.model = route.model
+            return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
+                              param=invalid.param)
         if "model" not in payload:
             payload["model"] = route.model
             body = json.dumps(payload).encode()
         status = self.status.status(route.process)
         if status != "up":
             wait = "30" if status == "failed" else "2"
-            return error(503, f"runtime for {route.model!r} is {status}; retry later"
-                         + (" (it keeps crashing: see 'sovctl status' and 'sovctl logs')"
-                            if status == "failed" else ""),
-                         "service_unavailable", "runtime_unavailable",
-                         headers={"Retry-After": wait})
+            return route.model, error(
+                503, f"runtime for {route.model!r} is {status}; retry later"
+                + (" (it keeps crashing: see 'sovctl status' and 'sovctl logs')"
+                   if status == "failed" else ""),
+                "service_unavailable", "runtime_unavailable", headers={"Retry-After": wait})
         if route.waiting >= self.queue_limit:
-            return error(429, f"{route.waiting} requests already wait for {route.model!r} "
-                         f"(queue limit {self.queue_limit})", "rate_limit_exceeded",
-                         "queue_full", headers={"Retry-After": "1"})
+            return route.model, error(
+                429, f"{route.waiting} requests already wait for {route.model!r} "
+                f"(queue limit {self.queue_limit})", "rate_limit_exceeded", "queue_full",
+                headers={"Retry-After": "1"})
         route.waiting += 1
         try:
-            await asyncio.wait_for(route.slot.acquire(), timeout=self.queue_timeout)
+            async with asyncio.timeout(self.queue_timeout):
+                await route.slot.acquire()
         except TimeoutError:
-            return error(503, f"waited {self.queue_timeout:.0f}s for {route.model!r}",
-                         "service_unavailable", "queue_timeout", headers={"Retry-After": "5"})
+            return route.model, error(
+                503, f"waited {self.queue_timeout:.0f}s for {route.model!r}",
+                "service_unavailable", "queue_timeout", headers={"Retry-After": "5"})
         finally:
             route.waiting -= 1
-        lease = _Lease(route.slot)
         try:
             if payload.get("stream"):
-                return await self._stream(route, lease, endpoint, body, started)
-            return await self._forward(route, endpoint, body)
+                return await self._stream(route, endpoint, body, receive, send, started)
+            return await self._forward(route, endpoint, body, send, started)
         finally:
-            # A stream hands its lease to the response, which releases it when it ends.
-            if not lease.handed_over:
-                lease.release()
+            route.slot.release()
 
-    async def _forward(self, route: RouteState, endpoint: str, body: bytes) -> Response:
-        assert self.client is not None
+    def _unanswered(self, route: RouteState, e: UpstreamError) -> tuple[str, Response]:
+        return route.model, error(503, f"runtime for {route.model!r} did not answer: {e}",
+                                  "service_unavailable", "runtime_unavailable",
+                                  headers={"Retry-After": "2"})
+
+    async def _forward(self, route: RouteState, endpoint: str, body: bytes, send: Send,
+                       started: float) -> tuple[str, Response] | None:
+        upstream = route.upstream
         try:
-            up = await self.client.post(route.upstream + endpoint, content=body,
-                                        headers=route.headers)
-        except httpx.TransportError as e:
-            return error(503, f"runtime for {route.model!r} did not answer: "
-                         f"{type(e).__name__}", "service_unavailable", "runtime_unavailable",
-                         headers={"Retry-After": "2"})
-        if not up.is_success:
-            return upstream_error(route.process, up.status_code, up.content)
+            conn = await upstream.post(endpoint, body)
+        except UpstreamError as e:
+            return self._unanswered(route, e)
         try:
-            usage = up.json().get("usage") or {}
-            self.metrics.count_tokens(route.model, int(usage.get("prompt_tokens", 0)),
-                                      int(usage.get("completion_tokens", 0)))
-        except (ValueError, AttributeError):
-            pass
-        return Response(up.content, status_code=up.status_code,
-                        media_type=up.headers.get("content-type", "application/json"))
+            status = await conn.head()
+            content = await conn.body()
+        except UpstreamError as e:
+            return self._unanswered(route, e)
+        finally:
+            upstream.release(conn)
+        if not 200 <= status < 300:
+            return route.model, upstream_error(route.process, status, content)
+        self.metrics.count_tokens(route.model, *usage(content))
+        await send(_start(status, conn.content_type, len(content)))
+        await send({"type": "http.response.body", "body": content})
+        self.metrics.request(route.model, endpoint, status, time.perf_counter() - started)
+        return None
 
-    async def _stream(self, route: RouteState, lease: _Lease, endpoint: str, body: bytes,
-                      started: float) -> Response:
-        assert self.client is not None
-        req = self.client.build_request("POST", route.upstream + endpoint, content=body,
-                                        headers=route.headers)
+    async def _stream(self, route: RouteState, endpoint: str, body: bytes, receive: Receive,
+                      send: Send, started: float) -> tuple[str, Response] | None:
+        upstream = route.upstream
         try:
-            up = await self.client.send(req, stream=True)
-        except httpx.TransportError as e:
-            return error(503, f"runtime for {route.model!r} did not answer: "
-                         f"{type(e).__name__}", "service_unavailable", "runtime_unavailable",
-                         headers={"Retry-After": "2"})
-        if not up.is_success:
-            content = await up.aread()
-            await up.aclose()
-            return upstream_error(route.process, up.status_code, content)
-        lease.handed_over = True
-
-        async def close() -> None:
-            await up.aclose()
-            lease.release()
-
-        return _ClosingStream(close, self._relay(route, endpoint, up, started),
-                              media_type="text/event-stream",
-                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def _relay(self, route: RouteState, endpoint: str, up: httpx.Response, started: float
-                     ) -> AsyncIterator[bytes]:
+            conn = await upstream.post(endpoint, body)
+        except UpstreamError as e:
+            return self._unanswered(route, e)
+        # A client that hangs up must stop the generation: closing the connection to the
+        # runtime is what tells it, and frees its slot.
+        watcher = asyncio.ensure_future(_hang_up(receive, conn))
+        streaming = False
         chunks = 0
-        first = True
         code = 200
         try:
-            async for raw in up.aiter_raw():
-                if first:
-                    self.metrics.ttft[route.model].observe(time.perf_counter() - started)
-                    first = False
-                chunks += raw.count(b"data: {")
-                yield raw
-        except httpx.TransportError as e:
-            code = 502
-            # The status line is gone already: say so in the stream, never end it silently.
-            err = {"error": {"message": f"runtime for {route.model!r} failed mid-stream: "
-                             f"{type(e).__name__}", "type": "server_error",
-                             "code": "runtime_failed"}}
-            yield f"data: {json.dumps(err)}\n\n".encode()
+            try:
+                status = await conn.head()
+                if not 200 <= status < 300:
+                    return route.model, upstream_error(route.process, status,
+                                                       await conn.body())
+            except UpstreamError as e:
+                if watcher.done():
+                    raise _ClientGone from e
+                return self._unanswered(route, e)
+            await send(_start(200, b"text/event-stream; charset=utf-8", extra=STREAM_HEADERS))
+            streaming = True
+            try:
+                data = await conn.chunk()
+                self.metrics.ttft[route.model].observe(time.perf_counter() - started)
+                while data:
+                    chunks += data.count(b"data: {")
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    data = await conn.chunk()
+            except UpstreamError as e:
+                if watcher.done():
+                    raise _ClientGone from e
+                code = 502
+                # The status line is gone already: say so in the stream, never end it silently.
+                err = {"error": {"message": f"runtime for {route.model!r} failed mid-stream: "
+                                 f"{e}", "type": "server_error", "code": "runtime_failed"}}
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": f"data: {json.dumps(err)}\n\n".encode()})
+            await send({"type": "http.response.body", "body": b""})
+            return None
         finally:
-            # Each streamed data event carries one token (llama-cpp-python's server).
-            self.metrics.count_tokens(route.model, 0, chunks)
-            self.metrics.request(route.model, endpoint, code, time.perf_counter() - started)
+            watcher.cancel()
+            # Never reused: llama-server closes the connection after a streamed answer without
+            # saying so in its headers, and the next request sent on it would be lost.
+            conn.close()
+            if streaming:
+                # Each streamed data event carries one token.
+                self.metrics.count_tokens(route.model, 0, chunks)
+                self.metrics.request(route.model, endpoint, code,
+                                     time.perf_counter() - started)
 
 
-class _Lease:
-    """A held runtime slot, released exactly once whatever path the request takes."""
-
-    def __init__(self, slot: asyncio.Semaphore) -> None:
-        self.slot = slot
-        self.handed_over = False
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self.slot.release()
+class _ClientGone(Exception):
+    """The client hung up: there is no one left to answer."""
 
 
-class _ClosingStream(StreamingResponse):
-    """A streamed response that runs `on_close` when it ends, however it ends: normally, by
-    error, or cancelled by a client that went away (even before the first byte)."""
-
-    def __init__(self, on_close: Callable[[], Awaitable[None]], *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.on_close()
+async def _hang_up(receive: Receive, conn: _Connection) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    conn.close()
 
 
-def create_app(table: RoutesTable) -> Starlette:
+class _Proxy:
+    """The proxied endpoints as an ASGI app, which Starlette mounts as it is."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.gateway.proxy(scope, receive, send)
+
+
+class GatewayApp:
+    """The ASGI entry point: a proxied request goes straight to the gateway, skipping
+    Starlette's middleware and routing; everything else, lifespan included, to Starlette."""
+
+    def __init__(self, gateway: Gateway, starlette: Starlette) -> None:
+        self.gateway = gateway
+        self.starlette = starlette
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"] in ENDPOINT_ROLES):
+            await self.gateway.proxy(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+def create_app(table: RoutesTable) -> GatewayApp:
     gw = Gateway(table)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-        timeout = httpx.Timeout(connect=2.0, read=None, write=30.0, pool=None)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-            gw.client = client
+        try:
             yield
+        finally:
+            gw.close()
 
     routes = [
         HttpRoute("/health", gw.health, methods=["GET"]),
         HttpRoute("/ready", gw.ready, methods=["GET"]),
         HttpRoute("/metrics", gw.metrics_text, methods=["GET"]),
         HttpRoute("/v1/models", gw.models, methods=["GET"]),
-        *(HttpRoute(ep, gw.proxy, methods=["POST"]) for ep in ENDPOINT_ROLES),
+        # Starlette knows the proxied paths too: another method on one gets its 405, and the
+        # path with a trailing slash its redirect.
+        *(HttpRoute(ep, _Proxy(gw), methods=["POST"]) for ep in ENDPOINT_ROLES),
     ]
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, f"no route {request.method} {request.url.path}",
                      "invalid_request_error", "not_found")
@@ -391,8 +655,5 @@ def create_app(table: RoutesTable) -> Starlette:
         return error(405, f"{request.method} is not allowed on {request.url.path}",
                      "invalid_request_error", "method_not_allowed")
 
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={404: not_found, 405: bad_method})
-    app.state.gateway = gw
-    return app
-
+    return GatewayApp(gw, Starlette(routes=routes, lifespan=lifespan,
+                                    exception_handlers={404: not_found, 405: bad_method}))

@@ -367,3 +367,21 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "/v1/completions": _completion,
     "/v1/embeddings": _embedding,
 }
+
+
+def beyond_fallback(model: str, payload: dict[str, Any]) -> Invalid | None:
+    """What the llama-cpp-python runtime cannot serve at all. It would answer `tools` as plain
+    chat and cannot see an image: a silent wrong answer is worse than a clear refusal."""
+    how = (f"serve {model!r} with runtime llama-server ([serve] runtime or "
+           f"[models.{model}] runtime in sovctl.toml)")
+    if payload.get("tools"):
+        return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which cannot "
+                       f"call tools; {how}", "tools", "unsupported_value")
+    for i, m in enumerate(payload.get("messages") or ()):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which "
+                               f"cannot read images; {how}", f"messages[{i}].content[{j}]",
+                               "unsupported_value")
+    return None

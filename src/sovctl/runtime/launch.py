@@ -3,6 +3,11 @@
 Before handing over to MODULE it (1) asks the kernel to kill it when its parent, the
 supervisor, dies, so no child outlives a SIGKILLed supervisor, and (2) installs the egress
 recorder. Any non-Python program can be run the same way with MODULE `--exec`.
+
+When the audit asks for a system call tracer (egress.ENV_TRACE), this launch first becomes
+strace, which runs the same launch again as its child: the inner launch then dies with strace
+as this one dies with the supervisor (strace 6.1 cannot kill its tracees on exit, and a
+parent-death signal is not inherited), and everything after it, native code included, is traced.
 """
 
 from __future__ import annotations
@@ -50,8 +55,19 @@ def main(argv: list[str]) -> None:
     parent = os.environ.get("SOVCTL_SUPERVISOR_PID")
     if parent:
         _die_with_parent(int(parent))
+    trace_log = os.environ.get(egress.ENV_TRACE)
+    if trace_log:
+        # strace keeps this pid, so it is the inner launch's parent; the inner one must not
+        # trace again. The environment is scrubbed there, where the program runs.
+        inner = [sys.executable, "-m", "sovctl.runtime.launch", *argv]
+        os.execvp("strace", egress.strace_argv(
+            "strace", trace_log, inner,
+            env=(egress.ENV_TRACE, f"SOVCTL_SUPERVISOR_PID={os.getpid()}")))
     _scrub_environment()
     if target == "--exec":
+        probe = os.environ.get(egress.ENV_PROBE)
+        if probe:
+            egress.native_probe(probe)
         os.execvp(rest[0], rest)
     log = os.environ.get(egress.ENV_LOG)
     if log:

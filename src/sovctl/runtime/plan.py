@@ -18,6 +18,7 @@ from typing import Any
 from sovctl.config import Settings
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
+from sovctl.hostinfo import physical_cores
 from sovctl.net import is_loopback
 from sovctl.runtime import egress
 from sovctl.runtime.documents import Limits, Route, RoutesTable
@@ -114,12 +115,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def physical_cores() -> int:
-    import psutil
-
-    return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-
-
 def _choose_runtime(name: str, wanted: str, binary: Path | None) -> tuple[str, str | None]:
     """(the runtime, a note when auto fell back)."""
     if wanted == LLAMA_CPP_PYTHON:
@@ -133,10 +128,11 @@ def _choose_runtime(name: str, wanted: str, binary: Path | None) -> tuple[str, s
                               f"(one request at a time); to batch, {SETUP_HINT}")
 
 
-def _check_role(home: Home, name: str, role: str, sha256: str, blob: Path) -> None:
-    """Refuse a model in a role its GGUF says it cannot play."""
+def _check_role(home: Home, name: str, role: str, sha256: str, blob: Path
+                ) -> gguf_info.GgufFacts | None:
+    """Refuse a model in a role its GGUF says it cannot play; its facts when it can."""
     if not blob.exists():
-        return  # the weights check before start refuses it, with the better message
+        return None  # the weights check before start refuses it, with the better message
     facts = gguf_info.facts_for(home, sha256, blob)
     if role in ("chat", "completion") and facts.embedding:
         raise UsageError(
@@ -151,6 +147,7 @@ def _check_role(home: Home, name: str, role: str, sha256: str, blob: Path) -> No
             hint=f"serve it with --chat {name}, and pull an embedding model (a BERT-style GGUF "
             "such as all-MiniLM-L6-v2) for --embedding",
         )
+    return facts
 
 
 @dataclass(frozen=True)
@@ -196,12 +193,16 @@ def served_models(
         entry = lock.get(name)
         role = str(m.get("role", "chat"))
         blob = store.path(entry.sha256)
-        _check_role(home, name, role, entry.sha256, blob)
+        facts = _check_role(home, name, role, entry.sha256, blob)
         runtime, note = _choose_runtime(
             name, str(m.get("runtime", cfg.get("serve.runtime"))), binary)
         if note:
             notes.append(note)
         parallel = int(m.get("parallel", cfg.get("serve.parallel")))
+        n_ctx = int(m.get("n_ctx", cfg.get("serve.n_ctx")))
+        if role == "embedding" and facts and facts.context_length:
+            # An encoder cannot look past what it was trained on (512 tokens for MiniLM).
+            n_ctx = min(n_ctx, facts.context_length)
         out.append(ServedModel(
             name=name,
             role=role,
@@ -211,7 +212,7 @@ def served_models(
             runtime=runtime,
             parallel=parallel if runtime == LLAMA_SERVER else 1,
             # Per-model settings win; the [serve] defaults are what a hardware profile sets.
-            n_ctx=int(m.get("n_ctx", cfg.get("serve.n_ctx"))),
+            n_ctx=n_ctx,
             n_gpu_layers=int(m.get("n_gpu_layers", cfg.get("serve.n_gpu_layers"))),
             n_threads=int(m.get("n_threads", threads)),
             n_batch=m.get("n_batch"),

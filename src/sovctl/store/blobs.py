@@ -8,24 +8,41 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from sovctl.errors import IntegrityError
+from sovctl.fsutil import fsync_path
 from sovctl.home import Home
 
-CHUNK = 4 * 1024 * 1024
+# 1 MiB: a buffer this size is still in the CPU cache when it is hashed after the read;
+# measured faster than 4 MiB or 16 MiB, for hashing and for copying.
+CHUNK = 1024 * 1024
+# Buffers in flight while copying: one being read and written, the others queued for hashing.
+_RING = 4
 GGUF_MAGIC = b"GGUF"
 
 Progress = Callable[[int], None]
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256_hex(value: str) -> bool:
+    """A sha256 the way the lock and the blob names spell it: 64 lowercase hex digits."""
+    return _SHA256_HEX.fullmatch(value) is not None
+
+
+def _read_ahead(f: BinaryIO) -> None:
+    # A larger kernel read-ahead for a file read once, start to end (helps when it is not cached).
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
 
 def hash_stream(f: BinaryIO, progress: Progress | None = None) -> tuple[str, int]:
-    """sha256 and length of everything left in `f`, read once in large chunks."""
+    """sha256 and length of everything left in `f`, read once into one reused buffer."""
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
+    view = memoryview(bytearray(CHUNK))
     total = 0
     while n := f.readinto(view):  # type: ignore[attr-defined]
         h.update(view[:n])
@@ -37,7 +54,15 @@ def hash_stream(f: BinaryIO, progress: Progress | None = None) -> tuple[str, int
 
 def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
     with path.open("rb", buffering=0) as f:
+        _read_ahead(f)
         return hash_stream(f, progress)
+
+
+def _not_gguf(head: bytes) -> IntegrityError:
+    return IntegrityError(
+        f"not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})",
+        hint="point at a .gguf file; sovctl stores GGUF weights only",
+    )
 
 
 class HashingWriter:
@@ -55,43 +80,76 @@ class HashingWriter:
         self._head = b""
         if resume and path.exists():
             with path.open("rb", buffering=0) as f:
-                while n := f.read(CHUNK):
-                    self._hash.update(n)
-                    self._see_head(n)
-                    self.size += len(n)
-            self._check_magic()
+                while chunk := f.read(CHUNK):
+                    self._hash.update(chunk)
+                    self._see_head(chunk)
+                    self.size += len(chunk)
         self._file = path.open("ab" if resume else "wb")
 
-    def _see_head(self, chunk: bytes) -> None:
+    def _see_head(self, chunk: bytes | memoryview) -> None:
+        """Refuse anything that does not start with the GGUF magic, before storing more of it."""
         if len(self._head) < len(GGUF_MAGIC):
-            self._head += chunk[: len(GGUF_MAGIC) - len(self._head)]
+            self._head += bytes(chunk[: len(GGUF_MAGIC) - len(self._head)])
+            if not GGUF_MAGIC.startswith(self._head):
+                raise _not_gguf(self._head)
 
-    def _check_magic(self) -> None:
-        if len(self._head) >= len(GGUF_MAGIC) and self._head != GGUF_MAGIC:
-            raise IntegrityError(
-                f"not a GGUF file (starts with {self._head!r}, expected {GGUF_MAGIC!r})",
-                hint="point at a .gguf file; sovctl stores GGUF weights only",
-            )
+    def _advance(self, n: int) -> None:
+        self.size += n
+        if self.progress:
+            self.progress(n)
 
     def write(self, chunk: bytes) -> None:
-        if len(self._head) < len(GGUF_MAGIC):
-            self._see_head(chunk)
-            self._check_magic()
+        self._see_head(chunk)
         self._file.write(chunk)
         self._hash.update(chunk)
-        self.size += len(chunk)
-        if self.progress:
-            self.progress(len(chunk))
+        self._advance(len(chunk))
+
+    def copy_from(self, src: BinaryIO) -> None:
+        """Append everything left in `src`, reading it once.
+
+        Each buffer is hashed by a helper thread while this one writes it and reads the next:
+        hashing (the GIL released) and copying then take two cores instead of adding up. A
+        buffer is refilled only after its hash is done, so the digest covers exactly the bytes
+        written.
+        """
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
+        from itertools import cycle
+
+        _read_ahead(src)
+        ring = [memoryview(bytearray(CHUNK)) for _ in range(_RING)]
+        hashed: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sovctl-hash") as hasher:
+            for buf in cycle(ring):
+                if len(hashed) == _RING:
+                    hashed.popleft().result()  # the hash of this buffer's previous bytes
+                n = src.readinto(buf)  # type: ignore[attr-defined]
+                if not n:
+                    break
+                view = buf[:n]
+                self._see_head(view)
+                self._file.write(view)
+                hashed.append(hasher.submit(self._hash.update, view))
+                self._advance(n)
+            for done in hashed:
+                done.result()
 
     def close(self) -> None:
+        """Stop writing and keep the bytes, durably, for a later run to resume from."""
         if self._file.closed:
             return
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
     def finish(self) -> tuple[str, int]:
-        self.close()
+        """The digest and length of every byte written. The bytes reach the disk only when
+        `BlobStore.adopt` syncs them, once they matched."""
+        self._file.close()
         if self.size < len(GGUF_MAGIC):
             raise IntegrityError(
                 f"not a GGUF file ({self.size} bytes, shorter than the GGUF magic)",
@@ -118,11 +176,14 @@ class BlobStore:
         return self.home.partials / f"{key}.part"
 
     def adopt(self, partial: Path, sha256: str) -> Path:
-        """Move a fully hashed and matched partial file into the store, read-only."""
+        """Move a fully hashed and matched partial file into the store, read-only, durably:
+        its bytes reach the disk before its name does, and the name before this returns."""
         self.home.ensure(self.home.blobs)
+        fsync_path(partial)
         os.chmod(partial, 0o444)
         dest = self.path(sha256)
         os.replace(partial, dest)
+        fsync_path(dest.parent)
         return dest
 
     def remove(self, sha256: str) -> None:

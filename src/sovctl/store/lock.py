@@ -7,7 +7,6 @@ so a reader sees the old lock or the new one, never half of either.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import tomli_w
 from sovctl.errors import ConfigError, NotFoundError, UsageError
 from sovctl.fsutil import atomic_write, file_lock
 from sovctl.home import Home
+from sovctl.store.blobs import is_sha256_hex
 from sovctl.store.names import check_name
 
 LOCK_VERSION = 1
@@ -50,7 +50,6 @@ class LockEntry:
 
 
 _REQUIRED = ("sha256", "size", "source", "ref", "pulled_at", "digest_from")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Lock:
@@ -105,7 +104,7 @@ class Lock:
                     f"lock file {path}: {name!r} is not a valid model name", hint=hint
                 ) from None
             entry = LockEntry(name=name, **body)
-            if not _HEX64.match(entry.sha256):
+            if not is_sha256_hex(entry.sha256):
                 raise ConfigError(f"lock file {path}: entry {name!r} has a bad sha256", hint=hint)
             entries[name] = entry
         return cls(entries)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from sovctl.home import Home
 from sovctl.result import utcnow
 from sovctl.store import gguf_info, integrity
-from sovctl.store.blobs import BlobStore, Progress, hash_file
+from sovctl.store.blobs import BlobStore, Progress
 from sovctl.store.gguf_info import GgufFacts
 from sovctl.store.lock import Lock, LockEntry
 
@@ -42,22 +42,13 @@ def verify(
 
     lock = Lock.load(home)
     entries = [lock.get(n) for n in names] if names else list(lock.entries.values())
-    store = BlobStore(home)
     items = []
     for e in entries:
-        blob = store.path(e.sha256)
         start = time.perf_counter()
-        if not blob.exists():
-            items.append(VerifyItem(e.name, "missing", e.sha256, None, e.size, 0.0))
-            continue
-        cb = progress(f"verify {e.name}", blob.stat().st_size) if progress else None
-        digest, size = hash_file(blob, cb)
-        status = "ok" if (digest == e.sha256 and size == e.size) else "mismatch"
-        if status == "ok":
-            integrity.record(home, e.sha256)
-        items.append(
-            VerifyItem(e.name, status, e.sha256, digest, size, time.perf_counter() - start)
-        )
+        cb = progress(f"verify {e.name}", e.size) if progress else None
+        r = integrity.check(home, e.name, e.sha256, e.size, full=True, progress=cb)
+        items.append(VerifyItem(e.name, r.status, e.sha256, r.actual,
+                                e.size if r.size is None else r.size, time.perf_counter() - start))
     ok = {i.name: i.expected for i in items if i.status == "ok"}
     if ok:
         now = utcnow()

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sovctl.errors import IntegrityError, UsageError
-from sovctl.fsutil import file_lock
+from sovctl.fsutil import file_lock, fsync_path
 from sovctl.home import Home
 from sovctl.result import utcnow
 from sovctl.store import gguf_info, hub, integrity, refs
-from sovctl.store.blobs import BlobStore, HashingWriter, Progress
+from sovctl.store.blobs import BlobStore, HashingWriter, Progress, is_sha256_hex
 from sovctl.store.lock import Lock, LockEntry
 from sovctl.store.names import check_name, name_from_filename
 
 # (description, total bytes or None, bytes already done) -> a callback taking byte counts
 ProgressFactory = Callable[[str, int | None, int], Progress]
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ def _check_sha(value: str | None) -> str | None:
     if value is None:
         return None
     v = value.lower().removeprefix("sha256:")
-    if not _HEX64.match(v):
+    if not is_sha256_hex(v):
         raise UsageError(f"--sha256 {value!r} is not a sha256 hex digest (64 hex characters)")
     return v
 
@@ -220,7 +217,7 @@ def pull(
             )
         try:
             _check_digest(plan, digest, size, final_name)
-            facts = gguf_info.read_facts(partial, label=f"{final_name} ({ref_text})")
+            facts = _facts_while_syncing(partial, label=f"{final_name} ({ref_text})")
         except IntegrityError:
             partial.unlink(missing_ok=True)
             raise
@@ -246,6 +243,19 @@ def _check_digest(plan: _Plan, digest: str, size: int, name: str) -> None:
             hint="the bytes were altered on the way or at the source; try again or use another "
             "--endpoint",
         )
+
+
+def _facts_while_syncing(partial: Path, label: str) -> gguf_info.GgufFacts:
+    """Parse the GGUF header while the disk takes the bytes: the two waits overlap instead of
+    adding up, and `BlobStore.adopt`'s own fsync then finds nothing left to write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sovctl-fsync") as pool:
+        synced = pool.submit(fsync_path, partial)
+        facts = gguf_info.read_facts(partial, label=label)
+        # A write error surfaces in the first fsync after it, not always in a later one.
+        synced.result()
+    return facts
 
 
 def _record(home: Home, store: BlobStore, entry: LockEntry) -> None:
@@ -277,12 +287,10 @@ def _copy(
     writer = HashingWriter(partial, resume=False, progress=cb)
     try:
         with src.open("rb", buffering=0) as f:
-            while chunk := f.read(4 * 1024 * 1024):
-                writer.write(chunk)
+            writer.copy_from(f)
         digest, size = writer.finish()
     except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
+        writer.discard()
         raise
     return digest, size, size, 0
 
@@ -330,8 +338,7 @@ def _download(
                 if cb:
                     cb(len(chunk))
         except IntegrityError:
-            writer.close()
-            partial.unlink(missing_ok=True)
+            writer.discard()
             raise
         except hub.Interrupted as e:
             writer.close()

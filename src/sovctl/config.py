@@ -74,7 +74,8 @@ MODEL_KEYS: dict[str, Any] = {
     "n_gpu_layers": int,
     "n_threads": int,
     "n_batch": int,
-    "chat_format": str,
+    "chat_format": str,  # a template llama.cpp knows by name (chatml, llama3, ...)
+    "chat_template": str,  # a Jinja template: one shipped with sovctl by name, or a file path
     "seed": int,
     "extra_args": list,
 }

@@ -12,6 +12,7 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class ServedModel:
     n_threads: int = 1
     n_batch: int | None = None
     chat_format: str | None = None
+    chat_template: str | None = None  # the path of a Jinja template file
     seed: int | None = None
     extra_args: tuple[str, ...] = ()
 
@@ -126,6 +128,28 @@ def _choose_runtime(name: str, wanted: str, binary: Path | None) -> tuple[str, s
                           "binary was found", hint=SETUP_HINT)
     return LLAMA_CPP_PYTHON, (f"{name}: llama-server not found, serving with llama-cpp-python "
                               f"(one request at a time); to batch, {SETUP_HINT}")
+
+
+def shipped_templates() -> list[str]:
+    return sorted(p.name.removesuffix(".jinja")
+                  for p in (resources.files("sovctl") / "templates").iterdir()
+                  if p.name.endswith(".jinja"))
+
+
+def chat_template_file(name: str, value: str, runtime: str) -> str:
+    """A [models.NAME] chat_template: a template shipped with sovctl, or a file of one's own."""
+    if runtime != LLAMA_SERVER:
+        raise ConfigError(f"{name}: chat_template needs the llama-server runtime",
+                          hint=f"remove it, or set [models.{name}] runtime = \"llama-server\"")
+    shipped = resources.files("sovctl") / "templates" / f"{value}.jinja"
+    if shipped.is_file():
+        return str(shipped)  # a wheel installs package data as plain files
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"{name}: chat_template {value!r} is neither a template shipped with sovctl nor a file",
+            hint=f"shipped templates: {', '.join(shipped_templates())}; or give a .jinja path")
+    return str(path.resolve())
 
 
 def _check_role(home: Home, name: str, role: str, sha256: str, blob: Path
@@ -217,6 +241,8 @@ def served_models(
             n_threads=int(m.get("n_threads", threads)),
             n_batch=m.get("n_batch"),
             chat_format=m.get("chat_format"),
+            chat_template=chat_template_file(name, m["chat_template"], runtime)
+            if m.get("chat_template") else None,
             seed=m.get("seed"),
             extra_args=tuple(str(a) for a in m.get("extra_args", ())),
         ))
@@ -247,7 +273,8 @@ def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str) ->
     else:
         args += ["--jinja"]
     for flag, value in (("--batch-size", m.n_batch if m.role != "embedding" else None),
-                        ("--chat-template", m.chat_format), ("--seed", m.seed)):
+                        ("--chat-template", m.chat_format),
+                        ("--chat-template-file", m.chat_template), ("--seed", m.seed)):
         if value is not None:
             args += [flag, str(value)]
     return args

@@ -144,9 +144,9 @@ def test_import_reads_the_source_once_and_writes_it_once(cli: Cli, sovctl_home: 
     read, written = _proc_io("rchar") - read, _proc_io("wchar") - written
     assert r.exit_code == 0, r.stderr
     assert lock_models(sovctl_home)["smol"]["sha256"] == CHAT_SHA  # the published digest
-    # The header facts come from a memory map, which these counters do not see; the lock, the
-    # stamps and the facts cache are a few KiB.
-    assert size <= read < size + 256 * 1024, read / size
+    # Besides the one pass over the data, the blob's header is read back for its facts: its
+    # metadata and tensor table, here ~2 MiB (a 49k-token vocabulary), from the page cache.
+    assert size <= read < size + 3 * 1024 * 1024, read / size
     assert size <= written < size + 256 * 1024, written / size
     assert cli("verify", "smol").exit_code == 0
 

@@ -17,9 +17,9 @@ from sovctl.errors import IntegrityError
 from sovctl.fsutil import fsync_path
 from sovctl.home import Home
 
-# 1 MiB: a buffer this size is still in the CPU cache when it is hashed after the read;
-# measured faster than 4 MiB or 16 MiB, for hashing and for copying.
-CHUNK = 1024 * 1024
+# Large enough that the per-buffer costs (a system call each way, a hand-off to the hashing
+# thread) vanish; from 256 KiB to 8 MiB, hashing and copying measured the same.
+CHUNK = 4 * 1024 * 1024
 # Buffers in flight while copying: one being read and written, the others queued for hashing.
 _RING = 4
 GGUF_MAGIC = b"GGUF"
@@ -39,30 +39,19 @@ def _read_ahead(f: BinaryIO) -> None:
     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
-def hash_stream(f: BinaryIO, progress: Progress | None = None) -> tuple[str, int]:
-    """sha256 and length of everything left in `f`, read once into one reused buffer."""
+def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
+    """sha256 and length of a file, read once into one reused buffer."""
     h = hashlib.sha256()
     view = memoryview(bytearray(CHUNK))
     total = 0
-    while n := f.readinto(view):  # type: ignore[attr-defined]
-        h.update(view[:n])
-        total += n
-        if progress:
-            progress(n)
-    return h.hexdigest(), total
-
-
-def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
     with path.open("rb", buffering=0) as f:
         _read_ahead(f)
-        return hash_stream(f, progress)
-
-
-def _not_gguf(head: bytes) -> IntegrityError:
-    return IntegrityError(
-        f"not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})",
-        hint="point at a .gguf file; sovctl stores GGUF weights only",
-    )
+        while n := f.readinto(view):
+            h.update(view[:n])
+            total += n
+            if progress:
+                progress(n)
+    return h.hexdigest(), total
 
 
 class HashingWriter:
@@ -91,7 +80,10 @@ class HashingWriter:
         if len(self._head) < len(GGUF_MAGIC):
             self._head += bytes(chunk[: len(GGUF_MAGIC) - len(self._head)])
             if not GGUF_MAGIC.startswith(self._head):
-                raise _not_gguf(self._head)
+                raise IntegrityError(
+                    f"not a GGUF file (starts with {self._head!r}, expected {GGUF_MAGIC!r})",
+                    hint="point at a .gguf file; sovctl stores GGUF weights only",
+                )
 
     def _advance(self, n: int) -> None:
         self.size += n

@@ -7,14 +7,15 @@ Targets (issue 9), on the same binary, model, threads and slots:
   - time to first token at 4 clients <= 1.1x llama-server's;
   - the gateway adds <= 2 ms to the median embedding request (kept-alive connections, against
     the embedding runtime called directly).
-For the record: embeddings/s at 1 and 8 clients on llama-server --embeddings and on
-llama-cpp-python, and the llama-cpp-python chat runtime through the gateway.
+For the record: embeddings/s at 1 and 8 clients through the gateway with the embedding model on
+llama-server --embeddings and on llama-cpp-python, and the llama-cpp-python chat runtime.
 
 llama-server runs with the argv sovctl's own plan gives the chat runtime (only the port and key
-file differ). The chat rounds alternate which path goes first, so machine noise hits both
-alike; each figure is the median over the rounds. Exits 1 when a target is missed.
+file differ). Runs of the two paths (and of the two embedding runtimes) alternate, each round
+changing which goes first, so machine noise hits both alike; a ratio is the median of the
+rounds' own ratios. Exits 1 when a target is missed.
 
-    .venv/bin/python benchmarks/bench_runtime.py [--rounds 3] [--max-tokens 64]
+    .venv/bin/python benchmarks/bench_runtime.py [--rounds 8] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ MODELS = Path(os.environ.get("SOVCTL_TEST_MODELS", ROOT.parent / "shared" / "mod
 CHAT_MODEL = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBED_MODEL = MODELS / "all-MiniLM-L6-v2-f16.gguf"
 LEVELS = (1, 4, 8)
+EMBED_LEVELS = (1, 8)
 # Distinct prompts per client, the same for both paths in every round: each server's prompt
 # cache sees the same sequence of requests.
 PROMPTS = [f"Write a long story about a lighthouse keeper and {thing}." for thing in (
@@ -68,12 +70,18 @@ class Stream:
 
 @dataclass(frozen=True)
 class Burst:
+    """Concurrent requests started together, one per client."""
+
     streams: list[Stream]
     seconds: float
 
     @property
     def tokens_per_s(self) -> float:
         return sum(s.tokens for s in self.streams) / self.seconds
+
+    @property
+    def ttft(self) -> float:
+        return statistics.median(s.ttft for s in self.streams)
 
     @property
     def starvation(self) -> float:
@@ -84,19 +92,23 @@ class Burst:
 
 def sovctl(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
     full = {**os.environ, "SOVCTL_HOME": str(home), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sovctl", *args], env=full, check=True,
-                          capture_output=True, text=True).stdout
+    done = subprocess.run([sys.executable, "-m", "sovctl", *args], env=full,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"sovctl {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout
 
 
 @contextmanager
 def stack(home: Path, runtime: str) -> Iterator[dict[str, Any]]:
-    """A running `sovctl serve` stack; yields its status document."""
+    """A running `sovctl serve` stack on its own home; yields its status document."""
     from sovctl.runtime.plan import free_port
 
+    sovctl(home, "pull", str(CHAT_MODEL), "--name", "smol")
+    sovctl(home, "pull", str(EMBED_MODEL), "--name", "minilm")
     port = free_port()
-    env = {"SOVCTL_SERVE__RUNTIME": runtime}
     sovctl(home, "serve", "--chat", "smol", "--embedding", "minilm", "--port", str(port), "-d",
-           env=env)
+           env={"SOVCTL_SERVE__RUNTIME": runtime})
     try:
         status = json.loads(sovctl(home, "--json", "status"))["data"]
         status["gateway"] = f"http://127.0.0.1:{port}"
@@ -147,89 +159,117 @@ def direct_llama_server(home: Path, tmp: Path) -> Iterator[tuple[Target, list[st
 
 
 # -- streaming chat ------------------------------------------------------------------------------
-async def stream_one(client: httpx.AsyncClient, path: Target, i: int,
+async def stream_one(client: httpx.AsyncClient, target: Target, i: int,
                      max_tokens: int) -> Stream:
     body = {"model": "smol", "stream": True, "temperature": 0, "max_tokens": max_tokens,
             # Equal work on every request: llama-server's flag, llama-cpp-python's field.
             "ignore_eos": True, "min_tokens": max_tokens,
             "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
-    tokens, ttft, finish, done = 0, 0.0, None, False
+    tokens, ttft, finish, done, ok = 0, 0.0, None, False, False
     t0 = time.perf_counter()
-    async with client.stream("POST", path.base + "/v1/chat/completions", json=body,
-                             headers=path.headers) as r:
-        ok = r.status_code == 200
-        async for line in r.aiter_lines():
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: {"):
-                event = json.loads(line[6:])
-                choices = event.get("choices") or [{}]
-                if choices[0].get("delta", {}).get("content"):
-                    tokens += 1
-                    if tokens == 1:
-                        ttft = time.perf_counter() - t0
-                finish = choices[0].get("finish_reason") or finish
-                ok = ok and "error" not in event
+    try:
+        async with client.stream("POST", target.base + "/v1/chat/completions", json=body,
+                                 headers=target.headers) as r:
+            ok = r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    choices = event.get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        tokens += 1
+                        if tokens == 1:
+                            ttft = time.perf_counter() - t0
+                    finish = choices[0].get("finish_reason") or finish
+                    ok = ok and "error" not in event
+    except httpx.TransportError:
+        ok = False  # counted as incomplete
     seconds = time.perf_counter() - t0
     return Stream(tokens, ttft, seconds, ok and done and finish is not None)
 
 
-async def burst(client: httpx.AsyncClient, path: Target, clients: int, max_tokens: int) -> Burst:
+def chat_client(target: Target) -> httpx.AsyncClient:
+    # llama-server closes its connection after a streamed answer, without saying so: a client
+    # that kept it for the next request would see that request fail. Its clients reconnect.
+    keep = 0 if target.name == "llama-server" else 16
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=keep)
+    return httpx.AsyncClient(timeout=600, limits=limits, trust_env=False)
+
+
+async def burst(client: httpx.AsyncClient, target: Target, clients: int,
+                max_tokens: int) -> Burst:
     t0 = time.perf_counter()
-    streams = await asyncio.gather(*(stream_one(client, path, i, max_tokens)
+    streams = await asyncio.gather(*(stream_one(client, target, i, max_tokens)
                                      for i in range(clients)))
     return Burst(list(streams), time.perf_counter() - t0)
 
 
-async def chat_rounds(paths: list[Target], rounds: int, max_tokens: int
-                      ) -> dict[tuple[str, int], list[Burst]]:
+async def chat_rounds(targets: list[Target], levels: tuple[int, ...], rounds: int,
+                      max_tokens: int) -> dict[tuple[str, int], list[Burst]]:
     out: dict[tuple[str, int], list[Burst]] = {}
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
-        for path in paths:  # warm-up: fills each server's prompt cache the same way
-            await burst(client, path, max(LEVELS), 4)
-        for clients in LEVELS:
+    clients = {t.name: chat_client(t) for t in targets}
+    try:
+        for t in targets:  # warm-up: fills each server's prompt cache the same way
+            await burst(clients[t.name], t, max(levels), 4)
+        for level in levels:
             for r in range(rounds):
-                for path in paths if r % 2 == 0 else reversed(paths):
-                    b = await burst(client, path, clients, max_tokens)
-                    out.setdefault((path.name, clients), []).append(b)
+                for t in targets if r % 2 == 0 else reversed(targets):
+                    b = await burst(clients[t.name], t, level, max_tokens)
+                    out.setdefault((t.name, level), []).append(b)
+    finally:
+        for c in clients.values():
+            await c.aclose()
     return out
 
 
 # -- embeddings ----------------------------------------------------------------------------------
-def embed_latency(paths: list[Target], n: int) -> dict[str, list[float]]:
-    """Alternating single requests over one kept-alive connection per path."""
-    times: dict[str, list[float]] = {p.name: [] for p in paths}
+def embed_latency(targets: list[Target], n: int) -> dict[str, list[float]]:
+    """Alternating single requests, over one kept-alive connection per target."""
+    times: dict[str, list[float]] = {t.name: [] for t in targets}
     body = {"model": "minilm", "input": EMBED_TEXT}
     with httpx.Client(timeout=60, trust_env=False) as client:
         for i in range(n + 20):
-            for p in paths if i % 2 == 0 else reversed(paths):
+            for t in targets if i % 2 == 0 else reversed(targets):
                 t0 = time.perf_counter()
-                client.post(p.base + "/v1/embeddings", json=body,
-                            headers=p.headers).raise_for_status()
+                client.post(t.base + "/v1/embeddings", json=body,
+                            headers=t.headers).raise_for_status()
                 if i >= 20:  # the first ones open connections and warm caches
-                    times[p.name].append(time.perf_counter() - t0)
+                    times[t.name].append(time.perf_counter() - t0)
     return times
 
 
-async def embeds_per_s(path: Target, clients: int, seconds: float) -> float:
+async def embeds_per_s(client: httpx.AsyncClient, target: Target, clients: int,
+                       seconds: float) -> float:
     body = {"model": "minilm", "input": EMBED_TEXT}
     done = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits, trust_env=False) as client:
-        async def worker(until: float) -> None:
-            nonlocal done
-            while time.perf_counter() < until:
-                r = await client.post(path.base + "/v1/embeddings", json=body,
-                                      headers=path.headers)
-                r.raise_for_status()
-                done += 1
 
-        await asyncio.gather(*(worker(time.perf_counter() + 0.5) for _ in range(clients)))
-        done = 0
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(t0 + seconds) for _ in range(clients)))
-        return done / (time.perf_counter() - t0)
+    async def worker(until: float) -> None:
+        nonlocal done
+        while time.perf_counter() < until:
+            r = await client.post(target.base + "/v1/embeddings", json=body,
+                                  headers=target.headers)
+            r.raise_for_status()
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(t0 + seconds) for _ in range(clients)))
+    return done / (time.perf_counter() - t0)
+
+
+async def embed_rounds(targets: list[Target], rounds: int, seconds: float
+                       ) -> dict[tuple[str, int], list[float]]:
+    out: dict[tuple[str, int], list[float]] = {}
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    async with httpx.AsyncClient(timeout=60, limits=limits, trust_env=False) as client:
+        for t in targets:
+            await embeds_per_s(client, t, max(EMBED_LEVELS), 0.5)  # warm-up, connections
+        for level in EMBED_LEVELS:
+            for r in range(rounds):
+                for t in targets if r % 2 == 0 else reversed(targets):
+                    out.setdefault((t.name, level), []).append(
+                        await embeds_per_s(client, t, level, seconds))
+    return out
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -243,107 +283,109 @@ class Verdicts:
         return "PASS" if ok else "MISS"
 
 
-def report_chat(results: dict[tuple[str, int], list[Burst]], v: Verdicts) -> None:
-    def med(name: str, clients: int, attr: str) -> float:
-        return statistics.median(getattr(b, attr) for b in results[(name, clients)])
+def paired(results: dict[tuple[str, int], list[Burst]], level: int,
+           figure: Callable[[Burst], float]) -> tuple[float, float, float]:
+    """(llama-server, sovctl, ratio): medians over the rounds; the ratio is the median of each
+    round's own ratio, the two bursts of a round having run one right after the other."""
+    direct = [figure(b) for b in results[("llama-server", level)]]
+    ours = [figure(b) for b in results[("sovctl", level)]]
+    ratios = [o / d for o, d in zip(ours, direct, strict=True)]
+    return statistics.median(direct), statistics.median(ours), statistics.median(ratios)
 
-    print(f"\nstreaming chat, total tokens/s (median of {len(results[('sovctl', 1)])} rounds)")
-    print(f"{'clients':>7} {'llama-server':>13} {'sovctl':>8} {'ratio':>6} {'target':>7}  "
-          f"{'slowest/median e2e (direct, sovctl)':>36}  all complete")
-    for clients in LEVELS:
-        direct, ours = (med(n, clients, "tokens_per_s") for n in ("llama-server", "sovctl"))
-        target = 0.95 if clients == 1 else 0.9
-        verdict = v.check(ours / direct >= target, f"tokens/s at {clients} clients")
-        starve = [max(b.starvation for b in results[(n, clients)])
-                  for n in ("llama-server", "sovctl")]
-        complete = [all(s.complete for b in results[(n, clients)] for s in b.streams)
-                    for n in ("llama-server", "sovctl")]
-        tokens = sorted({s.tokens for b in results[("sovctl", clients)] for s in b.streams})
-        line = (f"{clients:7d} {direct:13.1f} {ours:8.1f} {ours / direct:6.3f} {target:>7}  "
-                f"{verdict}")
-        if clients > 1:
-            ok = starve[1] <= 2 and complete[1]
-            line += (f"  {starve[0]:5.2f} {starve[1]:5.2f} (<= 2)"
-                     f"{'':14}{complete[0]!s:>5} {complete[1]!s:>5}  "
-                     f"{v.check(ok, f'complete, unstarved at {clients} clients')}")
-        else:
-            line += f"{'':38}{complete[0]!s:>5} {complete[1]!s:>5}"
-            v.check(complete[1], "complete at 1 client")
-        print(line + f"   tokens/request {tokens}")
-    ttft = {n: statistics.median(s.ttft for b in results[(n, 4)] for s in b.streams)
-            for n in ("llama-server", "sovctl")}
-    ratio = ttft["sovctl"] / ttft["llama-server"]
-    print(f"time to first token at 4 clients (median): llama-server {ttft['llama-server']:.3f} s,"
-          f" sovctl {ttft['sovctl']:.3f} s, ratio {ratio:.3f} (target <= 1.1) "
+
+def rounds_line(results: dict[tuple[str, int], list[Burst]], level: int,
+                figure: Callable[[Burst], float], digits: int) -> str:
+    return "; ".join(f"{n} {[round(figure(b), digits) for b in results[(n, level)]]}"
+                     for n in ("llama-server", "sovctl"))
+
+
+def report_chat(results: dict[tuple[str, int], list[Burst]], v: Verdicts) -> None:
+    rounds = len(results[("sovctl", 1)])
+    print(f"\nstreaming chat, total tokens/s (medians of {rounds} rounds)")
+    print(f"{'clients':>7} {'llama-server':>12} {'sovctl':>7} {'ratio':>6} {'target':>7}")
+    for level in LEVELS:
+        direct, ours, ratio = paired(results, level, lambda b: b.tokens_per_s)
+        target = 0.95 if level == 1 else 0.9
+        print(f"{level:7d} {direct:12.1f} {ours:7.1f} {ratio:6.3f} {'>= ' + str(target):>7} "
+              f"{v.check(ratio >= target, f'tokens/s at {level} clients')}")
+        print(f"{'':8}rounds: {rounds_line(results, level, lambda b: b.tokens_per_s, 1)}")
+    print("every request complete, none starved: slowest/median end-to-end in the worst round "
+          "(and the median round)")
+    for level in LEVELS[1:]:
+        starve = {n: [b.starvation for b in results[(n, level)]]
+                  for n in ("llama-server", "sovctl")}
+        complete = {n: all(s.complete for b in results[(n, level)] for s in b.streams)
+                    for n in ("llama-server", "sovctl")}
+        tokens = sorted({s.tokens for b in results[("sovctl", level)] for s in b.streams})
+        ok = complete["sovctl"] and max(starve["sovctl"]) <= 2
+        print(f"{level:7d} clients: sovctl {max(starve['sovctl']):.2f} "
+              f"({statistics.median(starve['sovctl']):.2f}) <= 2, complete {complete['sovctl']}, "
+              f"tokens/request {tokens}; llama-server {max(starve['llama-server']):.2f} "
+              f"({statistics.median(starve['llama-server']):.2f}), complete "
+              f"{complete['llama-server']}  {v.check(ok, f'complete, none starved at {level}')}")
+    v.check(all(s.complete for b in results[("sovctl", 1)] for s in b.streams),
+            "complete at 1 client")
+    direct, ours, ratio = paired(results, 4, lambda b: b.ttft)
+    print(f"time to first token at 4 clients (median): llama-server {direct:.3f} s, "
+          f"sovctl {ours:.3f} s, ratio {ratio:.3f} (<= 1.1) "
           f"{v.check(ratio <= 1.1, 'TTFT at 4 clients')}")
+    print(f"{'':8}rounds: {rounds_line(results, 4, lambda b: b.ttft, 3)}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="chat rounds per level and path")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="rounds per level and path (chat, embeddings/s)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--embed-requests", type=int, default=300,
                     help="embedding latency requests per path")
-    ap.add_argument("--embed-seconds", type=float, default=3.0,
-                    help="duration of each embeddings/s measurement")
+    ap.add_argument("--embed-seconds", type=float, default=1.0,
+                    help="duration of each embeddings/s run")
     a = ap.parse_args()
     v = Verdicts()
-    with tempfile.TemporaryDirectory(prefix="sovctl-bench-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="sovctl-bench-") as tmp_name, ExitStack() as stacks:
         tmp = Path(tmp_name)
-        home = tmp / "home"
-        sovctl(home, "pull", str(CHAT_MODEL), "--name", "smol")
-        sovctl(home, "pull", str(EMBED_MODEL), "--name", "minilm")
+        st = stacks.enter_context(stack(tmp / "home", "llama-server"))
+        gw = Target("sovctl", st["gateway"], {})
+        with direct_llama_server(tmp / "home", tmp) as (direct, argv):
+            flags = " ".join(f"{f} {argv[argv.index(f) + 1]}" for f in ("--threads", "--parallel"))
+            print(f"{CHAT_MODEL.name}, {Path(argv[0]).name} {flags}, {a.max_tokens} tokens a "
+                  f"request, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+            chat = asyncio.run(chat_rounds([gw, direct], LEVELS, a.rounds, a.max_tokens))
+        report_chat(chat, v)
 
-        with stack(home, "llama-server") as st:
-            gw = Target("sovctl", st["gateway"], {})
-            with direct_llama_server(home, tmp) as (direct, argv):
-                threads = argv[argv.index("--threads") + 1]
-                slots = argv[argv.index("--parallel") + 1]
-                load = os.getloadavg()[0]
-                print(f"{CHAT_MODEL.name}, {Path(argv[0]).name} --threads {threads} "
-                      f"--parallel {slots}, {a.max_tokens} tokens a request, "
-                      f"{os.cpu_count()} CPUs, load average {load:.1f} at start")
-                chat = asyncio.run(chat_rounds([gw, direct], a.rounds, a.max_tokens))
-            report_chat(chat, v)
+        emb = next(p for p in st["processes"] if p["name"] == "minilm")
+        key = (tmp / "home" / "run" / "keys" / "minilm.key").read_text().strip()
+        runtime = Target("runtime", f"http://127.0.0.1:{emb['port']}",
+                         {"authorization": f"Bearer {key}"})
+        lat = embed_latency([gw, runtime], a.embed_requests)
+        ours, theirs = (statistics.median(lat[n]) * 1000 for n in ("sovctl", "runtime"))
+        print(f"\nembedding latency, median of {a.embed_requests} (kept-alive, alternating): "
+              f"runtime {theirs:.2f} ms, through the gateway {ours:.2f} ms, added "
+              f"{ours - theirs:.2f} ms (<= 2) "
+              f"{v.check(ours - theirs <= 2, 'embedding latency added')}")
 
-            emb = next(p for p in st["processes"] if p["name"] == "minilm")
-            key = (home / "run" / "keys" / "minilm.key").read_text().strip()
-            emb_direct = Target("runtime", f"http://127.0.0.1:{emb['port']}",
-                               {"authorization": f"Bearer {key}"})
-            lat = embed_latency([gw, emb_direct], a.embed_requests)
-            ours, theirs = (statistics.median(lat[n]) * 1000 for n in ("sovctl", "runtime"))
-            print(f"\nembedding latency, median of {a.embed_requests} (kept-alive, alternating): "
-                  f"runtime {theirs:.2f} ms, through the gateway {ours:.2f} ms, added "
-                  f"{ours - theirs:.2f} ms (target <= 2) "
-                  f"{v.check(ours - theirs <= 2, 'embedding latency added')}")
-            eps = {("llama-server", c): asyncio.run(embeds_per_s(gw, c, a.embed_seconds))
-                   for c in (1, 8)}
-
-        with stack(home, "llama-cpp-python") as st:
-            gw = Target("sovctl", st["gateway"], {})
-            for c in (1, 8):
-                eps[("llama-cpp-python", c)] = asyncio.run(embeds_per_s(gw, c, a.embed_seconds))
-            record = {c: asyncio.run(burst_once(gw, c, a.max_tokens)) for c in LEVELS}
-
-    print("\nembeddings/s through the gateway (for the record: the faster runtime serves them)")
-    for c in (1, 8):
-        ls, lcp = eps[("llama-server", c)], eps[("llama-cpp-python", c)]
-        print(f"  {c} client{'s' if c > 1 else ' '}: llama-server {ls:7.1f}, "
-              f"llama-cpp-python {lcp:7.1f}  ({'llama-server' if ls >= lcp else 'llama-cpp-python'}"
-              " faster)")
-    print("\nllama-cpp-python chat runtime through the gateway (for the record, one round)")
-    for c, b in record.items():
-        print(f"  {c} client{'s' if c > 1 else ' '}: {b.tokens_per_s:6.1f} tokens/s, "
-              f"slowest/median e2e {b.starvation:.2f}, "
-              f"all complete {all(s.complete for s in b.streams)}")
+        fallback = stacks.enter_context(stack(tmp / "home-lcp", "llama-cpp-python"))
+        gw_lcp = Target("llama-cpp-python", fallback["gateway"], {})
+        eps = asyncio.run(embed_rounds([Target("llama-server", gw.base, {}), gw_lcp],
+                                       a.rounds, a.embed_seconds))
+        print(f"\nembeddings/s through the gateway, by embedding runtime (medians of {a.rounds} "
+              f"runs of {a.embed_seconds:g} s)")
+        for level in EMBED_LEVELS:
+            ls, lcp = (statistics.median(eps[(n, level)])
+                       for n in ("llama-server", "llama-cpp-python"))
+            faster = "llama-server" if ls >= lcp else "llama-cpp-python"
+            print(f"{level:7d} client{'s' if level > 1 else ' '}: llama-server {ls:6.1f}, "
+                  f"llama-cpp-python {lcp:6.1f}: {faster} faster")
+        record = asyncio.run(chat_rounds([gw_lcp], LEVELS, 1, a.max_tokens))
+    print("\nfor the record: the llama-cpp-python chat runtime through the gateway (one round)")
+    for level in LEVELS:
+        (b,) = record[("llama-cpp-python", level)]
+        print(f"{level:7d} client{'s' if level > 1 else ' '}: {b.tokens_per_s:6.1f} tokens/s, "
+              f"time to first token {b.ttft:.3f} s, slowest/median end-to-end "
+              f"{b.starvation:.2f}, complete {all(s.complete for s in b.streams)}")
     print("\n" + ("all targets met" if not v.missed else "MISSED: " + ", ".join(v.missed)))
     return 1 if v.missed else 0
-
-
-async def burst_once(path: Target, clients: int, max_tokens: int) -> Burst:
-    async with httpx.AsyncClient(timeout=600, trust_env=False) as client:
-        await burst(client, path, 1, 4)
-        return await burst(client, path, clients, max_tokens)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,16 @@ INVALID = [
      "messages[0].content[0].image_url.url", "missing_required_parameter"),
     (CHAT, chat(user([{"type": "image_url", "image_url": "http://x"}])),
      "messages[0].content[0].image_url", "invalid_type"),
+    # an image travels inline: no URL is fetched, whatever its scheme
+    *((CHAT, chat(user([{"type": "text", "text": "tags?"},
+                        {"type": "image_url", "image_url": {"url": url}}])),
+       "messages[0].content[1].image_url.url", "unsupported_value")
+      for url in ("http://127.0.0.1:9/x.png", "https://example.org/x.png",
+                  "file:///etc/hostname", "ftp://h/x.png", "x.png")),
+    (CHAT, chat(user([{"type": "image_url", "image_url": {"url": "data:text/plain;base64,AA"}}])),
+     "messages[0].content[0].image_url.url", "invalid_value"),
+    (CHAT, chat(user([{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}])),
+     "messages[0].content[0].image_url.url", "invalid_value"),
     (CHAT, chat(user([{"type": "video"}])), "messages[0].content[0].type", "invalid_value"),
     (CHAT, chat(user([{"type": ["text"]}])), "messages[0].content[0].type", "invalid_value"),
     (CHAT, chat(user([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])),
@@ -217,6 +227,10 @@ def test_refusals_say_why_in_words() -> None:
     assert audio is not None and "not supported" in audio.message
     role = check(CHAT, chat({"role": "bot", "content": "hi"}))
     assert role is not None and "'bot'" in role.message and "'tool'" in role.message
+    remote = check(CHAT, chat(user([{"type": "image_url",
+                                     "image_url": {"url": "http://127.0.0.1:9/x.png"}}])))
+    assert remote is not None and "data URL" in remote.message
+    assert "stays local" in remote.message and "scheme 'http'" in remote.message
     # a client's value is echoed only when short
     long = check(CHAT, chat({"role": "x" * 1000, "content": "hi"}))
     assert long is not None and "x" * 41 not in long.message

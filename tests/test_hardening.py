@@ -113,6 +113,11 @@ def test_taken_gateway_port_is_refused_naming_the_holder(tmp_path: Path, other_s
     assert f"pid {os.getpid()}" in line and "Traceback" not in line
     assert not (home / "run" / "state.json").exists()
     assert run(home, "status").stdout.startswith("no stack running")
+    # Refused off loopback too, and before the API key is created: no secret left behind.
+    r = run(home, "serve", "--chat", "tiny", "--host", "0.0.0.0", "--port", str(other_server),
+            "--detach")
+    assert r.returncode == 9 and "already in use" in r.stderr
+    assert not (home / "secrets").exists()
 
 
 def test_health_probe_tells_our_child_from_another_server(other_server: int) -> None:

@@ -16,7 +16,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from sovctl.errors import ConfigError
+from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 
 # Each key's default also fixes its type: environment strings are converted to it.
@@ -62,6 +62,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cloud_price_per_mtok": 10.0,  # generated (output) tokens
         "cloud_input_price_per_mtok": 2.5,  # prompt (input) tokens
     },
+    # A public face through an SSH reverse tunnel to a host the operator owns (sovctl tunnel).
+    "tunnel": {
+        "via": "",  # USER@HOST[:PORT] of the public host; "" = no tunnel
+        "remote_port": 8088,  # the port the public host listens on for the gateway
+        "remote_bind": "",  # the address it listens on there; "" = as its sshd's GatewayPorts
+        "identity": "",  # the private key ssh logs in with; "" = ssh's default keys
+        "keepalive_interval": 15,  # seconds between keepalives over the SSH connection
+        "keepalive_count": 3,  # keepalives unanswered before ssh exits and is restarted
+    },
 }
 
 # Keys of a served model's section ([models.NAME]).
@@ -80,6 +89,25 @@ MODEL_KEYS: dict[str, Any] = {
     "extra_args": list,
 }
 
+# Keys of a model to fetch ([pull.NAME], NAME being the store name `sovctl pull --name` gives):
+# what `sovctl up` pulls before it serves. Only `ref` is required.
+PULL_KEYS: dict[str, Any] = {
+    "ref": str,  # any REF `sovctl pull` takes: hf://ORG/REPO/FILE.gguf, ORG/REPO:QUANT, a path
+    "revision": str,  # branch, tag or commit (default "main"); the lock pins the commit
+    "sha256": str,  # expected digest, only where one was computed from the file itself
+}
+
+# Keys of a profile's [hardware] section: the machine class it is written for. It describes the
+# profile (`sovctl profiles`, `sovctl init`), sets no setting, and belongs in profiles only.
+HARDWARE_KEYS: dict[str, Any] = {
+    "summary": str,  # one line: what machine this is for
+    "accelerator": str,  # "cpu" | "cuda"
+    "min_ram_gb": (int, float),  # system RAM the profile needs, in GiB
+    "min_cores": int,  # physical CPU cores
+    "min_vram_gb": (int, float),  # memory of one GPU (cuda profiles), in GiB
+}
+ACCELERATORS = ("cpu", "cuda")
+
 ENV_PREFIX = "SOVCTL_"
 
 # Environment variables other tools already use for a setting. They belong to the environment
@@ -96,6 +124,30 @@ def _profile_dirs(home: Home, env: Mapping[str, str]) -> list[Path]:
     if extra:
         dirs.insert(0, Path(extra))
     return dirs
+
+
+def _find_profile(home: Home, name: str, env: Mapping[str, str]) -> Path | Traversable | None:
+    """An operator's own profile of that name, else the shipped one."""
+    own = next((d / f"{name}.toml" for d in _profile_dirs(home, env)
+                if (d / f"{name}.toml").is_file()), None)
+    return own or _shipped_profile(name)
+
+
+def available_profiles(home: Home, environ: Mapping[str, str] | None = None
+                       ) -> dict[str, Path | Traversable]:
+    """Every profile `profile = "NAME"` can select, by name: the operator's own win over the
+    shipped ones of the same name."""
+    env = os.environ if environ is None else environ
+    found: dict[str, Path | Traversable] = {}
+    for name in shipped_profiles():
+        p = _shipped_profile(name)
+        if p is not None:
+            found[name] = p
+    for d in reversed(_profile_dirs(home, env)):  # the first directory wins
+        if d.is_dir():
+            for p in sorted(d.glob("*.toml")):
+                found[p.name.removesuffix(".toml")] = p
+    return dict(sorted(found.items()))
 
 
 def _shipped_profile(name: str) -> Traversable | None:
@@ -120,6 +172,8 @@ class Settings:
     sources: Mapping[str, str]
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     profile: str | None = None
+    pulls: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # [pull.NAME]
+    hardware: Mapping[str, Any] = field(default_factory=dict)  # the profile's [hardware]
 
     def get(self, key: str) -> Any:
         return self.values[key]
@@ -175,9 +229,25 @@ def _apply_layer(
     values: dict[str, Any],
     sources: dict[str, str],
     models: dict[str, dict[str, Any]],
+    pulls: dict[str, dict[str, Any]] | None = None,
+    hardware: dict[str, Any] | None = None,
 ) -> None:
     for section, body in layer.items():
         if section == "profile":
+            continue
+        if section == "pull" and pulls is not None:
+            if not isinstance(body, dict):
+                raise ConfigError(f"{origin}: [pull] must be a table of models to fetch")
+            for pname, pbody in body.items():
+                pulls[pname] = {**pulls.get(pname, {}), **_check_pull(pname, pbody, origin)}
+            continue
+        if section == "hardware" and hardware is not None:
+            if label != "profile":
+                raise ConfigError(
+                    f"{origin}: [hardware] describes the machine a profile is written for and "
+                    "belongs in a profile file",
+                    hint="remove the section here; pick a profile with profile = \"NAME\"")
+            hardware.update(_check_hardware(body, origin))
             continue
         if section == "models":
             if not isinstance(body, dict):
@@ -188,7 +258,7 @@ def _apply_layer(
         if section not in DEFAULTS or not isinstance(body, dict):
             raise ConfigError(
                 f"{origin}: unknown section [{section}]",
-                hint=f"known sections: {', '.join(sorted([*DEFAULTS, 'models']))}",
+                hint=f"known sections: {', '.join(sorted([*DEFAULTS, 'models', 'pull']))}",
             )
         for name, value in body.items():
             key = f"{section}.{name}"
@@ -225,6 +295,46 @@ def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
     return dict(body)
 
 
+def _check_pull(name: str, body: Any, origin: str) -> dict[str, Any]:
+    from sovctl.store.blobs import is_sha256_hex
+    from sovctl.store.names import check_name
+
+    if not isinstance(body, dict):
+        raise ConfigError(f"{origin}: [pull.{name}] must be a table")
+    try:
+        check_name(name)
+    except UsageError as e:
+        raise ConfigError(f"{origin}: [pull.{name}]: {e.message}", hint=e.hint) from None
+    for k, v in body.items():
+        if k not in PULL_KEYS:
+            raise ConfigError(
+                f"{origin}: unknown setting pull.{name}.{k}",
+                hint=f"known pull settings: {', '.join(sorted(PULL_KEYS))}",
+            )
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{origin}: pull.{name}.{k} must be a non-empty string, got {v!r}")
+    sha = body.get("sha256")
+    if sha is not None and not is_sha256_hex(sha.lower().removeprefix("sha256:")):
+        raise ConfigError(f"{origin}: pull.{name}.sha256 is not a sha256 hex digest",
+                          hint="leave it out: `sovctl pull` pins the digest the Hub reports")
+    return dict(body)
+
+
+def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{origin}: [hardware] must be a table")
+    for k, v in body.items():
+        if k not in HARDWARE_KEYS:
+            raise ConfigError(f"{origin}: unknown setting hardware.{k}",
+                              hint=f"known: {', '.join(sorted(HARDWARE_KEYS))}")
+        if not isinstance(v, HARDWARE_KEYS[k]) or isinstance(v, bool):
+            raise ConfigError(f"{origin}: hardware.{k} has the wrong type: {v!r}")
+    if body.get("accelerator", "cpu") not in ACCELERATORS:
+        raise ConfigError(f"{origin}: hardware.accelerator must be one of "
+                          f"{', '.join(ACCELERATORS)}, got {body['accelerator']!r}")
+    return dict(body)
+
+
 RUNTIME_CHOICES = ("auto", "llama-server", "llama-cpp-python")
 
 
@@ -238,27 +348,31 @@ def load(
     flags: Mapping[str, Any] | None = None,
     profile: str | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    config_file: bool = True,
 ) -> Settings:
+    """The settings in force. `config_file=False` leaves sovctl.toml out (a profile as it is
+    on its own, for `sovctl profiles` and `sovctl init`)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     models: dict[str, dict[str, Any]] = {}
+    pulls: dict[str, dict[str, Any]] = {}
+    hardware: dict[str, Any] = {}
     for section, body in DEFAULTS.items():
         for name, value in body.items():
             values[f"{section}.{name}"] = value
             sources[f"{section}.{name}"] = "default"
 
     user: dict[str, Any] = {}
-    if home.config_path.exists():
+    if config_file and home.config_path.exists():
         user = _read_toml(home.config_path, "config")
 
     profile = profile or env.get("SOVCTL_PROFILE") or user.get("profile")
     if profile is not None:
         if not isinstance(profile, str) or not profile.replace("-", "").isalnum():
             raise ConfigError(f"profile name {profile!r} is not valid")
-        found: Path | Traversable | None = next(
-            (d / f"{profile}.toml" for d in _profile_dirs(home, env)
-             if (d / f"{profile}.toml").is_file()), None) or _shipped_profile(profile)
+        found = _find_profile(home, profile, env)
         if found is None:
             raise ConfigError(
                 f"profile {profile!r} not found",
@@ -266,9 +380,14 @@ def load(
                 f"{', '.join(map(str, _profile_dirs(home, env)))}",
             )
         _apply_layer(_read_toml(found, "profile"), str(found), "profile", values, sources,
-                     models)
+                     models, pulls, hardware)
 
-    _apply_layer(user, str(home.config_path), "config", values, sources, models)
+    _apply_layer(user, str(home.config_path), "config", values, sources, models, pulls,
+                 hardware)
+    for pname, pbody in pulls.items():
+        if "ref" not in pbody:
+            raise ConfigError(f"[pull.{pname}] has no ref",
+                              hint="add ref = \"hf://ORG/REPO/FILE.gguf\" (or a path)")
 
     for key in list(values):
         for name in (*ENV_ALIASES.get(key, ()), env_name(key)):  # lowest rank first
@@ -283,4 +402,5 @@ def load(
     _check_runtime(values["serve.runtime"], f"serve.runtime (from {sources['serve.runtime']})")
     if values["serve.parallel"] < 1:
         raise ConfigError(f"serve.parallel must be at least 1 (from {sources['serve.parallel']})")
-    return Settings(values=values, sources=sources, models=models, profile=profile)
+    return Settings(values=values, sources=sources, models=models, profile=profile,
+                    pulls=pulls, hardware=hardware)

@@ -127,28 +127,31 @@ def isolation(mode: str, outer_netns: str, timeout: float = 3.0) -> CheckResult:
 # -- 2. weights --------------------------------------------------------------------------------
 
 def weights(home: Home, models: Sequence[ServedModel]) -> CheckResult:
-    """Every served blob re-hashed in full against sovctl.lock; no network involved."""
+    """Every served blob (a projector too, as MODEL/mmproj) re-hashed in full against
+    sovctl.lock; no network involved."""
     from sovctl.store.integrity import check
 
     t0 = time.perf_counter()
+    blobs = [(m.name, m.sha256, m.size) for m in models]
+    blobs += [(f"{m.name}/mmproj", m.mmproj_sha256, m.mmproj_size) for m in models if m.mmproj]
     rows = []
     bad = []
-    for m in models:
-        r = check(home, m.name, m.sha256, m.size, full=True)
-        rows.append({"model": m.name, "sha256": m.sha256, "status": r.status,
+    for name, sha256, size in blobs:
+        r = check(home, name, sha256, size, full=True)
+        rows.append({"model": name, "sha256": sha256, "status": r.status,
                      "method": r.method, "actual": r.actual})
         if r.ok:
             continue
         if r.status == "missing":
-            bad.append(f"{m.name}: blob missing (lock sha256 {m.sha256[:12]}…)")
+            bad.append(f"{name}: blob missing (lock sha256 {sha256[:12]}…)")
         else:
             found = f"{r.actual[:12]}…" if r.actual and len(r.actual) == 64 else r.actual
-            bad.append(f"{m.name}: blob does not match the lock (lock sha256 "
-                       f"{m.sha256[:12]}…, found {found})")
+            bad.append(f"{name}: blob does not match the lock (lock sha256 "
+                       f"{sha256[:12]}…, found {found})")
     if bad:
         evidence = "; ".join(bad)
     else:
-        evidence = ", ".join(f"{m.name} sha256 {m.sha256[:12]}… ok" for m in models) \
+        evidence = ", ".join(f"{name} sha256 {sha256[:12]}… ok" for name, sha256, _ in blobs) \
             + " (full re-hash against sovctl.lock)"
     return result(2, not bad, evidence, time.perf_counter() - t0, {"models": rows})
 
@@ -380,6 +383,55 @@ def _last_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
+def _public_face(home: Home, configured: Plan, run_plan: Plan, auth_required: bool
+                 ) -> tuple[list[str], list[str]]:
+    """(problems, evidence) of the tunnel, when one is configured: the gateway requires the
+    key, the tunnel forwards to the gateway alone, and the public host's key is pinned."""
+    from sovctl.apikey import read_api_key
+    from sovctl.runtime import tunnel
+
+    t = configured.tunnel
+    if t is None:
+        return [], []
+    problems, parts = [], []
+    if auth_required and configured.api_key_required and read_api_key(home):
+        parts.append(f"public face {t.public} through {t.via}: the gateway requires the API key")
+    else:
+        problems.append(f"the tunnel through {t.via} exposes a gateway that does not require "
+                        "the API key")
+    proc = next((p for p in configured.processes if p.kind == "tunnel"), None)
+    args = list(proc.argv.args) if proc else []
+    gateway = tunnel.gateway_target(configured.host, configured.port)
+    found = tunnel.forwards(args)
+    # Besides the public forward to the gateway, only the health probe's forward, whose end
+    # listens on this machine's loopback.
+    stray = [f"{flag} {spec}" for flag, spec in found
+             if not ((flag == "-R" and spec.endswith(":" + gateway))
+                     or (flag == "-L" and spec.startswith("127.0.0.1:")))]
+    if stray or not any(flag == "-R" for flag, _ in found):
+        problems.append("the tunnel forwards something besides the gateway: "
+                        + (", ".join(stray) or "no forward to the gateway at all"))
+    else:
+        parts.append(f"it forwards to the gateway ({gateway}) alone")
+    keys = tunnel.pinned_keys(t)
+    options = {args[i + 1] for i, a in enumerate(args[:-1]) if a == "-o"}
+    unchecked = [o for o in tunnel.host_key_options(t) if o not in options]
+    known_hosts = Path(t.known_hosts)
+    if not keys:
+        problems.append(f"no host key of {t.host_key_name} is pinned in {known_hosts}")
+    elif unchecked:
+        problems.append(f"the tunnel's ssh runs without {', '.join(unchecked)}")
+    elif known_hosts.stat().st_mode & 0o022:
+        problems.append(f"{known_hosts}, the tunnel's pinned host keys, is writable by others")
+    else:
+        parts.append(f"host key of {t.host_key_name} pinned "
+                     f"({', '.join(map(str, keys))}) and checked strictly")
+    if run_plan.tunnel is None:
+        parts.append(f"the tunnel was left out of this run: there is no network to reach "
+                     f"{t.host} from here")
+    return problems, parts
+
+
 def configuration(home: Home, configured: Plan, run_plan: Plan,
                   live_env: Mapping[str, Mapping[str, str] | None] | None) -> CheckResult:
     from sovctl.apikey import read_api_key
@@ -415,6 +467,9 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
         parts.append(f"gateway on {configured.host}:{configured.port} requires the API key")
     else:
         problems.append(f"gateway on non-loopback {configured.host} without an API key")
+    face = _public_face(home, configured, run_plan, table.auth_required)
+    problems += face[0]
+    parts += face[1]
     # Telemetry off, in the plan and, when the stack ran, in each running process.
     telemetry_ok = True
     for p in run_plan.processes:
@@ -442,4 +497,5 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
     evidence = "; ".join(problems + parts)
     return result(7, not problems, evidence, time.perf_counter() - t0,
                   {"routes": routes, "host": configured.host,
-                   "api_key_required": configured.api_key_required})
+                   "api_key_required": configured.api_key_required,
+                   "tunnel": configured.tunnel})

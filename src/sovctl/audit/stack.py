@@ -58,7 +58,9 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
 
     The run plan is the configured one on an unused port, with its state under the audit's run
     directory. A gateway configured on a specific non-loopback address cannot bind inside a
-    namespace that has only loopback: it runs on 127.0.0.1 there, and keeps the API key.
+    namespace that has only loopback: it runs on 127.0.0.1 there, and keeps the API key. A
+    tunnel is left out: an audit stack has no public face (and a blackout no network to reach
+    one), while its gateway still requires the key the tunnel demands.
     """
     configured = build(home, cfg, chat, embedding)
     host = configured.host if (is_loopback(configured.host) or configured.host in UNSPECIFIED) \
@@ -66,8 +68,8 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
     port = free_port()
     run = build(run_home, cfg, chat, embedding, egress_probe=egress_probe)
     procs = tuple(dataclasses.replace(p, port=port) if p.kind == "gateway" else p
-                  for p in run.processes)
-    run = dataclasses.replace(run, host=host, port=port, processes=procs,
+                  for p in run.processes if p.kind != "tunnel")
+    run = dataclasses.replace(run, host=host, port=port, processes=procs, tunnel=None,
                               api_key_required=configured.api_key_required)
     return configured, run
 

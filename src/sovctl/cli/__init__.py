@@ -35,13 +35,27 @@ _LAZY_GROUPS = {
     "bench": ("sovctl.cli.bench", "Measure models and endpoints: throughput, telemetry, "
               "energy per token and cost per million tokens."),
 }
+# Single commands whose module loads only when used: its command(NAME) is a Typer holding it.
+_LAZY_COMMANDS = {
+    "doctor": ("sovctl.cli.provision", "Check this machine for a stack: CPU, RAM, disk, GPUs, "
+               "llama.cpp, namespaces, ports, lock."),
+    "profiles": ("sovctl.cli.provision", "List the hardware profiles, what each serves, and "
+                 "whether it fits this machine."),
+    "init": ("sovctl.cli.provision", "Write sovctl.toml from the profile that fits this "
+             "machine, and say why."),
+    "plan": ("sovctl.cli.provision", "Estimate a model's memory and the GPU layers, context "
+             "and slots that fit this machine, before downloading it."),
+    "up": ("sovctl.cli.provision", "Init, pull, plan and serve in one step; wait until the "
+           "stack is ready, then show how to call it."),
+}
+_LAZY = {**_LAZY_COMMANDS, **_LAZY_GROUPS}
 
 
 class _SovctlGroup(TyperGroup):
     """Turns a SovctlError into its one-line message and exit code; real bugs still crash."""
 
     def list_commands(self, ctx: Any) -> list[str]:
-        return [*super().list_commands(ctx), *(n for n in _LAZY_GROUPS if n not in self.commands)]
+        return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
 
     def get_command(self, ctx: Any, name: str) -> Any:
         if name in _LAZY_GROUPS and name not in self.commands:
@@ -49,13 +63,18 @@ class _SovctlGroup(TyperGroup):
 
             module = importlib.import_module(_LAZY_GROUPS[name][0])
             self.add_command(typer.main.get_group(module.group()), name)
+        elif name in _LAZY_COMMANDS and name not in self.commands:
+            import importlib
+
+            module = importlib.import_module(_LAZY_COMMANDS[name][0])
+            self.add_command(typer.main.get_command(module.command(name)), name)
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         rows = []
         for name in self.list_commands(ctx):
-            if name in _LAZY_GROUPS and name not in self.commands:
-                rows.append((name, _LAZY_GROUPS[name][1]))
+            if name in _LAZY and name not in self.commands:
+                rows.append((name, _LAZY[name][1]))
                 continue
             cmd = super().get_command(ctx, name)
             if cmd is not None and not cmd.hidden:
@@ -158,10 +177,12 @@ def _root(
 
 
 def _register() -> None:
-    from sovctl.cli import serve, store
+    from sovctl.cli import serve, store, tag, tunnel
 
     store.register(app)
     serve.register(app)
+    tag.register(app)
+    tunnel.register(app)
 
 
 _register()

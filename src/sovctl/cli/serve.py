@@ -14,7 +14,7 @@ from sovctl.result import jsonable
 from sovctl.runtime.documents import ProcessState, StackState, Status
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from rich.console import Console
 
@@ -81,12 +81,15 @@ def serve(
               "api_key_required": plan.api_key_required}, render_dry)
         return
     checks = control.check_weights(home, plan, full=verify)
+    # Every refusal (a running stack, a taken port, an unpinned host key) comes before the key.
+    control.prepare(home, plan)
     key_note = ""
     new_key: str | None = None  # in the JSON document too: it is shown once, either way
     if plan.api_key_required:
         # Created here, once, after every check that could refuse the start: a dry run or a
         # refused start leaves no secret behind.
         key, created = ensure_api_key(home)
+        new_key = key if created else None
         key_note = (f"API key (shown once; read it again with: cat {home.secrets / 'api_key'}): "
                     f"{key}" if created else f"API key required: cat {home.secrets / 'api_key'}")
     if detach:
@@ -131,34 +134,59 @@ def _notes(c: Console, notes: Sequence[str]) -> None:
         c.print(f"[yellow]note:[/] {n}", highlight=False)
 
 
-def _status_table(c: Console, processes: Sequence[ProcessState]) -> None:
+def _status_table(c: Console, processes: Sequence[ProcessState],
+                  tools: Mapping[str, bool | None] | None = None) -> None:
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False)
     for col in ("PROCESS", "ROLE", "MODEL", "RUNTIME", "PID", "PORT", "UPTIME", "RESTARTS",
-                "HEALTH"):
+                "HEALTH", *(("TOOLS",) if tools is not None else ())):
         t.add_column(col)
     colours = {Status.UP: "green", Status.FAILED: "red", Status.STOPPED: "dim"}
     now = time.time()
     for p in processes:
         colour = colours.get(p.status, "yellow")
-        t.add_row(p.name, p.role or p.kind, p.model or "-", p.runtime or "-",
-                  str(p.pid or "-"), str(p.port), f"{p.uptime(now):.0f}s", str(p.restarts),
-                  f"[{colour}]{p.status}[/]")
+        row = [p.name, p.role or p.kind, p.model or "-", p.runtime or "-",
+               str(p.pid or "-"), str(p.port), f"{p.uptime(now):.0f}s", str(p.restarts),
+               f"[{colour}]{p.status}[/]"]
+        if tools is not None:
+            known = tools.get(p.model) if p.kind == "runtime" else None
+            row.append("-" if known is None else "yes" if known else "no")
+        t.add_row(*row)
     c.print(t)
 
 
-def _processes_json(processes: Sequence[ProcessState]) -> list[dict[str, Any]]:
+def _processes_json(processes: Sequence[ProcessState],
+                    tools: Mapping[str, bool | None] | None = None) -> list[dict[str, Any]]:
     now = time.time()
-    return [{**jsonable(p), "uptime": round(p.uptime(now), 1)} for p in processes]
+    return [{**jsonable(p), "uptime": round(p.uptime(now), 1),
+             **({"tools": tools.get(p.model)} if tools is not None and p.kind == "runtime"
+                else {})}
+            for p in processes]
+
+
+def _tool_support(url: str, key: str | None) -> dict[str, bool | None]:
+    """Whether each served model takes tools, as the gateway's /v1/models tells (it asks each
+    runtime's template once); None where the gateway does not know or does not answer."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        doc = httpx.get(url.rstrip("/") + "/models", headers=headers, timeout=5).json()
+        return {m["id"]: m.get("capabilities", {}).get("tools") for m in doc["data"]}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
-    """Show each supervised process: role, model, pid, port, uptime, restarts, health."""
+    """Show each supervised process: role, model, pid, port, uptime, restarts, health, tools."""
+    from sovctl.apikey import read_api_key
     from sovctl.runtime import control
 
     state = begin(ctx, json_out)
     st = control.status(state.home)
+    tools = (_tool_support(st.url, read_api_key(state.home) if st.api_key_required else None)
+             if st.running and st.url else None)
 
     def render(c: Console) -> None:
         if not st.running:
@@ -167,9 +195,9 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         else:
             c.print(f"stack at [bold]{st.url}[/], supervisor pid {st.supervisor_pid}")
         if st.processes:
-            _status_table(c, st.processes)
+            _status_table(c, st.processes, tools)
 
-    emit({**jsonable(st), "processes": _processes_json(st.processes)}, render)
+    emit({**jsonable(st), "processes": _processes_json(st.processes, tools)}, render)
 
 
 def stop(

@@ -13,6 +13,8 @@ from sovctl.errors import CheckFailed, RuntimeStartError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from sovctl.store.lock import LockEntry, ProjectorPin
+
 
 def register(app: typer.Typer) -> None:
     app.command("pull")(pull)
@@ -43,6 +45,12 @@ def pull(
     trust_on_first_use: Annotated[bool, typer.Option(
         "--trust-on-first-use", help="Accept a download with no expected sha256; the lock "
         "records that it was trusted on first use.")] = False,
+    mmproj: Annotated[str | None, typer.Option(
+        "--mmproj", metavar="REF", help="The model's multimodal projector (any REF form, at "
+        "the same --revision): pinned, verified and served with it, so the model reads "
+        "images.")] = None,
+    mmproj_sha256: Annotated[str | None, typer.Option(
+        "--mmproj-sha256", metavar="HEX", help="Expected sha256 of the projector.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Download or import GGUF weights, verify them as they arrive, and pin them in the lock."""
@@ -63,19 +71,29 @@ def pull(
             trust_on_first_use=trust_on_first_use,
             progress=progress,
             token=os.environ.get("HF_TOKEN"),
+            mmproj=mmproj,
+            mmproj_sha256=mmproj_sha256,
         )
 
     def render(c: Console) -> None:
         e = result.entry
         if result.action == "already-pinned":
-            c.print(f"{e.name}: already pinned and present (sha256 {e.short_sha}); nothing to do")
+            c.print(f"{e.name}: already pinned and present (sha256 {e.short_sha}"
+                    + (f", projector {e.mmproj.sha256[:12]}" if e.mmproj else "")
+                    + "); nothing to do")
             return
-        where = f"{e.repo}/{e.path}@{e.commit[:12]}" if e.source == "hf" else (e.url or e.path)
         extra = f", resumed at {human_bytes(result.resumed_from)}" if result.resumed_from else ""
-        c.print(f"[green]{result.action}[/] {e.name}: {human_bytes(e.size)} from {where}{extra}")
-        c.print(f"  sha256 {e.sha256} ({e.digest_from})", highlight=False)
-        if e.digest_from == "trust-on-first-use":
-            c.print("  [yellow]trusted on first use:[/] no independent digest vouched for it")
+        pins: list[tuple[str, str, LockEntry | ProjectorPin, str]] = [
+            (result.action, e.name, e, extra)]
+        if e.mmproj is not None and result.mmproj_action:
+            pins.append((result.mmproj_action, f"{e.name} projector", e.mmproj, ""))
+        for action, what, pin, more in pins:
+            where = (f"{pin.repo}/{pin.path}@{pin.commit[:12]}" if pin.source == "hf"
+                     else (pin.url or pin.path))
+            c.print(f"[green]{action}[/] {what}: {human_bytes(pin.size)} from {where}{more}")
+            c.print(f"  sha256 {pin.sha256} ({pin.digest_from})", highlight=False)
+            if pin.digest_from == "trust-on-first-use":
+                c.print("  [yellow]trusted on first use:[/] no independent digest vouched for it")
 
     emit(result, render)
 
@@ -129,7 +147,7 @@ def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         t = Table(box=None, pad_edge=False)
         t.add_column("NAME", no_wrap=True)
         for col in ("SIZE", "SHA256", "REVISION", "ARCH", "PARAMS", "QUANT", "CTX",
-                    "CHAT", "EMBED"):
+                    "CHAT", "EMBED", "MMPROJ"):
             t.add_column(col)
         for r in rows:
             e, f = r.entry, r.facts
@@ -140,6 +158,8 @@ def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
                 f.quantization if f else "?", str(f.context_length or "?") if f else "?",
                 ("yes" if f.chat_template else "no") if f else "?",
                 ("yes" if f.embedding else "no") if f else "?",
+                e.mmproj.sha256[:12] + ("" if r.mmproj_present else " MISSING")
+                if e.mmproj else "-",
             )
         if not c.is_terminal:
             # Piped or logged: no terminal width to fit, so keep every cell whole.
@@ -167,6 +187,10 @@ def rm(
             c.print(f"removed {name} and its blob sha256 {result.sha256[:12]}")
         else:
             c.print(f"removed {name}; blob kept for {', '.join(result.still_used_by)}")
+        if result.mmproj_sha256 and result.mmproj_removed:
+            c.print(f"  and its projector blob sha256 {result.mmproj_sha256[:12]}")
+        elif result.mmproj_sha256:
+            c.print(f"  projector blob kept for {', '.join(result.mmproj_still_used_by)}")
 
     emit(result, render)
 

@@ -26,6 +26,11 @@ PART_TYPES = {
 # Valid for OpenAI, but no local runtime can read them: refused with a reason, not a crash.
 UNSUPPORTED_PARTS = {"input_audio": "audio input", "file": "file input"}
 
+# An image arrives inline, never as a URL to fetch: the gateway and the runtimes make no
+# request of their own, so the data path stays local.
+IMAGE_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15}):")
+
 TOOL_MODES = ("none", "auto", "required")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_STOP = 4
@@ -265,9 +270,22 @@ def _content(content: Any, at: str, allowed: tuple[str, ...]) -> None:
         if kind == "image_url":
             image = _required_object(part, "image_url", here + ".")
             _string(image, "url", here + ".image_url.", required=True)
+            _image_url(image["url"], here + ".image_url.url")
             _choice(image, "detail", here + ".image_url.", ("auto", "low", "high"))
         else:  # "text" or "refusal": the part carries a string under its own type's name
             _string(part, part["type"], here + ".", required=True)
+
+
+def _image_url(url: str, at: str) -> None:
+    if IMAGE_DATA_URL.match(url):
+        return
+    scheme = _SCHEME.match(url)
+    if scheme is None or scheme[1].lower() != "data":
+        got = f"a URL of scheme {scheme[1].lower()!r}" if scheme else "no URL scheme"
+        _fail(at, "must be an inline data URL (data:image/TYPE;base64,...): images are sent "
+              "inline because the data path stays local, and no URL is ever fetched; got "
+              + got, "unsupported_value")
+    _fail(at, "must be a base64 image data URL (data:image/TYPE;base64,...)")
 
 
 def _tool_call(call: Any, at: str) -> None:
@@ -377,11 +395,29 @@ def beyond_fallback(model: str, payload: dict[str, Any]) -> Invalid | None:
     if payload.get("tools"):
         return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which cannot "
                        f"call tools; {how}", "tools", "unsupported_value")
+    image = first_image(payload)
+    if image is not None:
+        return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which cannot "
+                       f"read images; {how}", image, "unsupported_value")
+    return None
+
+
+def first_image(payload: dict[str, Any]) -> str | None:
+    """Where the first image part of a (valid) chat request is, or None when it has none."""
     for i, m in enumerate(payload.get("messages") or ()):
         content = m.get("content") if isinstance(m, dict) else None
         for j, part in enumerate(content if isinstance(content, list) else ()):
             if isinstance(part, dict) and part.get("type") == "image_url":
-                return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which "
-                               f"cannot read images; {how}", f"messages[{i}].content[{j}]",
-                               "unsupported_value")
+                return f"messages[{i}].content[{j}]"
     return None
+
+
+def without_projector(model: str, payload: dict[str, Any]) -> Invalid | None:
+    """An image for a model served without a multimodal projector: llama-server would answer
+    with a 500, the model cannot see it either way."""
+    image = first_image(payload)
+    if image is None:
+        return None
+    return Invalid(f"model {model!r} is served without a projector and cannot read images; "
+                   f"pull it with --mmproj ('sovctl pull REF --mmproj PROJECTOR'), then serve "
+                   "it again", image, "unsupported_value")

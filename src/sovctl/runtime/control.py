@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovctl.errors import BusyError, IntegrityError, NotFoundError, RuntimeStartError
+from sovctl.errors import BusyError, ConfigError, IntegrityError, NotFoundError, RuntimeStartError
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.runtime import plan as planning
@@ -21,38 +21,54 @@ from sovctl.runtime.plan import Plan
 from sovctl.runtime.ports import ensure_free
 from sovctl.runtime.procs import Argv, alive, group_alive, spawn, stop_group
 from sovctl.runtime.supervisor import acquire_instance_lock, instance_running, run_plan
+from sovctl.runtime.tunnel import pinned_keys
 from sovctl.store.integrity import BlobCheck, check
 
 
 def check_weights(home: Home, plan: Plan, full: bool) -> list[BlobCheck]:
-    """Every served blob against the lock; refuse to start on the first that fails."""
-    results = [check(home, m.name, m.sha256, m.size, full=full) for m in plan.models]
-    for r in results:
+    """Every served blob (a model's weights and its projector) against the lock; refuse to
+    start on the first that fails. A projector's check is named MODEL/mmproj."""
+    blobs = [(m.name, "", m.sha256, m.size) for m in plan.models]
+    blobs += [(m.name, "/mmproj", m.mmproj_sha256, m.mmproj_size) for m in plan.models
+              if m.mmproj]
+    results = [(name, check(home, name + part, sha, size, full=full))
+               for name, part, sha, size in blobs]
+    for name, r in results:
         if not r.ok:
+            what = "projector blob" if r.name != name else "blob"
             raise IntegrityError(
-                f"refusing to serve {r.name!r}: its blob is {r.status} "
+                f"refusing to serve {name!r}: its {what} is {r.status} "
                 f"(lock sha256 {r.sha256[:12]}" + (f", found {r.actual})" if r.actual else ")"),
-                hint=f"run 'sovctl verify {r.name}', then 'sovctl rm {r.name}' and pull it again",
+                hint=f"run 'sovctl verify {name}', then 'sovctl rm {name}' and pull it again",
             )
-    return results
+    return [r for _, r in results]
 
 
-def _prepare(home: Home, plan: Plan) -> None:
+def prepare(home: Home, plan: Plan) -> None:
+    """Refuse to start (a stack running, a port taken) or make the run directory ready.
+    Safe to call again: the start functions call it themselves."""
     home.ensure(home.run, home.logs)
     if instance_running(home.run):
         raise BusyError("a sovctl stack is already running from this home",
                         hint="see 'sovctl status', or stop it with 'sovctl stop'")
+    if plan.tunnel is not None and not pinned_keys(plan.tunnel):
+        raise ConfigError(f"the tunnel's host {plan.tunnel.host_key_name} has no pinned host key",
+                          hint="pin it once with 'sovctl tunnel --pin-only', which shows its "
+                          "fingerprint to confirm")
+    what = {"gateway": "the gateway", "tunnel": "the tunnel's health probe"}
     for p in plan.processes:
         host = plan.host if p.kind == "gateway" else "127.0.0.1"
-        ensure_free(host, p.port, "the gateway" if p.kind == "gateway" else f"runtime {p.name}")
-    for stale in (plan.state_file, plan.egress_log):
+        ensure_free(host, p.port, what.get(p.kind, f"runtime {p.name}"))
+    # The saved plan is a detached supervisor's alone: a foreground stack leaves none, which is
+    # how `sovctl tunnel` knows it cannot restart it.
+    for stale in (plan.state_file, plan.egress_log, str(home.run / "plan.json")):
         Path(stale).unlink(missing_ok=True)
     planning.write_runtime_keys(plan)
     planning.write_routes(plan, home)
 
 
 def run_foreground(home: Home, plan: Plan, on_change: Callable[[StackState], None]) -> None:
-    _prepare(home, plan)
+    prepare(home, plan)
     fd = acquire_instance_lock(home.run)
     try:
         run_plan(plan, on_change)
@@ -61,7 +77,7 @@ def run_foreground(home: Home, plan: Plan, on_change: Callable[[StackState], Non
 
 
 def start_detached(home: Home, plan: Plan) -> StackStatus:
-    _prepare(home, plan)
+    prepare(home, plan)
     plan_file = home.run / "plan.json"
     atomic_write(plan_file, plan.to_json().encode())
     proc = spawn(Argv((sys.executable, "-m", "sovctl.runtime.supervisor", str(plan_file)),

@@ -140,6 +140,9 @@ class Route:
     runtime: str  # "llama-server" | "llama-cpp-python"
     parallel: int  # requests the runtime serves at once; the gateway admits that many
     key_file: str | None  # the runtime's internal key, sent upstream; None: it takes none
+    # Served with a multimodal projector: it can read images. Absent from a table written
+    # before projectors existed, where no model had one.
+    vision: bool = False
 
 
 @dataclass(frozen=True)

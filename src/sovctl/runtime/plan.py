@@ -22,6 +22,7 @@ from sovctl.home import Home
 from sovctl.hostinfo import physical_cores
 from sovctl.net import is_loopback
 from sovctl.runtime import egress
+from sovctl.runtime import tunnel as public_face
 from sovctl.runtime.documents import Limits, Route, RoutesTable
 from sovctl.runtime.launch import KEY_FILE_ENV
 from sovctl.runtime.llamacpp import LLAMA_CPP_PYTHON, LLAMA_SERVER, SETUP_HINT, find_binary
@@ -61,12 +62,15 @@ class ServedModel:
     chat_template: str | None = None  # the path of a Jinja template file
     seed: int | None = None
     extra_args: tuple[str, ...] = ()
+    mmproj: str | None = None  # the multimodal projector's blob: the model reads images
+    mmproj_sha256: str = ""
+    mmproj_size: int = 0
 
 
 @dataclass(frozen=True)
 class ProcessSpec:
     name: str
-    kind: str  # "runtime" | "gateway"
+    kind: str  # "runtime" | "gateway" | "tunnel"
     argv: Argv
     port: int
     health_path: str
@@ -90,6 +94,7 @@ class Plan:
     api_key_required: bool
     supervision: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the operator should know (a fallback taken)
+    tunnel: public_face.Tunnel | None = None  # the public face, when the stack has one
 
     @property
     def url(self) -> str:
@@ -108,7 +113,9 @@ class Plan:
         )
         models = tuple(ServedModel(**{**m, "extra_args": tuple(m["extra_args"])})
                        for m in d.pop("models"))
-        return cls(processes=procs, models=models, notes=tuple(d.pop("notes")), **d)
+        public = d.pop("tunnel", None)  # absent from a plan saved before tunnels existed
+        return cls(processes=procs, models=models, notes=tuple(d.pop("notes")),
+                   tunnel=public_face.Tunnel(**public) if public else None, **d)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -218,10 +225,19 @@ def served_models(
         role = str(m.get("role", "chat"))
         blob = store.path(entry.sha256)
         facts = _check_role(home, name, role, entry.sha256, blob)
-        runtime, note = _choose_runtime(
-            name, str(m.get("runtime", cfg.get("serve.runtime"))), binary)
+        wanted_runtime = str(m.get("runtime", cfg.get("serve.runtime")))
+        runtime, note = _choose_runtime(name, wanted_runtime, binary)
         if note:
             notes.append(note)
+        projector = entry.mmproj
+        if projector is not None and runtime != LLAMA_SERVER:
+            # llama-cpp-python's server loads a projector only through a per-family chat
+            # handler, not from a GGUF projector alone: the image would be dropped silently.
+            raise ConfigError(
+                f"{name} has a multimodal projector, and vision needs the llama-server runtime; "
+                f"{name} would run on llama-cpp-python",
+                hint=f"set runtime = \"llama-server\" in [serve] or [models.{name}] of sovctl.toml"
+                if wanted_runtime == LLAMA_CPP_PYTHON else SETUP_HINT)
         parallel = int(m.get("parallel", cfg.get("serve.parallel")))
         n_ctx = int(m.get("n_ctx", cfg.get("serve.n_ctx")))
         if role == "embedding" and facts and facts.context_length:
@@ -245,6 +261,9 @@ def served_models(
             if m.get("chat_template") else None,
             seed=m.get("seed"),
             extra_args=tuple(str(a) for a in m.get("extra_args", ())),
+            mmproj=str(store.path(projector.sha256)) if projector else None,
+            mmproj_sha256=projector.sha256 if projector else "",
+            mmproj_size=projector.size if projector else 0,
         ))
     used = any(m.runtime == LLAMA_SERVER for m in out)
     return Selection(tuple(out), tuple(notes), str(binary) if used and binary else None)
@@ -273,7 +292,7 @@ def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str) ->
     else:
         args += ["--jinja"]
     for flag, value in (("--batch-size", m.n_batch if m.role != "embedding" else None),
-                        ("--chat-template", m.chat_format),
+                        ("--mmproj", m.mmproj), ("--chat-template", m.chat_format),
                         ("--chat-template-file", m.chat_template), ("--seed", m.seed)):
         if value is not None:
             args += [flag, str(value)]
@@ -351,14 +370,18 @@ def build(
     )
     procs.append(ProcessSpec(name="gateway", kind="gateway", argv=gateway, port=port,
                              health_path="/health"))
+    public = public_face.from_settings(home, cfg)
+    if public is not None:
+        procs.append(public_face.process(public, host, port, common_env))
     supervision = {k.removeprefix("serve."): cfg.get(k) for k in cfg.values
                    if k.startswith("serve.")}
     return Plan(
         host=host, port=port, processes=tuple(procs), models=selection.models,
         routes_file=str(routes_file), state_file=str(run / "state.json"),
         egress_log=str(run / "egress.jsonl"), logs_dir=str(home.logs),
-        api_key_required=not is_loopback(host), supervision=supervision,
-        notes=selection.notes,
+        # A tunnel is a public face: the gateway requires the key even on loopback.
+        api_key_required=not is_loopback(host) or public is not None, supervision=supervision,
+        notes=selection.notes, tunnel=public,
     )
 
 
@@ -376,7 +399,8 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
         routes=tuple(
             Route(model=p.model, role=p.role, kind="local", process=p.name,
                   upstream=f"http://127.0.0.1:{p.port}", runtime=p.runtime,
-                  parallel=by_name[p.model].parallel, key_file=p.key_file)
+                  parallel=by_name[p.model].parallel, key_file=p.key_file,
+                  vision=by_name[p.model].mmproj is not None)
             for p in plan.processes if p.kind == "runtime"
         ),
     )

@@ -28,6 +28,7 @@ from sovctl.runtime.documents import Event, ProcessState, StackState, Status
 from sovctl.runtime.plan import Plan, ProcessSpec
 from sovctl.runtime.ports import listener, owned_by
 from sovctl.runtime.procs import Argv, spawn, stop_group
+from sovctl.runtime.tunnel import diagnose
 
 
 @dataclass
@@ -44,6 +45,7 @@ class _Proc:
     next_probe: float = 0.0
     last_exit: str = ""
     probe: Future[Probe] | None = None
+    log_offset: int = 0  # where this start's output begins in its log
 
 
 class Probe(Enum):
@@ -161,6 +163,7 @@ class Supervisor:
     def _start(self, p: _Proc) -> None:
         log = Path(self.plan.logs_dir) / f"{p.spec.name}.log"
         self._rotate(log)
+        p.log_offset = log.stat().st_size if log.exists() else 0
         argv = p.spec.argv
         env = {**argv.env, "SOVCTL_SUPERVISOR_PID": str(os.getpid())}
         try:
@@ -227,16 +230,39 @@ class Supervisor:
             stop_group(p.popen.pid, timeout=1.0, proc=p.popen)
         p.popen = None
         p.probe = None
+        fatal = False
+        if p.spec.kind == "tunnel" and self.plan.tunnel is not None:
+            # ssh says why in its log; a refusal no retry can cure (a changed host key, a
+            # rejected login) stops the tunnel at once rather than knocking again forever.
+            failure = diagnose(self.plan.tunnel, self._output(p))
+            if failure is not None:
+                reason, fatal = f"{reason}: {failure.message}", failure.fatal
         p.last_exit = reason
         self._event(p.spec.name, reason)
+        if fatal:
+            p.status = Status.FAILED
+            self._event(p.spec.name, "marked failed: a retry cannot succeed until the operator "
+                                     "acts (see 'sovctl logs tunnel')")
+            return
         self._schedule_restart(p, reason)
+
+    def _output(self, p: _Proc) -> str:
+        """What the process wrote to its log since its last start."""
+        try:
+            with (Path(self.plan.logs_dir) / f"{p.spec.name}.log").open("rb") as f:
+                f.seek(p.log_offset)
+                return f.read(256 * 1024).decode(errors="replace")
+        except OSError:
+            return ""
 
     def _schedule_restart(self, p: _Proc, reason: str) -> None:
         now = time.monotonic()
         window = float(self.cfg["restart_window"])
         while p.recent and now - p.recent[0] > window:
             p.recent.popleft()
-        if len(p.recent) >= int(self.cfg["max_restarts"]):
+        # A tunnel fails with its network or its far host, which come back by themselves: it
+        # keeps retrying at the longest backoff instead of being given up on as crash-looping.
+        if p.spec.kind != "tunnel" and len(p.recent) >= int(self.cfg["max_restarts"]):
             p.status = Status.FAILED
             self._event(p.spec.name, f"marked failed: {len(p.recent) + 1} failures within "
                                      f"{window:.0f}s, last: {reason}")

@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tomli_w
@@ -21,7 +22,32 @@ from sovctl.home import Home
 from sovctl.store.blobs import is_sha256_hex
 from sovctl.store.names import check_name
 
-LOCK_VERSION = 1
+# Version 2 adds a model's projector, [models.NAME.mmproj]. A lock without one is still
+# written as version 1: a sovctl from before projectors keeps reading it.
+LOCK_VERSION = 2
+_PLAIN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProjectorPin:
+    """A model's multimodal projector (mmproj): a second GGUF file, pinned like the weights
+    (the same fields, same meanings), verified with them and served with them."""
+
+    sha256: str
+    size: int
+    source: str
+    ref: str
+    digest_from: str
+    repo: str = ""
+    path: str = ""
+    endpoint: str = ""
+    url: str = ""
+    revision: str = ""
+    commit: str = ""
+
+    @classmethod
+    def from_entry(cls, e: LockEntry) -> ProjectorPin:
+        return cls(**{f.name: getattr(e, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -40,16 +66,51 @@ class LockEntry:
     revision: str = ""
     commit: str = ""
     verified_at: str = ""
+    mmproj: ProjectorPin | None = None
 
     @property
     def short_sha(self) -> str:
         return self.sha256[:12]
 
+    @property
+    def blobs(self) -> tuple[str, ...]:
+        """The sha256 of every file this name pins: its weights, then its projector."""
+        return (self.sha256, self.mmproj.sha256) if self.mmproj else (self.sha256,)
+
     def to_toml(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v != ""}
+        body = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("name", "mmproj") and v != ""}
+        if self.mmproj is not None:
+            body["mmproj"] = {k: v for k, v in dataclasses.asdict(self.mmproj).items() if v != ""}
+        return body
 
 
 _REQUIRED = ("sha256", "size", "source", "ref", "pulled_at", "digest_from")
+_PROJECTOR_REQUIRED = ("sha256", "size", "source", "ref", "digest_from")
+
+
+def _scalars(cls: type, body: Any, required: tuple[str, ...], what: str, path: Path,
+             hint: str) -> dict[str, Any]:
+    """A lock table's string and integer fields, checked against those of `cls`."""
+    types = {f.name: f.type for f in dataclasses.fields(cls) if f.type in ("str", "int")}
+    types.pop("name", None)  # the table's key, never a field in it
+    if not isinstance(body, dict) or any(k not in body for k in required):
+        raise ConfigError(f"lock file {path}: {what} is incomplete", hint=hint)
+    unknown = set(body) - set(types)
+    if unknown:
+        raise ConfigError(f"lock file {path}: {what} has unknown keys {sorted(unknown)}",
+                          hint=hint)
+    for k, v in body.items():
+        want = int if types[k] == "int" else str
+        if type(v) is not want:
+            raise ConfigError(
+                f"lock file {path}: {what}: {k} must be a{'n' * (want is int)} "
+                f"{want.__name__}, got {v!r}",
+                hint=hint,
+            )
+    if not is_sha256_hex(body["sha256"]):
+        raise ConfigError(f"lock file {path}: {what} has a bad sha256", hint=hint)
+    return body
 
 
 class Lock:
@@ -70,43 +131,31 @@ class Lock:
             raise ConfigError(f"lock file {path} is malformed: {e}", hint=hint) from e
         except OSError as e:
             raise ConfigError(f"cannot read lock file {path}: {e.strerror}", hint=hint) from e
-        if data.get("version") != LOCK_VERSION:
+        if data.get("version") not in (_PLAIN_VERSION, LOCK_VERSION):
             raise ConfigError(
-                f"lock file {path} has version {data.get('version')!r}, expected {LOCK_VERSION}",
+                f"lock file {path} has version {data.get('version')!r}, expected "
+                f"{_PLAIN_VERSION} or {LOCK_VERSION}",
                 hint=hint,
             )
         models = data.get("models", {})
         if not isinstance(models, dict):
             raise ConfigError(f"lock file {path}: [models] must be a table", hint=hint)
-        types = {f.name: f.type for f in dataclasses.fields(LockEntry)}
         entries = {}
         for name, body in models.items():
-            if not isinstance(body, dict) or any(k not in body for k in _REQUIRED):
-                raise ConfigError(f"lock file {path}: entry {name!r} is incomplete", hint=hint)
-            unknown = set(body) - set(types) | ({"name"} & set(body))
-            if unknown:
-                raise ConfigError(
-                    f"lock file {path}: entry {name!r} has unknown keys {sorted(unknown)}",
-                    hint=hint,
-                )
-            for k, v in body.items():
-                want = int if types[k] in (int, "int") else str
-                if type(v) is not want:
-                    raise ConfigError(
-                        f"lock file {path}: entry {name!r}: {k} must be a{'n' * (want is int)} "
-                        f"{want.__name__}, got {v!r}",
-                        hint=hint,
-                    )
+            what = f"entry {name!r}"
+            projector = body.pop("mmproj", None) if isinstance(body, dict) else None
+            fields = _scalars(LockEntry, body, _REQUIRED, what, path, hint)
             try:
                 check_name(name)
             except UsageError:
                 raise ConfigError(
                     f"lock file {path}: {name!r} is not a valid model name", hint=hint
                 ) from None
-            entry = LockEntry(name=name, **body)
-            if not is_sha256_hex(entry.sha256):
-                raise ConfigError(f"lock file {path}: entry {name!r} has a bad sha256", hint=hint)
-            entries[name] = entry
+            pin = None
+            if projector is not None:
+                pin = ProjectorPin(**_scalars(ProjectorPin, projector, _PROJECTOR_REQUIRED,
+                                              f"{what}: mmproj", path, hint))
+            entries[name] = LockEntry(name=name, **fields, mmproj=pin)
         return cls(entries)
 
     @classmethod
@@ -119,7 +168,8 @@ class Lock:
 
     def save(self, home: Home) -> None:
         doc = {
-            "version": LOCK_VERSION,
+            "version": LOCK_VERSION if any(e.mmproj for e in self.entries.values())
+            else _PLAIN_VERSION,
             "models": {n: e.to_toml() for n, e in sorted(self.entries.items())},
         }
         header = b"# Written by sovctl. Each entry pins a name to a commit and a sha256.\n"
@@ -136,4 +186,5 @@ class Lock:
             ) from None
 
     def names_for_blob(self, sha256: str) -> list[str]:
-        return sorted(n for n, e in self.entries.items() if e.sha256 == sha256)
+        """Every name that pins these bytes, as its weights or as its projector."""
+        return sorted(n for n, e in self.entries.items() if sha256 in e.blobs)

@@ -37,25 +37,35 @@ def verify(
     names: Sequence[str] = (),
     progress: Callable[[str, int], Progress] | None = None,
 ) -> VerifyResult:
-    """Re-hash each named blob (all when none named) against the lock. Fully offline."""
+    """Re-hash each named blob (all when none named) against the lock. Fully offline. A
+    projector is checked as its own item, NAME/mmproj."""
     import time
 
     lock = Lock.load(home)
     entries = [lock.get(n) for n in names] if names else list(lock.entries.values())
     items = []
+    ok = {}
     for e in entries:
-        start = time.perf_counter()
-        cb = progress(f"verify {e.name}", e.size) if progress else None
-        r = integrity.check(home, e.name, e.sha256, e.size, full=True, progress=cb)
-        items.append(VerifyItem(e.name, r.status, e.sha256, r.actual,
-                                e.size if r.size is None else r.size, time.perf_counter() - start))
-    ok = {i.name: i.expected for i in items if i.status == "ok"}
+        files = [(e.name, e.sha256, e.size)]
+        if e.mmproj is not None:
+            files.append((f"{e.name}/mmproj", e.mmproj.sha256, e.mmproj.size))
+        good = True
+        for label, sha256, size in files:
+            start = time.perf_counter()
+            cb = progress(f"verify {label}", size) if progress else None
+            r = integrity.check(home, label, sha256, size, full=True, progress=cb)
+            items.append(VerifyItem(label, r.status, sha256, r.actual,
+                                    size if r.size is None else r.size,
+                                    time.perf_counter() - start))
+            good = good and r.ok
+        if good:
+            ok[e.name] = e.blobs
     if ok:
         now = utcnow()
         with Lock.editing(home) as edit:
-            for n, sha in ok.items():
+            for n, blobs in ok.items():
                 # Only if the name still pins the bytes just hashed (no rm + pull meanwhile).
-                if n in edit.entries and edit.entries[n].sha256 == sha:
+                if n in edit.entries and edit.entries[n].blobs == blobs:
                     edit.entries[n] = replace(edit.entries[n], verified_at=now)
     return VerifyResult(tuple(items))
 
@@ -65,6 +75,7 @@ class ModelRow:
     entry: LockEntry
     present: bool
     facts: GgufFacts | None
+    mmproj_present: bool | None = None  # whether its projector's blob is there; None: it has none
 
 
 def list_models(home: Home) -> list[ModelRow]:
@@ -75,7 +86,8 @@ def list_models(home: Home) -> list[ModelRow]:
         e = lock.entries[name]
         present = store.has(e.sha256)
         facts = gguf_info.facts_for(home, e.sha256, store.path(e.sha256)) if present else None
-        rows.append(ModelRow(e, present, facts))
+        rows.append(ModelRow(e, present, facts,
+                             store.has(e.mmproj.sha256) if e.mmproj is not None else None))
     return rows
 
 
@@ -85,17 +97,27 @@ class RemoveResult:
     sha256: str
     blob_removed: bool
     still_used_by: tuple[str, ...]
+    mmproj_sha256: str = ""  # its projector's blob, when it had one
+    mmproj_removed: bool = False
+    mmproj_still_used_by: tuple[str, ...] = ()
 
 
 def remove(home: Home, name: str) -> RemoveResult:
+    """Unpin a name; each of its blobs goes too once no other name pins it."""
     store = BlobStore(home)
     with Lock.editing(home) as lock:
         entry = lock.get(name)
         del lock.entries[name]
-        others = tuple(lock.names_for_blob(entry.sha256))
-        if not others:
-            # Under the lock, so that a concurrent pull cannot pin this blob as it goes.
-            store.remove(entry.sha256)
-            integrity.forget(home, entry.sha256)
-            gguf_info.forget(home, entry.sha256)
-    return RemoveResult(name, entry.sha256, not others, others)
+        users = {sha256: tuple(lock.names_for_blob(sha256)) for sha256 in entry.blobs}
+        for sha256, others in users.items():
+            if not others:
+                # Under the lock, so that a concurrent pull cannot pin this blob as it goes.
+                store.remove(sha256)
+                integrity.forget(home, sha256)
+                gguf_info.forget(home, sha256)
+    others = users[entry.sha256]
+    if entry.mmproj is None:
+        return RemoveResult(name, entry.sha256, not others, others)
+    mm_others = users[entry.mmproj.sha256]
+    return RemoveResult(name, entry.sha256, not others, others, entry.mmproj.sha256,
+                        not mm_others, mm_others)

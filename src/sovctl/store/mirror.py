@@ -45,11 +45,13 @@ class Catalog:
         store = BlobStore(home)
         files: dict[tuple[str, str, str], MirrorFile] = {}
         for e in sorted(Lock.load(home).entries.values(), key=lambda e: e.pulled_at):
-            if e.source == "hf" and store.has(e.sha256, e.size):
-                # Two names may pin the same file at the same commit: serve it once.
-                files[(e.repo, e.commit, e.path)] = MirrorFile(
-                    e.repo, e.revision, e.commit, e.path, e.sha256, e.size,
-                    store.path(e.sha256), e.pulled_at)
+            # A projector is served too: another box pulls the model and its projector here.
+            for pin in (e, e.mmproj):
+                if pin is not None and pin.source == "hf" and store.has(pin.sha256, pin.size):
+                    # Two names may pin the same file at the same commit: serve it once.
+                    files[(pin.repo, pin.commit, pin.path)] = MirrorFile(
+                        pin.repo, pin.revision, pin.commit, pin.path, pin.sha256, pin.size,
+                        store.path(pin.sha256), e.pulled_at)
         return cls(list(files.values()))
 
     def repos(self) -> set[str]:

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from sovctl.errors import IntegrityError, UsageError
 from sovctl.fsutil import file_lock, fsync_path
@@ -13,7 +14,7 @@ from sovctl.home import Home
 from sovctl.result import utcnow
 from sovctl.store import gguf_info, hub, integrity, refs
 from sovctl.store.blobs import BlobStore, HashingWriter, Progress, is_sha256_hex
-from sovctl.store.lock import Lock, LockEntry
+from sovctl.store.lock import Lock, LockEntry, ProjectorPin
 from sovctl.store.names import check_name, name_from_filename
 
 # (description, total bytes or None, bytes already done) -> a callback taking byte counts
@@ -27,6 +28,7 @@ class PullResult:
     entry: LockEntry
     transferred: int  # bytes that crossed the network (or were copied) in this run
     resumed_from: int
+    mmproj_action: str = ""  # what happened to the projector, as `action`; "" if none asked
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,12 @@ class _Plan:
     expected_size: int | None
 
 
-def _check_sha(value: str | None) -> str | None:
+def _check_sha(value: str | None, flag: str) -> str | None:
     if value is None:
         return None
     v = value.lower().removeprefix("sha256:")
     if not is_sha256_hex(v):
-        raise UsageError(f"--sha256 {value!r} is not a sha256 hex digest (64 hex characters)")
+        raise UsageError(f"{flag} {value!r} is not a sha256 hex digest (64 hex characters)")
     return v
 
 
@@ -58,7 +60,7 @@ def _plan(
     have: list[str],
 ) -> _Plan:
     now = utcnow()
-    common = {"ref": ref_text, "pulled_at": now, "verified_at": now, "name": ""}
+    common: dict[str, Any] = {"ref": ref_text, "pulled_at": now, "verified_at": now, "name": ""}
     if isinstance(ref, refs.HubFile | refs.HubQuant):
         res = hub.resolve(
             endpoint,
@@ -121,15 +123,76 @@ def _tofu_or_refuse(tofu: bool, why: str) -> str:
 
 
 def _already(
-    lock: Lock, store: BlobStore, ref_text: str, revision: str, name: str | None
+    lock: Lock,
+    store: BlobStore,
+    ref_text: str,
+    revision: str,
+    name: str | None,
+    mmproj_text: str | None,
 ) -> LockEntry | None:
+    def same(pin: LockEntry | ProjectorPin, ref: str) -> bool:
+        same_rev = pin.source != "hf" or revision in (pin.revision, pin.commit)
+        return pin.ref == ref and same_rev and store.has(pin.sha256, pin.size)
+
     for entry in lock.entries.values():
         if name is not None and entry.name != name:
             continue
-        same_rev = entry.source != "hf" or revision in (entry.revision, entry.commit)
-        if entry.ref == ref_text and same_rev and store.has(entry.sha256, entry.size):
+        if mmproj_text is not None and (entry.mmproj is None
+                                        or not same(entry.mmproj, mmproj_text)):
+            continue
+        if same(entry, ref_text):
             return entry
     return None
+
+
+def _parse(ref_text: str, endpoint: str) -> tuple[refs.Ref, str]:
+    """The reference, and its text as pinned."""
+    ref = refs.parse_ref(ref_text)
+    if isinstance(ref, refs.HubFile | refs.HubQuant) and not endpoint.startswith(
+        ("http://", "https://")
+    ):
+        raise UsageError(
+            f"hub endpoint {endpoint!r} is not an http:// or https:// URL",
+            hint="check --endpoint, HF_ENDPOINT, SOVCTL_HUB__ENDPOINT or [hub] in sovctl.toml",
+        )
+    if isinstance(ref, refs.LocalFile):
+        ref_text = str(ref.path)  # the same file pins the same way from any working directory
+    return ref, ref_text
+
+
+def _disagrees(flag: str, wanted: str | None, pinned: str, name: str) -> None:
+    if wanted and wanted != pinned:
+        raise IntegrityError(
+            f"{flag} {wanted} disagrees with the sha256 {pinned} that {name!r} is pinned to",
+            hint="check where your expected digest came from; the store was left as it was",
+        )
+
+
+def _repin(plan: _Plan, pinned: LockEntry | ProjectorPin) -> _Plan:
+    """The same source again, its blob lost: the bytes must be the ones that were pinned."""
+    return replace(
+        plan,
+        expected_sha=pinned.sha256,
+        entry=replace(plan.entry, sha256=pinned.sha256, digest_from=pinned.digest_from),
+    )
+
+
+def _weights(label: str, facts: gguf_info.GgufFacts) -> None:
+    if facts.architecture == "clip":
+        raise UsageError(
+            f"{label} is a multimodal projector (general.architecture 'clip'), not a model",
+            hint="pull the model it belongs to, with this file as its projector: "
+            "sovctl pull MODEL --mmproj PROJECTOR",
+        )
+
+
+def _projector(label: str, facts: gguf_info.GgufFacts) -> None:
+    if facts.architecture != "clip":
+        raise UsageError(
+            f"{label} is not a multimodal projector: its general.architecture is "
+            f"{facts.architecture!r}, a projector's is 'clip'",
+            hint="pass the model as REF and its projector (an mmproj-*.gguf file) as --mmproj",
+        )
 
 
 def pull(
@@ -143,43 +206,38 @@ def pull(
     trust_on_first_use: bool = False,
     progress: ProgressFactory | None = None,
     token: str | None = None,
+    mmproj: str | None = None,
+    mmproj_sha256: str | None = None,
 ) -> PullResult:
+    """Pin REF under a name; with `mmproj`, pin that projector with it, both or neither."""
     if name is not None:
         check_name(name)
-    sha256 = _check_sha(sha256)
-    ref = refs.parse_ref(ref_text)
-    if isinstance(ref, refs.HubFile | refs.HubQuant) and not endpoint.startswith(
-        ("http://", "https://")
-    ):
-        raise UsageError(
-            f"hub endpoint {endpoint!r} is not an http:// or https:// URL",
-            hint="check --endpoint, HF_ENDPOINT, SOVCTL_HUB__ENDPOINT or [hub] in sovctl.toml",
-        )
-    if isinstance(ref, refs.LocalFile):
-        ref_text = str(ref.path)  # the same file pins the same way from any working directory
+    sha256 = _check_sha(sha256, "--sha256")
+    mmproj_sha256 = _check_sha(mmproj_sha256, "--mmproj-sha256")
+    if mmproj_sha256 and mmproj is None:
+        raise UsageError("--mmproj-sha256 is the digest of a projector; there is no --mmproj",
+                         hint="add --mmproj REF, or drop --mmproj-sha256")
+    ref, ref_text = _parse(ref_text, endpoint)
+    projector_ref, mmproj_text = _parse(mmproj, endpoint) if mmproj else (None, None)
     store = BlobStore(home)
     lock = Lock.load(home)
 
-    done = _already(lock, store, ref_text, revision, name)
+    done = _already(lock, store, ref_text, revision, name, mmproj_text)
     if done is not None:
-        if sha256 and sha256 != done.sha256:
-            raise IntegrityError(
-                f"--sha256 {sha256} disagrees with the sha256 {done.sha256} that {done.name!r} "
-                "is pinned to",
-                hint="check where your expected digest came from; the store was left as it was",
-            )
-        return PullResult(done.name, "already-pinned", done, 0, 0)
+        _disagrees("--sha256", sha256, done.sha256, done.name)
+        if done.mmproj is not None:
+            _disagrees("--mmproj-sha256", mmproj_sha256, done.mmproj.sha256, done.name)
+        return PullResult(done.name, "already-pinned", done, 0, 0,
+                          "already-pinned" if mmproj else "")
 
-    plan = _plan(
-        ref_text,
-        ref,
-        revision=revision,
-        sha256=sha256,
-        endpoint=endpoint,
-        tofu=trust_on_first_use,
-        have=sorted(lock.entries),
-    )
+    have = sorted(lock.entries)
+    plan = _plan(ref_text, ref, revision=revision, sha256=sha256, endpoint=endpoint,
+                 tofu=trust_on_first_use, have=have)
     final_name = name or name_from_filename(plan.entry.path or plan.entry.url.split("?")[0])
+    mm_plan = None
+    if projector_ref is not None and mmproj_text is not None:
+        mm_plan = _plan(mmproj_text, projector_ref, revision=revision, sha256=mmproj_sha256,
+                        endpoint=endpoint, tofu=trust_on_first_use, have=have)
     existing = lock.entries.get(final_name)
     if existing is not None:
         if existing.ref != ref_text or (plan.expected_sha or existing.sha256) != existing.sha256:
@@ -187,47 +245,91 @@ def pull(
                 f"name {final_name!r} already pins {existing.ref} (sha256 {existing.short_sha})",
                 hint=f"choose another --name, or 'sovctl rm {final_name}' first",
             )
-        # The same source again, its blob lost: the bytes must be the ones that were pinned.
-        plan = replace(
-            plan,
-            expected_sha=existing.sha256,
-            entry=replace(plan.entry, sha256=existing.sha256, digest_from=existing.digest_from),
-        )
+        plan = _repin(plan, existing)
+        pinned = existing.mmproj
+        if mm_plan is not None and pinned is not None:
+            if pinned.ref != mmproj_text or (mm_plan.expected_sha or pinned.sha256) \
+                    != pinned.sha256:
+                raise UsageError(
+                    f"name {final_name!r} already pins the projector {pinned.ref} (sha256 "
+                    f"{pinned.sha256[:12]})",
+                    hint=f"choose another --name, or 'sovctl rm {final_name}' first",
+                )
+            mm_plan = _repin(mm_plan, pinned)
 
+    # The projector first: it is the smaller file, so a failure of either costs little to
+    # redo; and a wrong one is refused before the model is fetched at all.
+    stored: list[str] = []
+    try:
+        projector = None
+        if mm_plan is not None:
+            projector = _fetch(home, store, mm_plan, f"{final_name}/mmproj", progress, token,
+                               have, _projector)
+            stored.append(projector.entry.sha256)
+        model = _fetch(home, store, plan, final_name, progress, token, have, _weights)
+        stored.append(model.entry.sha256)
+        entry = _record(home, store, replace(
+            model.entry, name=final_name,
+            mmproj=ProjectorPin.from_entry(projector.entry) if projector else None))
+    except BaseException:
+        # Both or neither: a blob this pull stored and no name pins goes again.
+        _drop_unpinned(home, store, stored)
+        raise
+    return PullResult(final_name, model.action, entry,
+                      model.transferred + (projector.transferred if projector else 0),
+                      model.resumed_from, projector.action if projector else "")
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    entry: LockEntry  # the plan's entry with the digest and size of the stored bytes
+    action: str
+    transferred: int
+    resumed_from: int
+
+
+def _fetch(
+    home: Home,
+    store: BlobStore,
+    plan: _Plan,
+    label: str,
+    progress: ProgressFactory | None,
+    token: str | None,
+    have: list[str],
+    accept: Callable[[str, gguf_info.GgufFacts], None],
+) -> _Fetched:
+    """Bring one file's bytes into the store, verified, and of the kind `accept` wants."""
     home.ensure(home.partials)
     source = plan.fetch_url or str(plan.local)
     key = plan.expected_sha or hashlib.sha256(source.encode()).hexdigest()
-    with file_lock(home.partials / f"{key}.flock", what=f"the download of {final_name}"):
+    with file_lock(home.partials / f"{key}.flock", what=f"the download of {label}"):
         if plan.expected_sha and store.has(plan.expected_sha, plan.expected_size):
             # Another name, or a concurrent pull that just finished, already holds these bytes.
-            size = store.path(plan.expected_sha).stat().st_size
-            entry = replace(plan.entry, name=final_name, size=size)
-            _record(home, store, entry)
-            return PullResult(final_name, "linked", entry, 0, 0)
+            blob = store.path(plan.expected_sha)
+            accept(label, gguf_info.facts_for(home, plan.expected_sha, blob))
+            return _Fetched(replace(plan.entry, size=blob.stat().st_size), "linked", 0, 0)
         partial = store.partial(key)
         if plan.local is not None:
-            digest, size, transferred, resumed = _copy(plan.local, partial, progress, final_name)
+            digest, size, transferred, resumed = _copy(plan.local, partial, progress, label)
         else:
             assert plan.fetch_url is not None
             # The Hub token goes to the hub endpoint only, never to an arbitrary URL.
             hub_token = token if plan.entry.source == "hf" else None
             digest, size, transferred, resumed = _download(
-                plan.fetch_url, partial, plan.expected_size, progress, final_name, hub_token,
-                sorted(lock.entries),
+                plan.fetch_url, partial, plan.expected_size, progress, label, hub_token, have,
             )
         try:
-            _check_digest(plan, digest, size, final_name)
-            facts = _facts_while_syncing(partial, label=f"{final_name} ({ref_text})")
-        except IntegrityError:
+            _check_digest(plan, digest, size, label)
+            facts = _facts_while_syncing(partial, label=f"{label} ({plan.entry.ref})")
+            accept(label, facts)
+        except (IntegrityError, UsageError):
             partial.unlink(missing_ok=True)
             raise
         store.adopt(partial, digest)
         integrity.record(home, digest)
         gguf_info.remember(home, digest, facts)
-    entry = replace(plan.entry, name=final_name, sha256=digest, size=size)
-    _record(home, store, entry)
     action = "imported" if plan.local is not None else "resumed" if resumed else "downloaded"
-    return PullResult(final_name, action, entry, transferred, resumed)
+    return _Fetched(replace(plan.entry, sha256=digest, size=size), action, transferred, resumed)
 
 
 def _check_digest(plan: _Plan, digest: str, size: int, name: str) -> None:
@@ -258,25 +360,48 @@ def _facts_while_syncing(partial: Path, label: str) -> gguf_info.GgufFacts:
     return facts
 
 
-def _record(home: Home, store: BlobStore, entry: LockEntry) -> None:
-    """Pin the name, re-checking under the lock what may have changed since the pull began."""
+def _record(home: Home, store: BlobStore, entry: LockEntry) -> LockEntry:
+    """Pin the name, re-checking under the lock what may have changed since the pull began;
+    the entry as pinned."""
+    pulled = [(p.sha256, p.size) for p in (entry, entry.mmproj) if p is not None]
     with Lock.editing(home) as lock:
         existing = lock.entries.get(entry.name)
-        if existing is not None and (existing.ref, existing.sha256) != (entry.ref, entry.sha256):
-            # Another pull took this name meanwhile; keep its pin, and no orphan blob.
-            if not lock.names_for_blob(entry.sha256):
-                store.remove(entry.sha256)
+        if existing is not None and entry.mmproj is None:
+            # A pull without --mmproj leaves the projector pinned before in place.
+            entry = replace(entry, mmproj=existing.mmproj)
+        if existing is not None and (_source(existing) != _source(entry) or (
+                existing.mmproj is not None and entry.mmproj is not None
+                and _source(existing.mmproj) != _source(entry.mmproj))):
+            # Another pull took this name meanwhile; keep its pin (the caller drops our blobs).
             raise UsageError(
                 f"name {entry.name!r} was just pinned to {existing.ref} by another sovctl",
                 hint="choose another --name",
             )
-        if not store.has(entry.sha256, entry.size):
-            # An `rm` of the last other name removed the blob meanwhile.
-            raise IntegrityError(
-                f"the blob of {entry.name} disappeared from the store while pinning it",
-                hint="run the same 'sovctl pull' again",
-            )
+        for sha256, size in pulled:
+            if not store.has(sha256, size):
+                # An `rm` of the last other name removed the blob meanwhile.
+                raise IntegrityError(
+                    f"the blob of {entry.name} disappeared from the store while pinning it",
+                    hint="run the same 'sovctl pull' again",
+                )
         lock.entries[entry.name] = entry
+    return entry
+
+
+def _source(pin: LockEntry | ProjectorPin) -> tuple[str, str]:
+    return pin.ref, pin.sha256
+
+
+def _drop_unpinned(home: Home, store: BlobStore, blobs: list[str]) -> None:
+    """Remove the blobs no name pins (under the lock, so that no pull pins one as it goes)."""
+    if not blobs:
+        return
+    with Lock.editing(home) as lock:
+        for sha256 in blobs:
+            if not lock.names_for_blob(sha256):
+                store.remove(sha256)
+                integrity.forget(home, sha256)
+                gguf_info.forget(home, sha256)
 
 
 def _copy(

@@ -1,0 +1,376 @@
+"""How much memory a model needs, and the settings that fit this machine (`sovctl plan`).
+
+The estimate, per runtime (one llama-server process per model), from the GGUF header alone:
+
+- **weights**: the bytes of every tensor. Those of block N (`blk.N.*`) move to the GPU with
+  layer N; the input embeddings always stay in RAM; the output head and final norm move to
+  the GPU as the extra layer (llama.cpp's n_gpu_layers = n_layer + 1, "all"), a tied
+  output head as a second copy of the token embeddings.
+- **KV cache**: 2 (K and V) x n_layer x n_head_kv x head_dim x 2 bytes (f16, llama.cpp's default
+  cache type) per token, for n_ctx x parallel tokens (llama-server gives each slot its own
+  n_ctx); a layer's share sits where the layer runs. Encoder-only embedding models keep none.
+- **compute buffers** (flash attention, llama-server's default): 4 bytes x n_ubatch (512) x
+  (8 x n_embd + 2 x n_ff) for the activations of one micro-batch, plus 4 bytes x n_vocab per
+  slot for the logits; an embedding model's batch is its whole context and also holds its
+  attention scores (4 bytes x n_ctx^2 x n_head). On every device that holds layers.
+- **overhead**: 128 MiB of RAM per runtime process; 512 MiB of VRAM per GPU runtime (CUDA
+  context and cuBLAS workspace).
+
+Against it, the memory there is: RAM available now (psutil) and free VRAM of the GPUs this
+llama.cpp build can offload to (NVML), or what --ram / --vram say, less a 10% headroom.
+
+The fit, in this order: every layer on the GPU with the asked slots and context (then fewer
+slots, then a smaller context down to 2048 tokens); else as many layers on the GPU as fit, the
+rest on the CPU, with the asked slots and context; else fewer slots, then a smaller context
+(down to 512 tokens); else the model does not fit and the numbers say by how much.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from sovctl.errors import UsageError
+from sovctl.provision.gguf_header import GgufHeader
+from sovctl.store.gguf_info import _EMBEDDING_ARCHS  # the one rule for "an embedding model"
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+HEADROOM = 0.10
+RAM_OVERHEAD = 128 * MiB
+VRAM_OVERHEAD = 512 * MiB
+N_UBATCH = 512
+KV_BYTES = 2  # f16
+MIN_CTX = 512
+FULL_OFFLOAD_MIN_CTX = 2048
+
+_INPUT = re.compile(r"^(token_embd|position_embd|token_types|token_embd_norm)\.")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+# -- sizes as people write them ------------------------------------------------------------------
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """"100MB" (decimal), "1.5GiB" or "8G" (binary), "0", or a number of bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"cannot read {text!r} as a size",
+                         hint="write e.g. 512MiB, 8GiB, 8G (binary), 100MB (decimal) or 0")
+    number, unit, binary, byte = m.groups()
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    base = 1000 if (byte and not binary and unit) else 1024
+    return int(float(number) * base ** power)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# -- the model, as sizing sees it ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    label: str
+    architecture: str
+    file_size: int | None
+    parameters: int
+    weights_bytes: int
+    n_layer: int
+    layer_bytes: tuple[int, ...]  # blk.N
+    input_bytes: int  # token embeddings and the like: always in RAM
+    output_bytes: int  # head + final norm: on the GPU with the extra layer
+    tied_bytes: int  # a head tied to the token embeddings: a copy of them on the GPU
+    kv_layer_bytes: tuple[int, ...]  # K+V bytes per token, per layer
+    n_embd: int
+    n_head: int
+    n_ff: int
+    n_vocab: int
+    context_length: int | None
+    embedding: bool
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return sum(self.kv_layer_bytes)
+
+
+def _per_layer(value: object, n: int, default: int) -> list[int]:
+    if isinstance(value, list):
+        vals = [int(v) for v in value] or [default]
+        return (vals + [vals[-1]] * n)[:n]
+    return [int(value) if value is not None else default] * n  # type: ignore[call-overload]
+
+
+def shape_of(h: GgufHeader) -> ModelShape:
+    arch = str(h.get("general.architecture") or "unknown")
+
+    def meta(key: str, default: object = None) -> object:
+        return h.get(f"{arch}.{key}", default)
+
+    n_layer = int(meta("block_count", 0) or 0)  # type: ignore[call-overload]
+    layer = [0] * n_layer
+    input_bytes = output_bytes = 0
+    has_output = False
+    for t in h.tensors:
+        if m := _BLOCK.match(t.name):
+            i = int(m[1])
+            if i >= len(layer):
+                layer += [0] * (i + 1 - len(layer))
+            layer[i] += t.n_bytes
+        elif _INPUT.match(t.name):
+            input_bytes += t.n_bytes
+        else:
+            has_output = has_output or t.name.startswith("output.")
+            output_bytes += t.n_bytes
+    n_layer = max(n_layer, len(layer))
+    embedding = arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in h.metadata
+    token_embd = sum(t.n_bytes for t in h.tensors if t.name == "token_embd.weight")
+    # A tied head reads the token embeddings: on the CPU the same bytes, on the GPU a copy.
+    tied = token_embd if not has_output and not embedding else 0
+
+    n_embd = int(meta("embedding_length", 0) or 0)  # type: ignore[call-overload]
+    heads = _per_layer(meta("attention.head_count"), n_layer, 0)
+    # No head_count_kv: plain multi-head attention. A 0 in a per-layer list: a layer without
+    # attention (the recurrent layers of a hybrid model), which keeps no KV cache.
+    kv_meta = meta("attention.head_count_kv")
+    kv_heads = heads if kv_meta is None else _per_layer(kv_meta, n_layer, 0)
+    n_head = max(heads, default=0)
+    head_dim = n_embd // n_head if n_head else 0
+    k_len = int(meta("attention.key_length", head_dim) or 0)  # type: ignore[call-overload]
+    v_len = int(meta("attention.value_length", head_dim) or 0)  # type: ignore[call-overload]
+    kv_layer = (0,) * n_layer if embedding else tuple(
+        KV_BYTES * kv * (k_len + v_len) for kv in kv_heads)
+    ff = meta("feed_forward_length", 0)
+    n_ff = max(_per_layer(ff, max(n_layer, 1), 0), default=0)
+    vocab = meta("vocab_size") or h.array_lengths.get("tokenizer.ggml.tokens", 0)
+    ctx = meta("context_length")
+    return ModelShape(
+        label=h.source, architecture=arch, file_size=h.file_size,
+        parameters=sum(t.n_elements for t in h.tensors),
+        weights_bytes=sum(t.n_bytes for t in h.tensors), n_layer=n_layer,
+        layer_bytes=tuple(layer), input_bytes=input_bytes, output_bytes=output_bytes,
+        tied_bytes=tied,
+        kv_layer_bytes=kv_layer, n_embd=n_embd, n_head=n_head, n_ff=n_ff,
+        n_vocab=int(vocab or 0), context_length=int(ctx) if ctx else None,  # type: ignore[call-overload]
+        embedding=embedding,
+    )
+
+
+# -- the memory there is ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    ram_bytes: int  # RAM considered: available now, or --ram
+    ram_source: str
+    vram_bytes: int  # free VRAM over the GPUs llama.cpp can offload to, or --vram; 0 = none
+    vram_source: str
+    gpus: int  # GPUs holding that VRAM (each GPU runtime pays the CUDA overhead once)
+    headroom: float = HEADROOM
+    ram_used: int = 0  # by runtimes already planned on this budget
+    vram_used: int = 0
+
+    @property
+    def ram_usable(self) -> int:
+        return int(self.ram_bytes * (1 - self.headroom)) - self.ram_used
+
+    @property
+    def vram_usable(self) -> int:
+        return int(self.vram_bytes * (1 - self.headroom)) - self.vram_used if self.gpus else 0
+
+    def after(self, fp: Footprint) -> Budget:
+        return replace(self, ram_used=self.ram_used + fp.ram_bytes,
+                       vram_used=self.vram_used + fp.vram_bytes)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    offloaded: int  # layers on the GPU, 0..n_layer+1 (n_layer+1: the output layer too)
+    n_ctx: int
+    parallel: int
+    weights_ram: int
+    weights_vram: int
+    kv_ram: int
+    kv_vram: int
+    compute_ram: int
+    compute_vram: int
+    overhead_ram: int
+    overhead_vram: int
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.weights_ram + self.kv_ram + self.compute_ram + self.overhead_ram
+
+    @property
+    def vram_bytes(self) -> int:
+        return self.weights_vram + self.kv_vram + self.compute_vram + self.overhead_vram
+
+
+def _compute_bytes(s: ModelShape, n_ctx: int, parallel: int) -> int:
+    if s.embedding:
+        ub = n_ctx
+        return 4 * ub * (8 * s.n_embd + 2 * s.n_ff) + 4 * ub * ub * s.n_head
+    ub = min(N_UBATCH, n_ctx * parallel)
+    return 4 * ub * (8 * s.n_embd + 2 * s.n_ff) + 4 * s.n_vocab * parallel
+
+
+def footprint(s: ModelShape, n_ctx: int, parallel: int, offloaded: int) -> Footprint:
+    """Memory of one runtime serving `s` with `parallel` slots of `n_ctx` tokens and the last
+    `offloaded` layers on the GPU (as llama.cpp offloads: from the output end)."""
+    offloaded = max(0, min(offloaded, s.n_layer + 1))
+    gpu_layers = min(offloaded, s.n_layer)
+    first_gpu = s.n_layer - gpu_layers
+    tokens = 0 if s.embedding else n_ctx * parallel
+    head_on_gpu = offloaded > s.n_layer
+    w_gpu = sum(s.layer_bytes[first_gpu:]) + (s.output_bytes + s.tied_bytes if head_on_gpu
+                                               else 0)
+    w_cpu = s.input_bytes + sum(s.layer_bytes[:first_gpu]) + (0 if head_on_gpu
+                                                              else s.output_bytes)
+    kv_gpu = sum(s.kv_layer_bytes[first_gpu:]) * tokens
+    compute = _compute_bytes(s, n_ctx, parallel)
+    return Footprint(
+        offloaded=offloaded, n_ctx=n_ctx, parallel=parallel,
+        weights_ram=w_cpu, weights_vram=w_gpu,
+        kv_ram=s.kv_bytes_per_token * tokens - kv_gpu, kv_vram=kv_gpu,
+        compute_ram=compute if offloaded <= s.n_layer else 0,
+        compute_vram=compute if offloaded else 0,
+        overhead_ram=RAM_OVERHEAD, overhead_vram=VRAM_OVERHEAD if offloaded else 0,
+    )
+
+
+def _fits(fp: Footprint, b: Budget) -> bool:
+    return fp.ram_bytes <= b.ram_usable and fp.vram_bytes <= max(b.vram_usable, 0)
+
+
+# -- the fit ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Want:
+    n_ctx: int
+    parallel: int
+    n_gpu_layers: int  # -1: as many as fit; 0: CPU only; k: at most k
+
+
+@dataclass(frozen=True)
+class Fit:
+    model: str
+    role: str
+    fits: bool
+    n_ctx: int
+    parallel: int
+    n_gpu_layers: int  # the setting to serve with: -1 = all (output layer too), else a count
+    offloaded_layers: int
+    n_layer: int
+    footprint: Footprint
+    want: Want
+    ram_usable: int  # what this model could use, after the models planned before it
+    vram_usable: int
+    notes: tuple[str, ...]
+    shape: ModelShape
+
+    @property
+    def where(self) -> str:
+        if self.offloaded_layers == 0:
+            return "CPU"
+        if self.offloaded_layers > self.n_layer:
+            return "GPU"
+        return f"GPU {self.offloaded_layers}/{self.n_layer + 1} layers, rest CPU"
+
+
+def _halvings(start: int, floor: int) -> list[int]:
+    out = [start]
+    while out[-1] // 2 >= floor:
+        out.append(out[-1] // 2)
+    return out
+
+
+def fit(name: str, role: str, s: ModelShape, want: Want, budget: Budget) -> Fit:
+    notes: list[str] = []
+    n_ctx = want.n_ctx
+    if s.context_length and n_ctx > s.context_length:
+        notes.append(f"n_ctx {n_ctx} is past what {name} was trained on; capped at "
+                     f"{s.context_length}")
+        n_ctx = s.context_length
+    parallel = max(want.parallel, 1)
+    ctx_steps = _halvings(n_ctx, min(MIN_CTX, n_ctx))
+    par_steps = _halvings(parallel, 1)
+    top = s.n_layer + 1 if want.n_gpu_layers < 0 else min(want.n_gpu_layers, s.n_layer + 1)
+    if budget.vram_usable <= 0:
+        if want.n_gpu_layers != 0:
+            notes.append(f"no GPU to offload to ({budget.vram_source}): every layer on the CPU")
+        top = 0
+
+    def result(fp: Footprint, ok: bool) -> Fit:
+        all_layers = fp.offloaded > s.n_layer
+        extra = list(notes)
+        if ok:
+            if fp.parallel < parallel:
+                extra.append(f"parallel {parallel} -> {fp.parallel}: each slot's KV cache "
+                             f"({human(s.kv_bytes_per_token * fp.n_ctx)}) would not fit")
+            if fp.n_ctx < n_ctx:
+                extra.append(f"n_ctx {n_ctx} -> {fp.n_ctx}: the KV cache for {n_ctx} tokens "
+                             "per slot would not fit")
+            if 0 < fp.offloaded <= s.n_layer and top > 0:
+                extra.append(f"partial offload: {fp.offloaded} of {s.n_layer + 1} layers on "
+                             "the GPU, the rest on the CPU (slower than all on the GPU)")
+            elif fp.offloaded == 0 and top > 0:
+                extra.append("the GPU cannot hold even one layer: every layer on the CPU")
+        return Fit(
+            model=name, role=role, fits=ok, n_ctx=fp.n_ctx, parallel=fp.parallel,
+            n_gpu_layers=-1 if all_layers else fp.offloaded, offloaded_layers=fp.offloaded,
+            n_layer=s.n_layer, footprint=fp, want=want, ram_usable=budget.ram_usable,
+            vram_usable=max(budget.vram_usable, 0), notes=tuple(extra), shape=s,
+        )
+
+    if top > s.n_layer:  # every layer on the GPU, trading slots and then context for it
+        for ctx in ctx_steps:
+            if ctx < min(n_ctx, FULL_OFFLOAD_MIN_CTX):
+                break
+            for par in par_steps:
+                fp = footprint(s, ctx, par, top)
+                if _fits(fp, budget):
+                    return result(fp, True)
+    for ctx in ctx_steps:
+        for par in par_steps:
+            for layers in range(top, -1, -1):
+                fp = footprint(s, ctx, par, layers)
+                if _fits(fp, budget):
+                    return result(fp, True)
+    return result(footprint(s, ctx_steps[-1], 1, 0), False)
+
+
+def refusal(f: Fit, budget: Budget) -> str:
+    """The numbers of a model that does not fit, in one sentence."""
+    fp = f.footprint
+    share = f"{100 - round(budget.headroom * 100)}%"
+    text = (f"{f.model} does not fit: on the CPU with 1 slot of {fp.n_ctx} tokens it needs "
+            f"{human(fp.ram_bytes)} of RAM (weights {human(fp.weights_ram)}, KV cache "
+            f"{human(fp.kv_ram)}, compute {human(fp.compute_ram)}, runtime "
+            f"{human(fp.overhead_ram)}); {human(max(f.ram_usable, 0))} is usable ({share} of "
+            f"{human(budget.ram_bytes)} {budget.ram_source}"
+            + (f", less {human(budget.ram_used)} for the models before it)"
+               if budget.ram_used else ")"))
+    if budget.vram_usable > 0:
+        gpu = footprint(f.shape, fp.n_ctx, 1, f.n_layer + 1)
+        text += (f"; with every layer on the GPU it needs {human(gpu.vram_bytes)} of VRAM, and "
+                 f"{human(budget.vram_usable)} is usable ({share} of "
+                 f"{human(budget.vram_bytes)} {budget.vram_source})")
+    return text
+
+
+def fit_all(models: Sequence[tuple[str, str, ModelShape, Want]], budget: Budget
+            ) -> tuple[list[Fit], Budget]:
+    """Fit several runtimes on one machine: embedding models first (small, fixed), then the
+    rest, each on what the ones before it left."""
+    order = sorted(models, key=lambda m: m[1] != "embedding")
+    fits = []
+    for name, role, shape, want in order:
+        f = fit(name, role, shape, want, budget)
+        fits.append(f)
+        if f.fits:
+            budget = budget.after(f.footprint)
+    by_name = {f.model: f for f in fits}
+    return [by_name[m[0]] for m in models], budget

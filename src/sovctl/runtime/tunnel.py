@@ -1,0 +1,534 @@
+"""The stack's public face: an SSH reverse tunnel from a host the operator owns to the gateway.
+
+The tunnel is one more supervised process, a plain `ssh -N -R ...` that exits when a forward
+cannot be set up. Beside the public forward it holds a private one, `-L PROBE:...:REMOTE_PORT`,
+whose local end the supervisor's health probe calls: the probe's request crosses the SSH
+session, enters the public host's listening port and comes back through the reverse forward to
+the gateway's /health. A tunnel therefore counts as up only when the public side reaches the
+gateway, and the probe's port is the ssh process's own, as every health probe demands.
+
+The public host's key is checked against HOME/tunnel/known_hosts, written only once the
+operator has confirmed the key's fingerprint; ssh never learns a key by itself there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sovctl.errors import (
+    ConfigError,
+    IntegrityError,
+    NetworkError,
+    RuntimeStartError,
+    SovctlError,
+    UsageError,
+)
+from sovctl.fsutil import atomic_write
+from sovctl.home import Home
+from sovctl.net import ip_literal, is_loopback
+from sovctl.runtime.procs import Argv, spawn, stop_group
+
+if TYPE_CHECKING:
+    from sovctl.config import Settings
+    from sovctl.runtime.plan import Plan, ProcessSpec
+
+NAME = "tunnel"  # the process's name in the plan, `sovctl status` and `sovctl logs`
+CONNECT_TIMEOUT = 15  # seconds ssh waits for the public host before it exits (and is retried)
+REHEARSAL_TIMEOUT = CONNECT_TIMEOUT + 15.0
+SSH_HINT = "install the OpenSSH client (Debian: apt-get install openssh-client)"
+# Remote bind addresses that mean every interface of the public host: the probe enters there
+# through its loopback.
+ANY_ADDRESS = ("", "*", "0.0.0.0", "::", "localhost")
+
+_VIA = re.compile(r"(?:(?P<user>[^@]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:@\[\]]+))"
+                  r"(?::(?P<port>\d{1,5}))?")
+# A user or host name ssh cannot mistake for an option, nor split into two arguments.
+_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _valid_host(host: str) -> bool:
+    return ip_literal(host) is not None or bool(_HOST.fullmatch(host))
+
+
+def parse_via(via: str) -> tuple[str, str, int] | None:
+    """(user, host, SSH port) of `[USER@]HOST[:PORT]` (an IPv6 address in brackets); None when
+    `via` is not one."""
+    m = _VIA.fullmatch(via.strip())
+    if m is None:
+        return None
+    user, host, port = m["user"] or "", m["v6"] or m["host"], int(m["port"] or 22)
+    if (user and not _USER.fullmatch(user)) or not _valid_host(host) or not 0 < port < 65536:
+        return None
+    return user, host, port
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """The [tunnel] settings, checked and resolved: where the tunnel goes and how ssh holds it."""
+
+    user: str  # "" = ssh's default, the local user's name
+    host: str
+    port: int  # the public host's SSH port
+    remote_port: int  # the port the public host listens on for the gateway
+    remote_bind: str  # the address it listens on there; "" = as its GatewayPorts says
+    identity: str  # the private key file; "" = ssh's default keys
+    known_hosts: str  # the pinned host keys
+    keepalive_interval: int
+    keepalive_count: int
+
+    @property
+    def via(self) -> str:
+        return (f"{self.user}@" if self.user else "") + f"{_bracket(self.host)}:{self.port}"
+
+    @property
+    def host_key_name(self) -> str:
+        """The host as ssh names it in known_hosts: `[HOST]:PORT` unless the port is 22."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    @property
+    def public(self) -> str:
+        """Where the public host listens for the gateway (behind its own proxy, if any)."""
+        return f"{_bracket(self.host)}:{self.remote_port}"
+
+    @property
+    def probe_host(self) -> str:
+        """The address on the public host that the probe's private forward connects to."""
+        return "127.0.0.1" if self.remote_bind in ANY_ADDRESS else self.remote_bind
+
+
+def known_hosts_path(home: Home) -> Path:
+    return home.root / "tunnel" / "known_hosts"
+
+
+def from_settings(home: Home, cfg: Settings) -> Tunnel | None:
+    """The tunnel [tunnel] (or the flags) asks for; None without `via`."""
+    via = str(cfg.get("tunnel.via")).strip()
+    if not via:
+        return None
+    # Flags are usage; anything from a file or the environment is configuration.
+    error = UsageError if cfg.source("tunnel.via") == "flag" else ConfigError
+    parsed = parse_via(via)
+    if parsed is None:
+        raise error(f"tunnel target {via!r} is not USER@HOST[:PORT]",
+                    hint="for example tunnel@vps.example.org, or tunnel@[2001:db8::1]:2222")
+    user, host, port = parsed
+    remote_port = int(cfg.get("tunnel.remote_port"))
+    if not 0 < remote_port < 65536:
+        raise error(f"tunnel.remote_port must be a port number (1-65535), got {remote_port}")
+    bind = str(cfg.get("tunnel.remote_bind")).strip()
+    if bind not in ANY_ADDRESS and not _valid_host(bind):
+        raise ConfigError(f"tunnel.remote_bind {bind!r} is not an address",
+                          hint="leave it empty (the public host's GatewayPorts decides), or give "
+                          "an address of the public host such as 127.0.0.1 or 0.0.0.0")
+    identity = str(cfg.get("tunnel.identity")).strip()
+    if identity:
+        path = Path(identity).expanduser()
+        if not path.is_file():
+            raise error(f"tunnel identity {identity} is not a file",
+                        hint="give the private key ssh logs in to the public host with")
+        identity = str(path.resolve())
+    keepalive = (int(cfg.get("tunnel.keepalive_interval")), int(cfg.get("tunnel.keepalive_count")))
+    if min(keepalive) < 1:
+        raise ConfigError("tunnel.keepalive_interval and tunnel.keepalive_count must be at "
+                          f"least 1, got {keepalive[0]} and {keepalive[1]}")
+    return Tunnel(user=user, host=host, port=port, remote_port=remote_port, remote_bind=bind,
+                  identity=identity, known_hosts=str(known_hosts_path(home)),
+                  keepalive_interval=keepalive[0], keepalive_count=keepalive[1])
+
+
+def configured(home: Home, flags: Mapping[str, Any]) -> Tunnel:
+    from sovctl import config
+
+    t = from_settings(home, config.load(home, flags=flags))
+    if t is None:
+        raise UsageError("no public host to tunnel to",
+                         hint="pass --via USER@HOST[:PORT], or set via in the [tunnel] section "
+                         f"of {home.config_path}")
+    return t
+
+
+# -- the ssh process -------------------------------------------------------------------------------
+
+def host_key_options(t: Tunnel) -> tuple[str, ...]:
+    """The `-o` settings that hold ssh to the pinned key (the audit looks for each of them)."""
+    return (
+        "StrictHostKeyChecking=yes",
+        # Quoted: ssh splits an unquoted value at spaces into several files.
+        f'UserKnownHostsFile="{t.known_hosts}"',
+        "GlobalKnownHostsFile=/dev/null",  # only the key the operator confirmed counts
+        "UpdateHostKeys=no",  # the public host cannot add keys to the pin
+    )
+
+
+def gateway_address(host: str) -> str:
+    """Where the tunnel's far end connects to reach a gateway bound to `host`."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    if ip_literal(host) is None and is_loopback(host):
+        return "127.0.0.1"  # a loopback name: the gateway listens on its address
+    return host
+
+
+def gateway_target(host: str, port: int) -> str:
+    """`ADDRESS:PORT` as the tunnel's `-R` ends: the gateway it delivers to."""
+    return f"{_bracket(gateway_address(host))}:{port}"
+
+
+def ssh_argv(t: Tunnel, ssh: str, target: tuple[str, int], probe_port: int,
+             env: Mapping[str, str]) -> Argv:
+    """`ssh -N -R` from the public host's port to `target`, with the probe's `-L`, started
+    through the launcher like every supervised program (death with the supervisor)."""
+    listen = f"{_bracket(t.remote_bind)}:{t.remote_port}" if t.remote_bind else str(t.remote_port)
+    options = (
+        # Any forward that cannot be set up ends ssh, where the supervisor sees it; a silent
+        # ssh without its forward would look alive.
+        "ExitOnForwardFailure=yes",
+        f"ServerAliveInterval={t.keepalive_interval}",
+        f"ServerAliveCountMax={t.keepalive_count}",
+        f"ConnectTimeout={CONNECT_TIMEOUT}",
+        *host_key_options(t),
+        "BatchMode=yes",  # never a prompt: nobody is there to answer it
+        "IdentitiesOnly=yes",  # the key given, not whatever an agent holds
+    )
+    args = [
+        ssh, "-N",
+        # The plan alone decides: no ~/.ssh/config or /etc/ssh/ssh_config, where a
+        # ProxyCommand, an extra forward or a relaxed host key check would change the path.
+        "-F", "/dev/null",
+        *(a for o in options for a in ("-o", o)),
+        *(("-i", t.identity) if t.identity else ()),
+        "-p", str(t.port),
+        "-R", f"{listen}:{_bracket(target[0])}:{target[1]}",
+        "-L", f"127.0.0.1:{probe_port}:{_bracket(t.probe_host)}:{t.remote_port}",
+        "--", (f"{t.user}@" if t.user else "") + t.host,
+    ]
+    return Argv((sys.executable, "-m", "sovctl.runtime.launch", NAME, "--exec", *args),
+                env=dict(env))
+
+
+def process(t: Tunnel, gateway_host: str, gateway_port: int, env: Mapping[str, str]
+            ) -> ProcessSpec:
+    """The tunnel as a supervised process to the gateway at gateway_host:gateway_port; its
+    port is the probe's local end, which answers with the gateway's /health."""
+    from sovctl.runtime.plan import ProcessSpec, free_port
+
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise ConfigError("the tunnel needs ssh, and no ssh was found on PATH", hint=SSH_HINT)
+    probe = free_port()
+    return ProcessSpec(name=NAME, kind="tunnel", port=probe, health_path="/health",
+                       argv=ssh_argv(t, ssh, (gateway_address(gateway_host), gateway_port),
+                                     probe, env))
+
+
+def forwards(args: Sequence[str]) -> list[tuple[str, str]]:
+    """The (flag, spec) of every forward an ssh command line asks for: -R, -L and -D."""
+    found = []
+    for i, a in enumerate(args[:-1]):
+        if a in ("-R", "-L", "-D"):
+            found.append((a, args[i + 1]))
+    return found
+
+
+# -- host keys -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostKey:
+    type: str  # "ssh-ed25519", "ecdsa-sha2-nistp256", ...
+    key: str  # base64, as known_hosts holds it
+
+    @property
+    def fingerprint(self) -> str:
+        """As `ssh-keygen -l` and ssh's own messages show it."""
+        digest = hashlib.sha256(base64.b64decode(self.key)).digest()
+        return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.fingerprint}"
+
+
+def _parse_keys(text: str, name: str) -> list[HostKey]:
+    keys = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and not line.startswith(("#", "@")) \
+                and name in fields[0].split(","):
+            keys.append(HostKey(fields[1], fields[2]))
+    return keys
+
+
+def pinned_keys(t: Tunnel) -> list[HostKey]:
+    try:
+        return _parse_keys(Path(t.known_hosts).read_text(), t.host_key_name)
+    except FileNotFoundError:
+        return []
+
+
+def scan(t: Tunnel, timeout: int = 10) -> list[HostKey]:
+    """The keys the public host offers now (unauthenticated: only the operator's confirmation
+    of a fingerprint makes them trusted)."""
+    keyscan = shutil.which("ssh-keyscan")
+    if keyscan is None:
+        raise ConfigError("pinning the tunnel's host key needs ssh-keyscan, and none was found",
+                          hint=SSH_HINT)
+    proc = subprocess.run([keyscan, "-T", str(timeout), "-p", str(t.port), "--", t.host],
+                          capture_output=True, text=True, timeout=timeout + 5, check=False)
+    keys = _parse_keys(proc.stdout, t.host_key_name)
+    if not keys:
+        said = [line for line in proc.stderr.splitlines() if line and not line.startswith("#")]
+        raise NetworkError(f"no host key from {t.host_key_name}"
+                           + (f": {said[-1]}" if said else ""),
+                           hint=f"check that {t.host} runs sshd on port {t.port} and that this "
+                           "machine reaches it")
+    return keys
+
+
+def pin(t: Tunnel, keys: Sequence[HostKey]) -> None:
+    path = Path(t.known_hosts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    old = path.read_text() if path.exists() else ""
+    lines = "".join(f"{t.host_key_name} {k.type} {k.key}\n" for k in keys)
+    atomic_write(path, (old + ("\n" if old and not old.endswith("\n") else "") + lines).encode(),
+                 mode=0o600)
+
+
+# Asked with the host's name and the keys it offers; True pins them.
+Confirm = Callable[[str, Sequence[HostKey]], bool]
+
+
+def ensure_pinned(t: Tunnel, confirm: Confirm | None) -> tuple[list[HostKey], bool]:
+    """(the pinned keys, whether they were pinned just now). `confirm` None: nobody can be
+    asked, and an unpinned key is an error that shows its fingerprint."""
+    keys = pinned_keys(t)
+    if keys:
+        return keys, False
+    keys = scan(t)
+    offered = ", ".join(map(str, keys))
+    if confirm is None:
+        raise UsageError(f"the host key of {t.host_key_name} is not pinned yet; it offers "
+                         f"{offered}",
+                         hint="compare the fingerprint with the host's own (on the host: "
+                         "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then run again "
+                         "with --accept-host-key, or in a terminal to confirm it")
+    if not confirm(t.host_key_name, keys):
+        raise UsageError(f"the host key of {t.host_key_name} was not accepted; nothing was "
+                         "pinned or changed")
+    pin(t, keys)
+    return keys, True
+
+
+# -- why ssh stopped -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SshFailure:
+    message: str
+    fatal: bool  # no retry can cure it: the operator has to act
+    hint: str = ""
+    host_key: bool = False  # the host did not prove to be the pinned one
+
+    def error(self) -> SovctlError:
+        cls = IntegrityError if self.host_key else NetworkError
+        return cls(self.message, hint=self.hint or None)
+
+
+def diagnose(t: Tunnel, output: str) -> SshFailure | None:
+    """Why ssh stopped, from what it wrote since its start; None when it said nothing."""
+    kh, name = t.known_hosts, t.host_key_name
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in output:
+        m = re.search(r"sent by the remote host is\s+(SHA256:[A-Za-z0-9+/]+)", output)
+        offered = f" (it now offers {m[1]})" if m else ""
+        return SshFailure(
+            f"the host key of {name} changed: it is not the key pinned in {kh}{offered}, so "
+            "ssh refused to connect (REMOTE HOST IDENTIFICATION HAS CHANGED)", fatal=True,
+            host_key=True,
+            hint="someone may be impersonating the host; if its key was replaced on purpose, "
+            "compare the fingerprint on the host, remove the old pin with "
+            f"ssh-keygen -R '{name}' -f {kh}, and run 'sovctl tunnel' again")
+    if "Host key verification failed" in output:
+        return SshFailure(f"no host key of {name} is pinned in {kh}, so ssh refused to connect",
+                          fatal=True, host_key=True,
+                          hint="pin it with 'sovctl tunnel --pin-only', which shows its "
+                          "fingerprint to confirm")
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    denied = next((line for line in lines if "Permission denied" in line), None)
+    if denied:
+        return SshFailure(f"{t.via} refused the login: {denied}", fatal=True,
+                          hint="add the tunnel's public key to that user's authorized_keys on "
+                          "the public host (see docs/commands/tunnel.md)")
+    if "administratively prohibited" in output:
+        target = f"{t.probe_host}:{t.remote_port}"
+        return SshFailure(f"{t.via} refuses to open {target} for the tunnel's health probe",
+                          fatal=True, hint="allow it in the key's authorized_keys line on the "
+                          f'public host: permitopen="{target}"')
+    if "remote port forwarding failed" in output:
+        return SshFailure(
+            f"{t.via} did not let ssh listen on port {t.remote_port}: it is in use, or not "
+            "permitted", fatal=False,
+            hint=f'allow it in the key\'s authorized_keys line: permitlisten="{t.remote_port}"; '
+            "an old session may hold the port until the host's ClientAliveInterval ends it")
+    return SshFailure(f"ssh: {lines[-1].removeprefix('ssh: ')}", fatal=False) if lines else None
+
+
+# -- adding a tunnel to the running stack ----------------------------------------------------------
+
+def rehearse(home: Home, t: Tunnel, timeout: float = REHEARSAL_TIMEOUT) -> None:
+    """Carry one request over a throwaway tunnel before the stack is touched: its far end is a
+    stub on loopback that answers a nonce, never the gateway, so nothing is exposed while
+    the gateway may still take requests without the key. Raises ssh's reason when it fails."""
+    nonce = secrets.token_hex(16).encode()
+
+    class Nonce(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(nonce)))
+            self.end_headers()
+            self.wfile.write(nonce)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Silent: the stub's requests are the rehearsal's own."""
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Nonce)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    spec = process(t, "127.0.0.1", int(stub.server_address[1]), {})
+    log = home.logs / "tunnel-check.log"
+    home.ensure(home.logs)
+    log.unlink(missing_ok=True)
+    proc = spawn(Argv(spec.argv.args, {"SOVCTL_SUPERVISOR_PID": str(os.getpid())}), log=log)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _answers(spec.port, nonce):
+                return
+            time.sleep(0.2)
+    finally:
+        stop_group(proc.pid, 3.0, proc)
+        stub.shutdown()
+        stub.server_close()
+    failure = diagnose(t, log.read_text(errors="replace")) or SshFailure(
+        f"the tunnel through {t.via} carried no request within {timeout:.0f}s", fatal=False)
+    if not failure.hint:
+        failure = replace(failure, hint=f"see {log}")
+    raise failure.error()
+
+
+def _answers(port: int, nonce: bytes) -> bool:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().read() == nonce
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def with_tunnel(plan: Plan, t: Tunnel) -> Plan:
+    """`plan` with this tunnel in place of any other, and its gateway behind the API key."""
+    gateway = next(p for p in plan.processes if p.kind == "gateway")
+    procs = [p for p in plan.processes if p.kind != "tunnel"]
+    procs.append(process(t, plan.host, plan.port, gateway.argv.env))
+    return replace(plan, processes=tuple(procs), tunnel=t, api_key_required=True)
+
+
+@dataclass(frozen=True)
+class Pinned:
+    host: str  # as known_hosts names it
+    known_hosts: str
+    host_keys: tuple[str, ...]  # "TYPE SHA256:..."
+    pinned_now: bool
+
+
+@dataclass(frozen=True)
+class Added:
+    tunnel: Tunnel
+    via: str
+    public: str  # HOST:PORT where the public host listens for the gateway
+    gateway: str  # where the tunnel delivers requests
+    pid: int | None  # the ssh process
+    pinned: Pinned
+    restarted: bool  # the stack was restarted to take the tunnel
+    api_key_file: str
+    api_key_created: str | None  # the new key, to be shown once
+
+
+def pin_only(home: Home, flags: Mapping[str, Any], confirm: Confirm | None) -> Pinned:
+    t = configured(home, flags)
+    keys, now = ensure_pinned(t, confirm)
+    return Pinned(t.host_key_name, t.known_hosts, tuple(map(str, keys)), now)
+
+
+def add(home: Home, flags: Mapping[str, Any], confirm: Confirm | None) -> Added:
+    """Add the tunnel to the running stack: pin the host key, rehearse the path, then restart
+    the stack with the tunnel and its gateway requiring the API key (a supervisor takes no new
+    process while it runs). Returns once the tunnel is up; on failure the stack runs as before."""
+    from sovctl.apikey import ensure_api_key
+    from sovctl.runtime import control
+    from sovctl.runtime.documents import Status
+    from sovctl.runtime.plan import Plan
+
+    t = configured(home, flags)
+    st = control.status(home)
+    if not st.running:
+        raise RuntimeStartError("no stack is running from this home",
+                                hint="start one with 'sovctl serve -d', then run 'sovctl tunnel' "
+                                "again; or set [tunnel] in sovctl.toml and serve")
+    saved = home.run / "plan.json"
+    if not saved.is_file():
+        raise RuntimeStartError(
+            "the running stack was started in the foreground (or by systemd), and only a "
+            "detached stack can be restarted with a tunnel",
+            hint="set [tunnel] in sovctl.toml and restart it, or stop it and serve with -d")
+    old = Plan.from_json(saved.read_text())
+    keys, pinned_now = ensure_pinned(t, confirm)
+    pinned = Pinned(t.host_key_name, t.known_hosts, tuple(map(str, keys)), pinned_now)
+    running = next((p for p in st.processes if p.kind == "tunnel"), None)
+    live = old.tunnel if running is not None and running.status == Status.UP else None
+    key_file = str(home.secrets / "api_key")
+    if live == t:
+        return Added(t, t.via, t.public, f"{gateway_address(old.host)}:{old.port}",
+                     running.pid if running else None, pinned, False, key_file, None)
+    if live is None or (live.host, live.port, live.remote_port) != (t.host, t.port,
+                                                                    t.remote_port):
+        # A live tunnel to the same port would hold it against the rehearsal; the start below
+        # is then the test, and a failure brings the old stack back.
+        rehearse(home, t)
+    new = with_tunnel(old, t)
+    key, created = ensure_api_key(home)
+    control.stop(home)
+    try:
+        up = control.start_detached(home, new)
+    except RuntimeStartError as e:
+        last = control.status(home)
+        why = next((p.last_exit for p in last.processes if p.kind == "tunnel" and p.last_exit),
+                   e.message)
+        control.start_detached(home, old)
+        raise RuntimeStartError(f"the tunnel through {t.via} did not come up ({why}); the "
+                                "stack was restarted as it was", hint="see 'sovctl logs tunnel'"
+                                ) from e
+    pid = next((p.pid for p in up.processes if p.kind == "tunnel"), None)
+    return Added(t, t.via, t.public, f"{gateway_address(new.host)}:{new.port}", pid, pinned,
+                 True, key_file, key if created else None)

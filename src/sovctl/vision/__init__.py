@@ -1,0 +1,1 @@
+"""Workloads over images, served by a model pulled with its multimodal projector."""

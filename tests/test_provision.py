@@ -27,7 +27,7 @@ from sovctl import config
 from sovctl.errors import ConfigError, ExitCode
 from sovctl.home import Home
 from sovctl.provision import facts as facts_mod
-from sovctl.provision import gguf_header, profiles, sizing
+from sovctl.provision import header, profiles, sizing
 from sovctl.provision.facts import detect
 
 GiB = 1 << 30
@@ -255,50 +255,75 @@ def test_nvml_real_gpu(cli) -> None:
 # -- the GGUF header and the sizing ---------------------------------------------------------------
 @pytest.mark.usefixtures("models")
 @pytest.mark.parametrize("path", [CHAT_MODEL, EMBED_MODEL, TINY_MODEL], ids=lambda p: p.name)
-def test_header_reader_agrees_with_the_gguf_package(path: Path) -> None:
+def test_header_agrees_with_the_gguf_package(path: Path) -> None:
     from gguf import GGUFReader
 
-    h = gguf_header.read_local(path)
+    h = header.read_local(path)
     reader = GGUFReader(path)
     assert [(t.name, int(t.n_bytes), int(t.n_elements)) for t in reader.tensors] == [
         (t.name, t.n_bytes, t.n_elements) for t in h.tensors]
     for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
+        if key.startswith(("GGUF.", "tokenizer.")):
             continue
         value = field.contents()
-        if isinstance(value, list) and len(value) > gguf_header.SHORT_ARRAY:
-            assert h.get(key) is None and h.array_lengths[key] == len(value), key
-        else:
-            assert h.get(key) == pytest.approx(value), key
-    # The tensor data is the rest of the file.
-    assert h.header_bytes < path.stat().st_size - sum(t.n_bytes for t in h.tensors) + 64
+        assert h.get(key) == (... if isinstance(value, list) else pytest.approx(value)), key
 
 
 @pytest.mark.usefixtures("models")
-def test_header_reader_refuses_what_is_not_gguf(tmp_path: Path) -> None:
+def test_header_refuses_what_is_not_gguf(tmp_path: Path) -> None:
     from sovctl.errors import IntegrityError
 
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"NOPE" + b"\0" * 100)
-    with pytest.raises(IntegrityError, match="not a GGUF file"):
-        gguf_header.read_local(bad)
+    with pytest.raises(IntegrityError, match="not a valid GGUF file"):
+        header.read_local(bad)
     short = tmp_path / "short.gguf"
     short.write_bytes(CHAT_MODEL.read_bytes()[:100_000])
-    with pytest.raises(IntegrityError, match="truncated"):
-        gguf_header.read_local(short)
+    with pytest.raises(IntegrityError, match="not a valid GGUF file"):
+        header.read_local(short)
 
 
 @pytest.mark.usefixtures("models")
 def test_kv_cache_and_weights_from_metadata() -> None:
-    s = sizing.shape_of(gguf_header.read_local(CHAT_MODEL))
+    s = sizing.shape_of(header.read_local(CHAT_MODEL))
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims: 2 x 30 x 3 x 64 x 2 bytes per token;
     # llama.cpp reports the same 180 MiB KV buffer for 8192 cells.
     assert s.n_layer == 30 and s.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
     assert s.kv_bytes_per_token * 8192 == 180 * MiB
     assert s.input_bytes + sum(s.layer_bytes) + s.output_bytes == s.weights_bytes
     assert s.tied_bytes > 0  # SmolLM2 ties its output head to the token embeddings
-    e = sizing.shape_of(gguf_header.read_local(EMBED_MODEL))
+    e = sizing.shape_of(header.read_local(EMBED_MODEL))
     assert e.embedding and e.kv_bytes_per_token == 0 and e.context_length == 512
+
+
+def test_kv_cache_per_layer_when_the_metadata_has_an_array(tmp_path: Path) -> None:
+    """A hybrid model lists head_count_kv per layer (0 for its recurrent layers): each layer's
+    KV width then comes from its K and V projections. A synthetic file, written by gguf."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "hybrid.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(3)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv([2, 0, 2])
+    w.add_context_length(256)
+    w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+    for i in (0, 2):
+        for kind in ("k", "v"):
+            w.add_tensor(f"blk.{i}.attn_{kind}.weight", np.zeros((32, 64), dtype=np.float16))
+    w.add_tensor("blk.1.ssm_in.weight", np.zeros((128, 64), dtype=np.float16))
+    w.add_tensor("output.weight", np.zeros((100, 64), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    s = sizing.shape_of(header.read_local(path))
+    # 2 heads x 16 dims for K and for V, 2 bytes each; nothing for the recurrent layer
+    assert s.kv_layer_bytes == (2 * 2 * 16 * 2, 0, 2 * 2 * 16 * 2)
+    assert s.n_vocab == 100 and s.n_layer == 3 and s.tied_bytes == 0
+    assert s.layer_bytes == (2 * 32 * 64 * 2, 128 * 64 * 2, 2 * 32 * 64 * 2)
 
 
 @pytest.mark.parametrize(("text", "size"), [

@@ -210,8 +210,8 @@ def plan(
         where = {"store": "the store", "pull": "its [pull] ref", "file": "a local file",
                  "hub": "the Hub", "url": "a URL"}[t.origin]
         how = (f"header only: {human_bytes(t.fetched_bytes)} in {t.requests} range "
-               f"request(s) of a {human_bytes(t.file_size or 0)} file" if t.requests
-               else f"{human_bytes(t.file_size or 0)} file")
+               f"request(s) of a {human_bytes(t.file_size)} file" if t.requests
+               else f"{human_bytes(t.file_size)} file")
         c.print(f"[bold]{t.name}[/] from {where} ({how})", highlight=False)
         c.print(f"  model      {s.architecture}, {human_params(s.parameters)} parameters, "
                 f"{s.n_layer} layers, trained context {s.context_length or '?'}, "

@@ -11,7 +11,8 @@ from typing import Any
 from sovctl.config import Settings
 from sovctl.errors import CheckFailed, UsageError
 from sovctl.home import Home
-from sovctl.provision import gguf_header, sizing
+from sovctl.provision import header as gguf
+from sovctl.provision import sizing
 from sovctl.provision.facts import HostFacts
 from sovctl.provision.sizing import Budget, Fit, Want
 
@@ -22,9 +23,8 @@ class Target:
     origin: str  # "store" | "pull" (a [pull.NAME] not pulled yet) | "file" | "hub" | "url"
     location: str  # the file, or the URL its header was read from
     commit: str | None
-    file_size: int | None
-    header_bytes: int  # bytes of metadata and tensor table
-    fetched_bytes: int  # bytes read to parse them (remote: all there was to download)
+    file_size: int
+    fetched_bytes: int  # bytes of it that crossed the network (the header; 0 when local)
     requests: int  # HTTP range requests (0 for a local file)
 
 
@@ -40,25 +40,27 @@ class DoesNotFit(CheckFailed):
     """A model needs more memory than this machine has to give it."""
 
 
+def _target(name: str, origin: str, location: str, commit: str | None, h: gguf.ModelHeader
+            ) -> Target:
+    return Target(name, origin, location, commit, h.file_size, h.fetched_bytes, h.requests)
+
+
 def _remote(text: str, ref: Any, revision: str, endpoint: str, token: str | None,
-            have: list[str]) -> tuple[Target, gguf_header.GgufHeader]:
+            have: list[str]) -> tuple[Target, gguf.ModelHeader]:
     from sovctl.store import hub, refs
 
     if isinstance(ref, refs.Url):
-        header, n = gguf_header.read_remote(ref.url, text, None)
-        return Target(text, "url", ref.url, None, header.file_size, header.header_bytes,
-                      header.fetched_bytes, n), header
+        h = gguf.read_remote(ref.url, text, None)  # a plain URL: no token goes to it
+        return _target(text, "url", ref.url, None, h), h
     res = hub.resolve(endpoint, ref.repo, revision,
                       path=ref.path if isinstance(ref, refs.HubFile) else None,
                       quant=ref.quant if isinstance(ref, refs.HubQuant) else None, have=have)
-    label = f"{res.repo}/{res.path}@{res.commit[:12]}"
-    header, n = gguf_header.read_remote(res.url, label, res.size, token)
-    return Target(text, "hub", res.url, res.commit, res.size, header.header_bytes,
-                  header.fetched_bytes, n), header
+    h = gguf.read_remote(res.url, f"{res.repo}/{res.path}@{res.commit[:12]}", res.size, token)
+    return _target(text, "hub", res.url, res.commit, h), h
 
 
 def read_target(home: Home, cfg: Settings, text: str, *, revision: str | None = None,
-                token: str | None = None) -> tuple[Target, gguf_header.GgufHeader]:
+                token: str | None = None) -> tuple[Target, gguf.ModelHeader]:
     """NAME (pinned in the store, or a [pull.NAME] not fetched yet) or REF (a path, hf://...,
     ORG/REPO:QUANT, an https URL) -> the model's header."""
     from sovctl.store import refs
@@ -70,26 +72,22 @@ def read_target(home: Home, cfg: Settings, text: str, *, revision: str | None = 
     if text in lock.entries:
         e = lock.entries[text]
         blob = BlobStore(home).path(e.sha256)
-        h = gguf_header.read_local(blob, label=text)
-        return Target(text, "store", str(blob), e.commit or None, h.file_size, h.header_bytes,
-                      h.fetched_bytes, 0), h
+        h = gguf.read_local(blob, label=text)
+        return _target(text, "store", str(blob), e.commit or None, h), h
     have = sorted(lock.entries)
     if text in cfg.pulls:
         p = cfg.pulls[text]
         ref = refs.parse_ref(str(p["ref"]))
-        rev = revision or str(p.get("revision", "main"))
         if isinstance(ref, refs.LocalFile):
-            h = gguf_header.read_local(ref.path, label=text)
-            return Target(text, "pull", str(ref.path), None, h.file_size, h.header_bytes,
-                          h.fetched_bytes, 0), h
-        target, h = _remote(text, ref, rev, endpoint, token, have)
-        return Target(text, "pull", target.location, target.commit, target.file_size,
-                      target.header_bytes, target.fetched_bytes, target.requests), h
+            h = gguf.read_local(ref.path, label=text)
+            return _target(text, "pull", str(ref.path), None, h), h
+        t, h = _remote(text, ref, revision or str(p.get("revision", "main")), endpoint, token,
+                       have)
+        return _target(text, "pull", t.location, t.commit, h), h
     ref = refs.parse_ref(text)
     if isinstance(ref, refs.LocalFile):
-        h = gguf_header.read_local(ref.path)
-        return Target(text, "file", str(ref.path), None, h.file_size, h.header_bytes,
-                      h.fetched_bytes, 0), h
+        h = gguf.read_local(ref.path)
+        return _target(text, "file", str(ref.path), None, h), h
     return _remote(text, ref, revision or "main", endpoint, token, have)
 
 
@@ -150,4 +148,4 @@ def plan(home: Home, cfg: Settings, text: str, facts: HostFacts, *, ram: int | N
 
 
 def local_shape(path: Path, label: str) -> sizing.ModelShape:
-    return sizing.shape_of(gguf_header.read_local(path, label=label))
+    return sizing.shape_of(gguf.read_local(path, label=label))

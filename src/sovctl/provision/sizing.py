@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from sovctl.errors import UsageError
-from sovctl.provision.gguf_header import GgufHeader
+from sovctl.provision.header import ModelHeader, Tensor
 from sovctl.store.gguf_info import _EMBEDDING_ARCHS  # the one rule for "an embedding model"
 
 MiB = 1 << 20
@@ -79,7 +79,7 @@ def human(n: float) -> str:
 class ModelShape:
     label: str
     architecture: str
-    file_size: int | None
+    file_size: int
     parameters: int
     weights_bytes: int
     n_layer: int
@@ -100,21 +100,24 @@ class ModelShape:
         return sum(self.kv_layer_bytes)
 
 
-def _per_layer(value: object, n: int, default: int) -> list[int]:
-    if isinstance(value, list):
-        vals = [int(v) for v in value] or [default]
-        return (vals + [vals[-1]] * n)[:n]
-    return [int(value) if value is not None else default] * n  # type: ignore[call-overload]
+def _int(value: object) -> int | None:
+    """A scalar count from the metadata; None for an absent key or an array (`...`)."""
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def shape_of(h: GgufHeader) -> ModelShape:
+def _rows(t: Tensor | None) -> int:
+    """A weight matrix's output width (GGUF lists the input width first)."""
+    return 0 if t is None else t.dims[1] if len(t.dims) > 1 else t.dims[0]
+
+
+def shape_of(h: ModelHeader) -> ModelShape:
     arch = str(h.get("general.architecture") or "unknown")
 
-    def meta(key: str, default: object = None) -> object:
-        return h.get(f"{arch}.{key}", default)
+    def meta(key: str) -> object:
+        return h.get(f"{arch}.{key}")
 
-    n_layer = int(meta("block_count", 0) or 0)  # type: ignore[call-overload]
-    layer = [0] * n_layer
+    by_name = {t.name: t for t in h.tensors}
+    layer: list[int] = []
     input_bytes = output_bytes = 0
     has_output = False
     for t in h.tensors:
@@ -128,37 +131,43 @@ def shape_of(h: GgufHeader) -> ModelShape:
         else:
             has_output = has_output or t.name.startswith("output.")
             output_bytes += t.n_bytes
-    n_layer = max(n_layer, len(layer))
+    n_layer = max(_int(meta("block_count")) or 0, len(layer))
+    layer += [0] * (n_layer - len(layer))
     embedding = arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in h.metadata
-    token_embd = sum(t.n_bytes for t in h.tensors if t.name == "token_embd.weight")
+    token_embd = by_name.get("token_embd.weight")
     # A tied head reads the token embeddings: on the CPU the same bytes, on the GPU a copy.
-    tied = token_embd if not has_output and not embedding else 0
+    tied = token_embd.n_bytes if token_embd and not has_output and not embedding else 0
 
-    n_embd = int(meta("embedding_length", 0) or 0)  # type: ignore[call-overload]
-    heads = _per_layer(meta("attention.head_count"), n_layer, 0)
-    # No head_count_kv: plain multi-head attention. A 0 in a per-layer list: a layer without
-    # attention (the recurrent layers of a hybrid model), which keeps no KV cache.
+    n_embd = _int(meta("embedding_length")) or (token_embd.dims[0] if token_embd else 0)
+    n_head = _int(meta("attention.head_count"))
     kv_meta = meta("attention.head_count_kv")
-    kv_heads = heads if kv_meta is None else _per_layer(kv_meta, n_layer, 0)
-    n_head = max(heads, default=0)
-    head_dim = n_embd // n_head if n_head else 0
-    k_len = int(meta("attention.key_length", head_dim) or 0)  # type: ignore[call-overload]
-    v_len = int(meta("attention.value_length", head_dim) or 0)  # type: ignore[call-overload]
-    kv_layer = (0,) * n_layer if embedding else tuple(
-        KV_BYTES * kv * (k_len + v_len) for kv in kv_heads)
-    ff = meta("feed_forward_length", 0)
-    n_ff = max(_per_layer(ff, max(n_layer, 1), 0), default=0)
-    vocab = meta("vocab_size") or h.array_lengths.get("tokenizer.ggml.tokens", 0)
-    ctx = meta("context_length")
+    if embedding:
+        kv_layer: tuple[int, ...] = (0,) * n_layer  # an encoder keeps no KV cache
+    elif n_head and kv_meta is not ...:
+        # K+V per token: 2 x n_head_kv x head size x 2 bytes (no head_count_kv: plain MHA)
+        n_kv = _int(kv_meta) if kv_meta is not None else n_head
+        head_dim = n_embd // n_head
+        k_len = _int(meta("attention.key_length")) or head_dim
+        v_len = _int(meta("attention.value_length")) or head_dim
+        kv_layer = (KV_BYTES * (n_kv or 0) * (k_len + v_len),) * n_layer
+    else:
+        # Per-layer head counts (an array): each layer's K and V projection widths instead;
+        # a layer without attention (a hybrid model's recurrent one) keeps none.
+        kv_layer = tuple(KV_BYTES * (_rows(by_name.get(f"blk.{i}.attn_k.weight"))
+                                     + _rows(by_name.get(f"blk.{i}.attn_v.weight")))
+                         for i in range(n_layer))
+    n_ff = _int(meta("feed_forward_length")) or max(
+        (_rows(t) for t in h.tensors if t.name.endswith(".ffn_up.weight")), default=4 * n_embd)
+    vocab = _int(meta("vocab_size")) or (
+        token_embd.dims[1] if token_embd and len(token_embd.dims) > 1 else 0)
     return ModelShape(
         label=h.source, architecture=arch, file_size=h.file_size,
         parameters=sum(t.n_elements for t in h.tensors),
         weights_bytes=sum(t.n_bytes for t in h.tensors), n_layer=n_layer,
         layer_bytes=tuple(layer), input_bytes=input_bytes, output_bytes=output_bytes,
-        tied_bytes=tied,
-        kv_layer_bytes=kv_layer, n_embd=n_embd, n_head=n_head, n_ff=n_ff,
-        n_vocab=int(vocab or 0), context_length=int(ctx) if ctx else None,  # type: ignore[call-overload]
-        embedding=embedding,
+        tied_bytes=tied, kv_layer_bytes=kv_layer, n_embd=n_embd,
+        n_head=n_head or max(n_embd // 64, 1), n_ff=n_ff, n_vocab=vocab,
+        context_length=_int(meta("context_length")), embedding=embedding,
     )
 
 

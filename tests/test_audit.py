@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
 
 AUDIT = ("audit", "blackout", "--chat", "tiny", "--embedding", "minilm")
 NAMES = ("isolation", "weights", "stack starts", "service", "behaviour", "no egress",
-         "configuration")
+         "configuration", "exception routes")
 PYTHON_RUNTIME = {"SOVCTL_SERVE__RUNTIME": "llama-cpp-python"}
 
 
@@ -77,8 +77,8 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert doc["_rc"] == 0 and doc["ok"], doc["_stderr"] + json.dumps(doc["data"], indent=1)
     data = doc["data"]
     checks = by_id(doc)
-    assert sorted(checks) == list(range(1, 8))
-    assert [checks[i]["name"] for i in range(1, 8)] == list(NAMES)
+    assert sorted(checks) == list(range(1, 9))
+    assert [checks[i]["name"] for i in range(1, 9)] == list(NAMES)
     assert all(c["passed"] for c in checks.values())
     assert data["passed"] is True
 
@@ -121,7 +121,7 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert saved["host"]["fingerprint"] and saved["host"]["kernel"]
     assert {m["name"]: m["sha256"] for m in saved["models"]} == {
         "tiny": sha256(TINY_MODEL), "minilm": sha256(EMBED_MODEL)}
-    assert [c["passed"] for c in saved["checks"]] == [True] * 7
+    assert [c["passed"] for c in saved["checks"]] == [True] * 8
     assert saved["timings"]["total"] > 0
     assert_nothing_left(home)
 
@@ -132,8 +132,8 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     for col in ("CHECK", "RESULT", "EVIDENCE", "TIME", *NAMES):
         assert col in r.stdout
-    assert r.stdout.count("PASS") >= 7 and "FAIL" not in r.stdout
-    assert "7/7 checks passed" in r.stdout
+    assert r.stdout.count("PASS") >= 8 and "FAIL" not in r.stdout
+    assert "8/8 checks passed" in r.stdout
     assert "recorded just now" not in r.stdout
     assert len(list((home / "reports").glob("blackout-*.json"))) == 2
     assert_nothing_left(home)

@@ -8,6 +8,7 @@ Loading has no side effects: nothing is written, nothing is created.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
+from sovctl.net import ip_literal
 
 # Each key's default also fixes its type: environment strings are converted to it.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -71,6 +74,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "keepalive_interval": 15,  # seconds between keepalives over the SSH connection
         "keepalive_count": 3,  # keepalives unanswered before ssh exits and is restarted
     },
+    # RPC workers (`sovctl worker` on other boxes) the chat runtime spreads its layers over.
+    "cluster": {
+        "workers": [],  # ["HOST:PORT", ...]; SOVCTL_CLUSTER__WORKERS takes them comma-separated
+        "model": "",  # the chat model that uses them; "" = the first chat model
+    },
 }
 
 # Keys of a served model's section ([models.NAME]).
@@ -96,6 +104,18 @@ PULL_KEYS: dict[str, Any] = {
     "revision": str,  # branch, tag or commit (default "main"); the lock pins the commit
     "sha256": str,  # expected digest, only where one was computed from the file itself
 }
+
+# Keys of a frontier API a request may be routed to by exception ([providers.NAME]); the
+# request opts in by naming it, model "frontier/NAME/MODEL". Only daily_cap is optional.
+PROVIDER_KEYS: dict[str, Any] = {
+    "base_url": str,  # OpenAI-compatible, ending in /v1: requests go to base_url/chat/completions
+    "api_key_env": str,  # the environment variable holding the key; the key is in no file
+    "input_per_mtok": (int, float),  # price of a million prompt tokens, in cost.currency
+    "output_per_mtok": (int, float),  # price of a million generated tokens
+    "daily_cap": (int, float),  # money a day (UTC); once spent, its requests get 429
+}
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Keys of a profile's [hardware] section: the machine class it is written for. It describes the
 # profile (`sovctl profiles`, `sovctl init`), sets no setting, and belongs in profiles only.
@@ -174,6 +194,7 @@ class Settings:
     profile: str | None = None
     pulls: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # [pull.NAME]
     hardware: Mapping[str, Any] = field(default_factory=dict)  # the profile's [hardware]
+    providers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # [providers.NAME]
 
     def get(self, key: str) -> Any:
         return self.values[key]
@@ -203,6 +224,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     section, name = key.split(".", 1)
     default = DEFAULTS[section][name]
     kind = type(default)
+    if kind is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, str) and kind is not str:
         try:
             if kind is bool:
@@ -231,9 +254,17 @@ def _apply_layer(
     models: dict[str, dict[str, Any]],
     pulls: dict[str, dict[str, Any]] | None = None,
     hardware: dict[str, Any] | None = None,
+    providers: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     for section, body in layer.items():
         if section == "profile":
+            continue
+        if section == "providers" and providers is not None:
+            if not isinstance(body, dict):
+                raise ConfigError(f"{origin}: [providers] must be a table of frontier APIs")
+            for pname, pbody in body.items():
+                providers[pname] = {**providers.get(pname, {}),
+                                    **_check_provider(pname, pbody, origin)}
             continue
         if section == "pull" and pulls is not None:
             if not isinstance(body, dict):
@@ -258,7 +289,8 @@ def _apply_layer(
         if section not in DEFAULTS or not isinstance(body, dict):
             raise ConfigError(
                 f"{origin}: unknown section [{section}]",
-                hint=f"known sections: {', '.join(sorted([*DEFAULTS, 'models', 'pull']))}",
+                hint=f"known sections: "
+                f"{', '.join(sorted([*DEFAULTS, 'models', 'providers', 'pull']))}",
             )
         for name, value in body.items():
             key = f"{section}.{name}"
@@ -320,6 +352,43 @@ def _check_pull(name: str, body: Any, origin: str) -> dict[str, Any]:
     return dict(body)
 
 
+def _check_provider(name: str, body: Any, origin: str) -> dict[str, Any]:
+    where = f"{origin}: providers.{name}"
+    if not PROVIDER_NAME.fullmatch(name) or name == "local":
+        raise ConfigError(f"{origin}: [providers.{name}]: a provider's name is letters, "
+                          "digits, '.', '_' and '-', and not \"local\"",
+                          hint="it is the NAME of model \"frontier/NAME/MODEL\"")
+    if not isinstance(body, dict):
+        raise ConfigError(f"{origin}: [providers.{name}] must be a table")
+    for k, v in body.items():
+        if k not in PROVIDER_KEYS:
+            raise ConfigError(f"{where}.{k} is not a provider setting",
+                              hint=f"known: {', '.join(sorted(PROVIDER_KEYS))}")
+        if not isinstance(v, PROVIDER_KEYS[k]) or isinstance(v, bool):
+            raise ConfigError(f"{where}.{k} has the wrong type: {v!r}")
+        if isinstance(v, int | float) and v < 0:
+            raise ConfigError(f"{where}.{k} must not be negative, got {v!r}")
+    if "base_url" in body:
+        url = urlsplit(body["base_url"])
+        if url.scheme not in ("http", "https") or not url.hostname \
+                or not url.path.rstrip("/").endswith("/v1"):
+            raise ConfigError(f"{where}.base_url must be an http(s) URL ending in /v1, got "
+                              f"{body['base_url']!r}", hint="as an OpenAI client's base_url, "
+                              "e.g. https://api.openai.com/v1")
+        literal = ip_literal(url.hostname)
+        if url.scheme == "http" and url.hostname != "localhost" \
+                and not (literal is not None and literal.is_loopback):
+            # The key travels in a header: in clear text it would be readable on the way.
+            raise ConfigError(f"{where}.base_url sends the key in clear text to "
+                              f"{url.hostname}", hint="use https:// (plain http only on "
+                              "loopback)")
+    if "api_key_env" in body and not ENV_VAR_NAME.fullmatch(body["api_key_env"]):
+        raise ConfigError(f"{where}.api_key_env must name an environment variable, got "
+                          f"{body['api_key_env']!r}", hint="the variable's name, e.g. "
+                          "OPENAI_API_KEY; the key itself goes in no file")
+    return dict(body)
+
+
 def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ConfigError(f"{origin}: [hardware] must be a table")
@@ -336,6 +405,17 @@ def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
 
 
 RUNTIME_CHOICES = ("auto", "llama-server", "llama-cpp-python")
+
+
+def parse_endpoint(endpoint: Any, what: str = "an RPC worker") -> tuple[str, int]:
+    """(host, port) of a worker written HOST:PORT. llama.cpp splits an endpoint at its first
+    colon, so an IPv6 address cannot name a worker: its host name can."""
+    host, sep, port = str(endpoint).partition(":")
+    if not isinstance(endpoint, str) or not sep or not host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what}: {endpoint!r} is not HOST:PORT",
+                          hint='write workers = ["10.0.0.2:50052", "gpu-box.lan:50052"]')
+    return host, int(port)
 
 
 def _check_runtime(value: str, what: str) -> None:
@@ -359,6 +439,7 @@ def load(
     models: dict[str, dict[str, Any]] = {}
     pulls: dict[str, dict[str, Any]] = {}
     hardware: dict[str, Any] = {}
+    providers: dict[str, dict[str, Any]] = {}
     for section, body in DEFAULTS.items():
         for name, value in body.items():
             values[f"{section}.{name}"] = value
@@ -380,14 +461,20 @@ def load(
                 f"{', '.join(map(str, _profile_dirs(home, env)))}",
             )
         _apply_layer(_read_toml(found, "profile"), str(found), "profile", values, sources,
-                     models, pulls, hardware)
+                     models, pulls, hardware, providers)
 
     _apply_layer(user, str(home.config_path), "config", values, sources, models, pulls,
-                 hardware)
+                 hardware, providers)
     for pname, pbody in pulls.items():
         if "ref" not in pbody:
             raise ConfigError(f"[pull.{pname}] has no ref",
                               hint="add ref = \"hf://ORG/REPO/FILE.gguf\" (or a path)")
+    for pname, pbody in providers.items():
+        lacking = [k for k in PROVIDER_KEYS if k != "daily_cap" and k not in pbody]
+        if lacking:
+            raise ConfigError(f"[providers.{pname}] lacks {', '.join(lacking)}",
+                              hint="a provider needs base_url, api_key_env, input_per_mtok "
+                              "and output_per_mtok")
 
     for key in list(values):
         for name in (*ENV_ALIASES.get(key, ()), env_name(key)):  # lowest rank first
@@ -400,7 +487,9 @@ def load(
             values[key] = _coerce(key, value, f"flag for {key}")
             sources[key] = "flag"
     _check_runtime(values["serve.runtime"], f"serve.runtime (from {sources['serve.runtime']})")
+    for worker in values["cluster.workers"]:
+        parse_endpoint(worker, f"cluster.workers (from {sources['cluster.workers']})")
     if values["serve.parallel"] < 1:
         raise ConfigError(f"serve.parallel must be at least 1 (from {sources['serve.parallel']})")
     return Settings(values=values, sources=sources, models=models, profile=profile,
-                    pulls=pulls, hardware=hardware)
+                    pulls=pulls, hardware=hardware, providers=providers)

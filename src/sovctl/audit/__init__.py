@@ -6,7 +6,7 @@ checked, stopped, and a report filed under the home.
 - `stack`: starting and stopping a stack the way `serve --detach` does, in a run directory of
   the audit's own;
 - `baseline`: the fixed requests (temperature 0, fixed seed) and their recorded answers;
-- `checks`: the seven checks, each a `CheckResult`;
+- `checks`: the eight checks, each a `CheckResult`;
 - `inside`: the program that runs in the namespace (`python -m sovctl.audit.inside JOB`);
 - `blackout`: the orchestration the CLI calls; `report`: the report and its JSON file.
 """

@@ -1,4 +1,4 @@
-"""The seven checks of the blackout audit. Each returns a CheckResult with its evidence in words
+"""The eight checks of the blackout audit. Each returns a CheckResult with its evidence in words
 (and, where a list helps, in `details`). A check that could not run is a FAIL that says why:
 nothing passes by default.
 """
@@ -8,15 +8,17 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from sovctl.audit.tracing import SELF_TEST_TARGET, Observed, Tracer
 from sovctl.errors import ConfigError
 from sovctl.home import Home
+from sovctl.ledger import store as ledger
 from sovctl.runtime import egress
-from sovctl.runtime.documents import RoutesTable
+from sovctl.runtime.documents import LOCAL, RoutesTable
 from sovctl.runtime.plan import OFFLINE_ENV, Plan, ProcessSpec, ServedModel, routes_table
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ NAMES = {
     5: "behaviour",
     6: "no egress",
     7: "configuration",
+    8: "exception routes",
 }
 
 # Public addresses a connect must fail to reach, and a name a lookup must fail to resolve.
@@ -299,12 +302,80 @@ def _native(p: ProcessSpec) -> bool:
     return LAUNCH not in args or args[args.index(LAUNCH) + 2] == "--exec"
 
 
+# Seconds around a routed request's time in the ledger within which the gateway's attempts are
+# its own: the ledger's start is taken from a monotonic clock, the recorders' from the wall's.
+ROUTED_SLACK_S = 0.5
+
+
+def _provider_addresses(plan: Plan) -> dict[str, tuple[str, int]]:
+    found = {}
+    for r in plan.frontier:
+        u = urlsplit(r.upstream)
+        if r.provider is not None and u.hostname:
+            found[r.provider.name] = (u.hostname, u.port or (443 if u.scheme == "https" else 80))
+    return found
+
+
+def _port(target: str) -> int | None:
+    port = target.rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+def routed_apart(plan: Plan, attempts: Sequence[Mapping[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], list[Mapping[str, Any]]]:
+    """(the gateway's attempts to reach a configured provider for an opted-in request, every
+    other attempt). An attempt is the provider's when the gateway made it while the ledger has
+    a request to that provider in flight, and it is the provider's name lookup, a DNS query,
+    or a connect to the provider's port. Whatever else happens meanwhile stays egress."""
+    addresses = _provider_addresses(plan)
+    windows = [w for w in (ledger.routed(Path(plan.ledger)) if plan.ledger and addresses
+                           else []) if w.route in addresses]
+    routed: list[dict[str, Any]] = []
+    rest: list[Mapping[str, Any]] = []
+    for a in attempts:
+        t, target = float(a.get("time", 0)), str(a.get("target", ""))
+        owner = None
+        if a.get("component") == "gateway":
+            for w in windows:
+                host, port = addresses[w.route]
+                if (w.start - ROUTED_SLACK_S <= t <= w.end + ROUTED_SLACK_S
+                        and (a.get("lookup") or target == host or _port(target) == port)):
+                    owner = w
+                    break
+        if owner is None:
+            rest.append(a)
+        else:
+            routed.append({**a, "provider": owner.route, "model": owner.model})
+    return routed, rest
+
+
+def cluster_apart(plan: Plan, attempts: Sequence[Mapping[str, Any]]
+                  ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(a clustered runtime's attempts to reach one of its [cluster] workers, every other
+    attempt). Those are the cluster's own traffic; anything else the runtime tries stays egress."""
+    workers = {p.name: set(p.workers) for p in plan.processes if p.workers}
+    hosts = {name: {w.partition(":")[0] for w in ws} for name, ws in workers.items()}
+    mine: list[Mapping[str, Any]] = []
+    rest: list[Mapping[str, Any]] = []
+    for a in attempts:
+        component, target = str(a.get("component", "")), str(a.get("target", ""))
+        if target in workers.get(component, ()) or (
+                a.get("lookup") and target in hosts.get(component, ())):
+            mine.append(a)
+        else:
+            rest.append(a)
+    return mine, rest
+
+
 def no_egress(plan: Plan, observed: Mapping[str, Observed | None], tracer: Tracer
               ) -> CheckResult:
     """No process attempted egress, and every process was watched by a recorder that can see
-    what it runs: the audit hook sees Python only, so a native program needs the tracer."""
+    what it runs: the audit hook sees Python only, so a native program needs the tracer. The
+    gateway's attempts to reach a configured provider for an opted-in request are listed
+    apart: they are the routing the operator configured, not egress."""
     t0 = time.perf_counter()
-    attempts = recorded_attempts(plan)
+    routed, attempts = routed_apart(plan, recorded_attempts(plan))
+    to_workers, attempts = cluster_apart(plan, attempts)
     rows = []
     by: dict[str, list[str]] = {egress.STRACE: [], egress.HOOK: []}
     untraced_native: list[str] = []
@@ -351,6 +422,14 @@ def no_egress(plan: Plan, observed: Mapping[str, Observed | None], tracer: Trace
     if by[egress.HOOK]:
         watched.append("by the audit hook in " + ", ".join(by[egress.HOOK]))
     parts = ["recorded " + ", and ".join(watched)] if watched else []
+    if routed:
+        listed = "; ".join(f"{_describe(a)} for {a['model']}" for a in routed[:10])
+        parts.append(f"listed apart, not egress: {len(routed)} attempt(s) of the gateway to "
+                     f"reach a configured provider for an opted-in request ({listed})")
+    if to_workers:
+        targets = sorted({str(a.get("target")) for a in to_workers})
+        parts.append(f"listed apart, not egress: {len(to_workers)} attempt(s) to reach the "
+                     f"configured [cluster] workers ({', '.join(targets)})")
     if tracer.usable:
         host, port = SELF_TEST_TARGET
         parts.append(f"the tracer's self-test recorded a deliberate connect from native code "
@@ -361,7 +440,8 @@ def no_egress(plan: Plan, observed: Mapping[str, Observed | None], tracer: Trace
     evidence = "; ".join(problems + parts) if problems else (
         "0 attempts to reach a non-loopback address or resolve a name; " + "; ".join(parts))
     return result(6, not problems, evidence, time.perf_counter() - t0, {
-        "attempts": attempts, "log": plan.egress_log, "processes": rows,
+        "attempts": attempts, "routed": routed, "cluster": to_workers, "log": plan.egress_log,
+        "processes": rows,
         "unrecorded": [*untraced_native, *unconfirmed],
         "tracer": {"path": tracer.path, "version": tracer.version, "problem": tracer.problem,
                    "self_test": dict(tracer.self_test)},
@@ -448,12 +528,18 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
     except ConfigError:
         table = routes_table(configured, home)
         source = "the planned routing table"
-    routes = table.routes
-    not_local = [f"{r.model} ({r.kind})" for r in routes if r.kind != "local"]
-    if not_local:
-        problems.append(f"routes not local: {', '.join(not_local)}")
+    routes = [r for r in table.routes if r.kind == LOCAL]
+    providers = [r for r in table.routes if r.provider is not None]
+    other = [f"{r.model} ({r.kind})" for r in table.routes
+             if r.kind != LOCAL and r.provider is None]
+    if other:
+        problems.append(f"routes neither local nor a configured provider: {', '.join(other)}")
     else:
         parts.append(f"{source}: every route local ({', '.join(r.model for r in routes)})")
+    if providers:
+        parts.append("besides, exception routes a request takes only by naming them "
+                     "(frontier/NAME/MODEL), never when marked X-Sovctl-Private: " + ", ".join(
+                         f"{r.model} -> {r.upstream}" for r in providers))
     wide = [r.model for r in routes if not r.upstream.startswith("http://127.0.0.1:")]
     runtimes_wide = [p.name for p in configured.processes
                      if p.kind == "runtime" and _last_value(p.argv.args, "--host") != "127.0.0.1"]
@@ -496,6 +582,84 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
                      + ", ".join(f"{k}={v}" for k, v in TELEMETRY_ENV.items()) + f") {where}")
     evidence = "; ".join(problems + parts)
     return result(7, not problems, evidence, time.perf_counter() - t0,
-                  {"routes": routes, "host": configured.host,
+                  {"routes": table.routes, "host": configured.host,
                    "api_key_required": configured.api_key_required,
                    "tunnel": configured.tunnel})
+
+
+# -- 8. exception routes ------------------------------------------------------------------------
+
+# A frontier request in the blackout must fail within this: its connect has no route to take.
+FAIL_FAST_S = 5.0
+PROBE_MODEL = "sovctl-audit-probe"
+
+
+@dataclass(frozen=True)
+class Probe:
+    what: str  # "frontier/NAME/..." or the local model
+    status: int  # 0: no answer at all
+    seconds: float
+    error: str
+
+
+def _post(base: str, headers: Mapping[str, str], endpoint: str, body: Mapping[str, Any],
+          what: str) -> Probe:
+    import httpx
+
+    t0 = time.perf_counter()
+    try:
+        r = httpx.post(base + endpoint, json=dict(body), headers=dict(headers), timeout=60,
+                       trust_env=False)
+        status, err = r.status_code, "" if r.status_code == 200 else r.text[:300]
+    except httpx.HTTPError as e:
+        status, err = 0, f"{type(e).__name__}: {e}"[:300]
+    return Probe(what, status, time.perf_counter() - t0, err)
+
+
+def probe_routes(base: str, headers: Mapping[str, str], plan: Plan) -> list[Probe]:
+    """One opted-in request to each configured provider, then one request to a local model:
+    the routed ones must fail fast, and the local one must still be answered."""
+    probes = []
+    for r in plan.frontier:
+        model = f"{r.model}/{PROBE_MODEL}"
+        probes.append(_post(base, headers, "/v1/chat/completions", {
+            "model": model, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "ping"}]}, model))
+    m = next((m for m in plan.models if m.role in ("chat", "completion")), None)
+    if m is not None:
+        probes.append(_post(base, headers, "/v1/completions", {
+            "model": m.name, "prompt": "Once upon a time", "max_tokens": 2,
+            "temperature": 0}, m.name))
+    elif plan.models:
+        probes.append(_post(base, headers, "/v1/embeddings", {
+            "model": plan.models[0].name, "input": "ping"}, plan.models[0].name))
+    return probes
+
+
+def exception_routes(plan: Plan, probes: Sequence[Probe], placeholder_keys: Sequence[str]
+                     ) -> CheckResult:
+    """With providers configured, their requests fail fast with 502 in the blackout, and the
+    local requests sent after them still succeed."""
+    if not plan.frontier:
+        return result(8, True, "no frontier provider configured: no request can be routed out",
+                      0.0)
+    problems, parts = [], []
+    routed = {f"{r.model}/{PROBE_MODEL}" for r in plan.frontier}
+    for p in probes:
+        if p.what in routed:
+            if p.status == 502 and p.seconds <= FAIL_FAST_S:
+                parts.append(f"{p.what} 502 in {p.seconds:.2f}s (no route out)")
+            else:
+                got = f"status {p.status}" if p.status else f"no answer ({p.error})"
+                problems.append(f"{p.what}: {got} after {p.seconds:.2f}s, not a 502 within "
+                                f"{FAIL_FAST_S:.0f}s")
+        elif p.status == 200:
+            parts.append(f"then local {p.what} 200 ({p.seconds:.2f}s)")
+        else:
+            problems.append(f"local {p.what} failed after the routed requests: status "
+                            f"{p.status} {p.error}")
+    if placeholder_keys:
+        parts.append(f"${', $'.join(placeholder_keys)} unset here: a placeholder key stood in "
+                     "(nothing can leave the namespace)")
+    return result(8, not problems, "; ".join(problems + parts), sum(p.seconds for p in probes),
+                  {"probes": [asdict(p) for p in probes]})

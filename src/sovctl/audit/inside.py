@@ -3,7 +3,7 @@
 `python -m sovctl.audit.inside JOB.json` enters a fresh network namespace first thing (while
 the process is still single-threaded), brings loopback up, proves the system call tracer works
 there, then starts the stack the way `serve --detach` does (every process under the tracer),
-runs checks 1 and 3 to 7 against it, stops it, and writes its findings to the result file named
+runs checks 1 and 3 to 8 against it, stops it, and writes its findings to the result file named
 in the job. Every process it starts inherits the namespace.
 
 Exit codes: 0 findings written (passing or not), 8 the namespace was refused (the refusal is in
@@ -13,6 +13,7 @@ the result file), anything else a crash (see the log the outer process keeps).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -53,7 +54,7 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
     if not job["weights_ok"]:
         why = "the weights failed check 2, and serve refuses to start such a stack"
         results += [checks.not_run(3, why), checks.not_run(4, why), checks.not_run(5, why),
-                    checks.not_run(6, why)]
+                    checks.not_run(6, why), checks.not_run(8, why)]
     else:
         # The tracer is proven before the stack starts, and the stack runs under it only then;
         # without it, check 6 says which processes went unwatched.
@@ -65,6 +66,12 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
         timings["tracer"] = round(time.perf_counter() - t0, 3)
         base = stack.client_base(plan)
         headers = stack.auth_headers(home, plan)
+        # The gateway refuses a provider whose key is unset before it tries to connect: a
+        # stand-in key lets check 8 see the connect itself fail. Nothing leaves the namespace.
+        placeholders = [r.provider.api_key_env for r in plan.frontier
+                        if r.provider is not None and not os.environ.get(r.provider.api_key_env)]
+        for var in placeholders:
+            os.environ[var] = "sovctl-audit-placeholder"
         t0 = time.perf_counter()
         start_error: str | None = None
         try:
@@ -83,13 +90,16 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
                                                 job.get("recorded_now") or [],
                                                 job.get("replaced") or {},
                                                 baseline.engines(plan)))
+                results.append(checks.exception_routes(
+                    plan, checks.probe_routes(base, headers, plan), placeholders))
                 st = control.status(run_home)
                 observed = {p.name: tracing.observe(p.pid) if p.pid else None
                             for p in st.processes}
                 live_env = {n: o.env if o else None for n, o in observed.items()}
             else:
                 why = "the stack did not start"
-                results += [checks.not_run(4, why), checks.not_run(5, why)]
+                results += [checks.not_run(4, why), checks.not_run(5, why),
+                            checks.not_run(8, why)]
         finally:
             t1 = time.perf_counter()
             stack.stop(run_home)

@@ -60,7 +60,8 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
     directory. A gateway configured on a specific non-loopback address cannot bind inside a
     namespace that has only loopback: it runs on 127.0.0.1 there, and keeps the API key. A
     tunnel is left out: an audit stack has no public face (and a blackout no network to reach
-    one), while its gateway still requires the key the tunnel demands.
+    one), while its gateway still requires the key the tunnel demands. Its requests go to a
+    ledger of the audit's own, not the operator's.
     """
     configured = build(home, cfg, chat, embedding)
     host = configured.host if (is_loopback(configured.host) or configured.host in UNSPECIFIED) \
@@ -70,7 +71,8 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
     procs = tuple(dataclasses.replace(p, port=port) if p.kind == "gateway" else p
                   for p in run.processes if p.kind != "tunnel")
     run = dataclasses.replace(run, host=host, port=port, processes=procs, tunnel=None,
-                              api_key_required=configured.api_key_required)
+                              api_key_required=configured.api_key_required,
+                              ledger=str(run_home.run_root / "ledger" / "ledger.sqlite3"))
     return configured, run
 
 

@@ -47,6 +47,12 @@ _LAZY_COMMANDS = {
              "and slots that fit this machine, before downloading it."),
     "up": ("sovctl.cli.provision", "Init, pull, plan and serve in one step; wait until the "
            "stack is ready, then show how to call it."),
+    "ledger": ("sovctl.cli.ledger", "Show the token ledger: local share, spend by provider, "
+               "local volume at the cloud price."),
+    "cost": ("sovctl.cli.cost", "Break-even of owning vs the cloud: cost per million tokens, "
+             "months to break even, verdict."),
+    "worker": ("sovctl.cli.worker", "Run an RPC worker (llama.cpp's ggml-rpc-server) for a "
+               "head's [cluster], supervised."),
 }
 _LAZY = {**_LAZY_COMMANDS, **_LAZY_GROUPS}
 

@@ -45,7 +45,7 @@ def blackout(
 ) -> None:
     """Run the stack in a network namespace with only loopback, check it, and file a report.
 
-    Exit code 0 only when all seven checks pass; 1 when one fails; 8 when no network
+    Exit code 0 only when all eight checks pass; 1 when one fails; 8 when no network
     namespace can be created (nothing is run then, and no weaker mode is tried).
     """
     from sovctl.audit.blackout import blackout as run_blackout

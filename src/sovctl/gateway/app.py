@@ -555,15 +555,18 @@ class Gateway:
                 if not 200 <= status < 300:
                     return route.model, upstream_error(route.process, status,
                                                        await conn.body())
+                # The status line waits for the first event and goes out with it: the client
+                # is not woken twice while the runtime computes the first token, and a runtime
+                # that fails before answering anything still gets a status that says so.
+                data = await conn.chunk()
             except UpstreamError as e:
                 if watcher.done():
                     raise _ClientGone from e
                 return self._unanswered(route, e)
+            self.metrics.ttft[route.model].observe(time.perf_counter() - started)
             await send(_start(200, b"text/event-stream; charset=utf-8", extra=STREAM_HEADERS))
             streaming = True
             try:
-                data = await conn.chunk()
-                self.metrics.ttft[route.model].observe(time.perf_counter() - started)
                 while data:
                     chunks += data.count(b"data: {")
                     await send({"type": "http.response.body", "body": data, "more_body": True})

@@ -307,6 +307,32 @@ def _check_lock(home: Home) -> Check:
                  "a full hash where the blob changed since its last one)")
 
 
+def _check_cluster(home: Home) -> list[Check]:
+    """Whether this box can be an RPC worker, and whether this home's worker is exposed: its
+    protocol is unauthenticated, so one reachable beyond a private network is a finding."""
+    from sovctl.errors import UsageError
+    from sovctl.runtime import cluster
+    from sovctl.runtime.documents import StackState
+    from sovctl.runtime.llamacpp import SETUP_HINT, find_binary
+    from sovctl.runtime.supervisor import instance_running
+
+    binary = find_binary(cluster.RPC_WORKER)
+    out = [Check("rpc", OK, f"{binary} (sovctl worker)") if binary else
+           Check("rpc", INFO, "no ggml-rpc-server: this box cannot be a worker", SETUP_HINT)]
+    st = StackState.read(home.run / "state.json")
+    if st is not None and instance_running(home.run) and any(
+            p.kind == cluster.WORKER for p in st.processes):
+        try:
+            out.append(Check("worker", OK, f"listens on {st.host}:{st.port} "
+                             f"({cluster.bind_scope(st.host)})"))
+        except UsageError:
+            out.append(Check("worker", FAIL, f"the RPC worker listens on {st.host}:{st.port}, "
+                             "beyond a private network, and RPC is unauthenticated",
+                             "restart it on a loopback, private or WireGuard address: "
+                             "sovctl stop && sovctl worker --host ADDR --detach"))
+    return out
+
+
 def doctor(home: Home, environ: Mapping[str, str] | None = None) -> DoctorReport:
     from sovctl import config
     from sovctl.errors import ConfigError
@@ -327,6 +353,7 @@ def doctor(home: Home, environ: Mapping[str, str] | None = None) -> DoctorReport
     checks.append(_check_gpu(facts))
     checks += _check_memory(facts)
     checks.append(_check_namespaces())
+    checks += _check_cluster(home)
     if cfg is not None:
         checks.append(_check_port(home, str(cfg.get("serve.host")), int(cfg.get("serve.port"))))
     checks.append(_check_lock(home))

@@ -55,9 +55,10 @@ def prepare(home: Home, plan: Plan) -> None:
         raise ConfigError(f"the tunnel's host {plan.tunnel.host_key_name} has no pinned host key",
                           hint="pin it once with 'sovctl tunnel --pin-only', which shows its "
                           "fingerprint to confirm")
-    what = {"gateway": "the gateway", "tunnel": "the tunnel's health probe"}
+    what = {"gateway": "the gateway", "tunnel": "the tunnel's health probe",
+            "worker": "the RPC worker"}
     for p in plan.processes:
-        host = plan.host if p.kind == "gateway" else "127.0.0.1"
+        host = plan.host if p.kind in ("gateway", "worker") else "127.0.0.1"
         ensure_free(host, p.port, what.get(p.kind, f"runtime {p.name}"))
     # The saved plan is a detached supervisor's alone: a foreground stack leaves none, which is
     # how `sovctl tunnel` knows it cannot restart it.

@@ -19,7 +19,8 @@ from sovctl.errors import ConfigError
 from sovctl.fsutil import atomic_write
 
 STATE_SCHEMA = "sovctl.state/2"
-ROUTES_SCHEMA = "sovctl.routes/2"
+# /3: provider routes (kind "provider"), prices per route, the ledger's file.
+ROUTES_SCHEMA = "sovctl.routes/3"
 
 
 class Status(StrEnum):
@@ -130,19 +131,56 @@ class StackState:
 
 
 # -- routes.json ----------------------------------------------------------------------------------
+LOCAL = "local"
+PROVIDER = "provider"
+# A request reaches a provider only by naming it: "frontier/NAME/MODEL".
+FRONTIER_PREFIX = "frontier/"
+
+
+@dataclass(frozen=True)
+class Price:
+    """What a million tokens cost on a route, in the [cost] currency: the provider's list
+    price, or for a local model its energy and amortised hardware from the latest bench."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    source: str  # where the figures come from, in words
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * self.input_per_mtok + tokens_out * self.output_per_mtok) / 1e6
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A frontier API a request may be routed to by exception. The key is never here: the
+    gateway reads it from its environment, under the name `api_key_env`."""
+
+    name: str
+    api_key_env: str
+    daily_cap: float | None  # money a day (UTC) after which its requests get 429
+
+
 @dataclass(frozen=True)
 class Route:
-    model: str
+    model: str  # the served name; for a provider route "frontier/NAME", its requests' prefix
     role: str  # "chat" | "embedding" | "completion"
-    kind: str  # "local": a supervised runtime on loopback
-    process: str  # the supervised process that serves it (its status gates requests)
-    upstream: str  # base URL of the runtime
-    runtime: str  # "llama-server" | "llama-cpp-python"
+    kind: str  # LOCAL: a supervised runtime on loopback | PROVIDER: a frontier API, opted into
+    process: str  # the supervised process that serves it (its status gates requests); "" none
+    upstream: str  # base URL of the runtime, or the provider's (ending in /v1)
+    runtime: str  # "llama-server" | "llama-cpp-python"; "" for a provider
     parallel: int  # requests the runtime serves at once; the gateway admits that many
     key_file: str | None  # the runtime's internal key, sent upstream; None: it takes none
-    # Served with a multimodal projector: it can read images. Absent from a table written
-    # before projectors existed, where no model had one.
+    # Served with a multimodal projector: it can read images.
     vision: bool = False
+    price: Price | None = None  # None: no figure (a local model never benched)
+    provider: Provider | None = None  # set on PROVIDER routes only
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        price, provider = d.get("price"), d.get("provider")
+        return cls(**{**_known(cls, d),
+                      "price": Price(**price) if price else None,
+                      "provider": Provider(**provider) if provider else None})
 
 
 @dataclass(frozen=True)
@@ -161,6 +199,7 @@ class RoutesTable:
     limits: Limits
     state_file: str
     routes: tuple[Route, ...]
+    ledger: str = ""  # the SQLite file every request is recorded in; "" records nothing
 
     def write(self, path: Path) -> None:
         atomic_write(path, json.dumps({"schema": ROUTES_SCHEMA, **asdict(self)},
@@ -175,5 +214,5 @@ class RoutesTable:
         return cls(**{
             **_known(cls, d),
             "limits": Limits(**d["limits"]),
-            "routes": tuple(Route(**r) for r in d["routes"]),
+            "routes": tuple(Route.from_dict(r) for r in d["routes"]),
         })

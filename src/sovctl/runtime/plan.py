@@ -11,19 +11,30 @@ import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sovctl.bench import costs, history
 from sovctl.config import Settings
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 from sovctl.hostinfo import physical_cores
+from sovctl.ledger.store import ledger_path
 from sovctl.net import is_loopback
 from sovctl.runtime import egress
 from sovctl.runtime import tunnel as public_face
-from sovctl.runtime.documents import Limits, Route, RoutesTable
+from sovctl.runtime.documents import (
+    FRONTIER_PREFIX,
+    LOCAL,
+    PROVIDER,
+    Limits,
+    Price,
+    Provider,
+    Route,
+    RoutesTable,
+)
 from sovctl.runtime.launch import KEY_FILE_ENV
 from sovctl.runtime.llamacpp import LLAMA_CPP_PYTHON, LLAMA_SERVER, SETUP_HINT, find_binary
 from sovctl.runtime.procs import Argv
@@ -43,6 +54,8 @@ OFFLINE_ENV = {
 # Health paths that answer without waiting on a busy model: llama-server's /health is public
 # (no key) and 503 while loading; llama-cpp-python's /v1/models would take its model lock.
 HEALTH_PATH = {LLAMA_SERVER: "/health", LLAMA_CPP_PYTHON: "/docs"}
+# n_gpu_layers meaning "all of them", however many the model has.
+ALL_LAYERS = 999
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class ProcessSpec:
     sha256: str = ""
     runtime: str = ""  # a runtime's engine
     key_file: str | None = None  # a runtime's internal key, written at each start
+    workers: tuple[str, ...] = ()  # RPC workers ([cluster]) its --rpc names, checked each start
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,9 @@ class Plan:
     supervision: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the operator should know (a fallback taken)
     tunnel: public_face.Tunnel | None = None  # the public face, when the stack has one
+    ledger: str = ""  # the file the gateway records each request in
+    frontier: tuple[Route, ...] = ()  # the provider routes of [providers.NAME], opted into
+    prices: Mapping[str, Price] = field(default_factory=dict)  # local model -> its price
 
     @property
     def url(self) -> str:
@@ -108,14 +125,17 @@ class Plan:
         d = json.loads(text)
         procs = tuple(
             ProcessSpec(**{**p, "argv": Argv(args=tuple(p["argv"]["args"]), env=p["argv"]["env"],
-                                             cwd=p["argv"]["cwd"])})
+                                             cwd=p["argv"]["cwd"]),
+                           "workers": tuple(p.get("workers", ()))})
             for p in d.pop("processes")
         )
         models = tuple(ServedModel(**{**m, "extra_args": tuple(m["extra_args"])})
                        for m in d.pop("models"))
         public = d.pop("tunnel", None)  # absent from a plan saved before tunnels existed
         return cls(processes=procs, models=models, notes=tuple(d.pop("notes")),
-                   tunnel=public_face.Tunnel(**public) if public else None, **d)
+                   tunnel=public_face.Tunnel(**public) if public else None,
+                   frontier=tuple(Route.from_dict(r) for r in d.pop("frontier", ())),
+                   prices={k: Price(**v) for k, v in d.pop("prices", {}).items()}, **d)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -269,7 +289,8 @@ def served_models(
     return Selection(tuple(out), tuple(notes), str(binary) if used and binary else None)
 
 
-def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str) -> list[str]:
+def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str,
+                       workers: Sequence[str] = ()) -> list[str]:
     args = [
         binary,
         "--model", m.blob,
@@ -291,6 +312,9 @@ def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str) ->
         args += ["--embeddings", "--ubatch-size", str(m.n_ctx), "--batch-size", str(m.n_ctx)]
     else:
         args += ["--jinja"]
+    if workers:
+        # Verbosity 4 logs the layer split: which device (RPCn[HOST:PORT]) holds how much.
+        args += ["--rpc", ",".join(workers), "--log-verbosity", "4"]
     for flag, value in (("--batch-size", m.n_batch if m.role != "embedding" else None),
                         ("--mmproj", m.mmproj), ("--chat-template", m.chat_format),
                         ("--chat-template-file", m.chat_template), ("--seed", m.seed)):
@@ -323,18 +347,78 @@ def _llama_cpp_python_args(m: ServedModel, port: int) -> list[str]:
 
 
 def runtime_argv(m: ServedModel, port: int, common_env: Mapping[str, str], key_file: str,
-                 binary: str | None) -> Argv:
+                 binary: str | None, workers: Sequence[str] = ()) -> Argv:
     """Every runtime starts through sovctl.runtime.launch (death with the supervisor, the
     egress recorder, a scrubbed environment); a native one is exec'd from there."""
     launch = [sys.executable, "-m", "sovctl.runtime.launch", m.name]
     if m.runtime == LLAMA_SERVER:
         assert binary is not None
-        args = [*launch, "--exec", *_llama_server_args(m, port, binary, key_file)]
+        args = [*launch, "--exec", *_llama_server_args(m, port, binary, key_file, workers)]
         env = dict(common_env)
     else:
         args = [*launch, *_llama_cpp_python_args(m, port)]
         env = {**common_env, KEY_FILE_ENV: key_file}
     return Argv(args=(*args, *m.extra_args), env=env)
+
+
+def frontier_routes(cfg: Settings) -> tuple[Route, ...]:
+    """One route per [providers.NAME]: requests naming "frontier/NAME/MODEL" go there."""
+    return tuple(
+        Route(model=f"{FRONTIER_PREFIX}{name}", role="chat", kind=PROVIDER, process="",
+              upstream=str(p["base_url"]).rstrip("/"), runtime="",
+              parallel=0,  # the provider admits what it admits; its 429 reaches the client
+              key_file=None,
+              price=Price(float(p["input_per_mtok"]), float(p["output_per_mtok"]),
+                          f"[providers.{name}] prices"),
+              provider=Provider(name=name, api_key_env=str(p["api_key_env"]),
+                                daily_cap=float(p["daily_cap"]) if "daily_cap" in p else None))
+        for name, p in sorted(cfg.providers.items()))
+
+
+def local_prices(home: Home, cfg: Settings, models: Sequence[ServedModel]
+                 ) -> tuple[dict[str, Price], tuple[str, ...]]:
+    """(each benched model's price per Mtok, for the ledger; a note when the bench history
+    cannot be read). A model never benched has no price: its requests are recorded unpriced."""
+    try:
+        runs = history.load(home)
+    except ConfigError as e:
+        return {}, (f"the ledger records no local cost: {e.message}",)
+    cost_cfg = costs.CostConfig.from_settings(cfg)
+    prices = {}
+    for m in models:
+        bench = costs.latest_bench(runs, m.sha256)
+        if bench is not None:
+            prices[m.name] = costs.local_price(bench, cost_cfg)
+    return prices, ()
+
+
+def _cluster(cfg: Settings, models: tuple[ServedModel, ...]
+             ) -> tuple[tuple[ServedModel, ...], str, tuple[str, ...], tuple[str, ...]]:
+    """(the models, the one using the [cluster] workers, the workers, notes). That model's
+    layers are offloaded, or none would reach a worker; llama.cpp splits them over the devices
+    by the free memory each reports."""
+    workers = tuple(str(w) for w in cfg.get("cluster.workers"))
+    if not workers:
+        return models, "", (), ()
+    wanted = str(cfg.get("cluster.model"))
+    chat = [m for m in models if m.role != "embedding"]
+    target = next((m for m in chat if m.name == wanted), None) if wanted else \
+        next(iter(chat), None)
+    if target is None:
+        if wanted:
+            raise ConfigError(f"[cluster] model {wanted!r} is not a chat model being served",
+                              hint="name a served chat model, or leave model out: the first")
+        return models, "", (), ("[cluster] workers are unused: no chat model is served",)
+    if target.runtime != LLAMA_SERVER:
+        raise ConfigError(f"{target.name}: [cluster] workers need the llama-server runtime",
+                          hint=f"set [models.{target.name}] runtime = \"llama-server\"")
+    notes: tuple[str, ...] = ()
+    if target.n_gpu_layers == 0:
+        notes = (f"{target.name}: every layer offloaded (n_gpu_layers = {ALL_LAYERS}) to spread "
+                 f"it over the workers {', '.join(workers)}",)
+        target = replace(target, n_gpu_layers=ALL_LAYERS)
+    return (tuple(target if m.name == target.name else m for m in models), target.name, workers,
+            notes)
 
 
 def build(
@@ -353,14 +437,16 @@ def build(
     if egress_probe:
         common_env[egress.ENV_PROBE] = egress_probe
     procs = []
-    for m in selection.models:
+    models, clustered, workers_all, cluster_notes = _cluster(cfg, selection.models)
+    for m in models:
         rport = free_port()
         key_file = str(run / "keys" / f"{m.name}.key")
+        workers = workers_all if m.name == clustered else ()
         procs.append(ProcessSpec(
             name=m.name, kind="runtime", argv=runtime_argv(m, rport, common_env, key_file,
-                                                               selection.llama_server),
+                                                               selection.llama_server, workers),
             port=rport, health_path=HEALTH_PATH[m.runtime], role=m.role, model=m.name,
-            sha256=m.sha256, runtime=m.runtime, key_file=key_file,
+            sha256=m.sha256, runtime=m.runtime, key_file=key_file, workers=workers,
         ))
     routes_file = run / "routes.json"
     gateway = Argv(
@@ -375,13 +461,15 @@ def build(
         procs.append(public_face.process(public, host, port, common_env))
     supervision = {k.removeprefix("serve."): cfg.get(k) for k in cfg.values
                    if k.startswith("serve.")}
+    prices, price_notes = local_prices(home, cfg, models)
     return Plan(
-        host=host, port=port, processes=tuple(procs), models=selection.models,
+        host=host, port=port, processes=tuple(procs), models=models,
         routes_file=str(routes_file), state_file=str(run / "state.json"),
         egress_log=str(run / "egress.jsonl"), logs_dir=str(home.logs),
         # A tunnel is a public face: the gateway requires the key even on loopback.
         api_key_required=not is_loopback(host) or public is not None, supervision=supervision,
-        notes=selection.notes, tunnel=public,
+        notes=selection.notes + cluster_notes + price_notes, tunnel=public,
+        ledger=str(ledger_path(home)), frontier=frontier_routes(cfg), prices=prices,
     )
 
 
@@ -397,12 +485,13 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
                          ("queue_limit", "queue_timeout", "max_body_bytes")}),
         state_file=plan.state_file,
         routes=tuple(
-            Route(model=p.model, role=p.role, kind="local", process=p.name,
+            Route(model=p.model, role=p.role, kind=LOCAL, process=p.name,
                   upstream=f"http://127.0.0.1:{p.port}", runtime=p.runtime,
                   parallel=by_name[p.model].parallel, key_file=p.key_file,
-                  vision=by_name[p.model].mmproj is not None)
+                  vision=by_name[p.model].mmproj is not None, price=plan.prices.get(p.model))
             for p in plan.processes if p.kind == "runtime"
-        ),
+        ) + plan.frontier,
+        ledger=plan.ledger,
     )
 
 

@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 
 from sovctl.errors import BusyError
+from sovctl.runtime import cluster
 from sovctl.runtime.documents import Event, ProcessState, StackState, Status
 from sovctl.runtime.plan import Plan, ProcessSpec
 from sovctl.runtime.ports import listener, owned_by
@@ -71,6 +72,15 @@ def _probe(url: str, timeout: float, pid: int) -> Probe:
         return Probe.FAILED
     # Checked after the answer: a child still binding is simply not healthy yet.
     return Probe.OK if owned_by(pid, parts.port or 80) else Probe.FOREIGN
+
+
+def _probe_listening(pid: int, port: int) -> Probe:
+    """An RPC worker's health: its own socket listens. Its protocol serves one client at a
+    time with a backlog of one, so a probe connecting while a head holds it would queue, and
+    a few queued probes would keep even the head's reconnection out."""
+    if owned_by(pid, port):
+        return Probe.OK
+    return Probe.FOREIGN if listener(port) is not None else Probe.FAILED
 
 
 def acquire_instance_lock(run_dir: Path) -> int:
@@ -164,7 +174,7 @@ class Supervisor:
         log = Path(self.plan.logs_dir) / f"{p.spec.name}.log"
         self._rotate(log)
         p.log_offset = log.stat().st_size if log.exists() else 0
-        argv = p.spec.argv
+        argv = self._with_live_workers(p) if p.spec.workers else p.spec.argv
         env = {**argv.env, "SOVCTL_SUPERVISOR_PID": str(os.getpid())}
         try:
             p.popen = spawn(Argv(argv.args, env, argv.cwd), log=log)
@@ -178,6 +188,21 @@ class Supervisor:
         p.probe_failures = 0
         p.next_probe = p.started_at + 0.2
         self._event(p.spec.name, f"started pid {p.popen.pid}")
+
+    def _with_live_workers(self, p: _Proc) -> Argv:
+        """A clustered runtime's argv naming only the workers that answer now: llama-server
+        aborts on a worker it cannot reach, so a lost worker would crash-loop it. Without
+        them it serves the same model, its layers on the head; the reason is recorded."""
+        live, lost = cluster.check_workers(
+            p.spec.workers, lambda w: cluster.probe_worker(w, float(self.cfg["health_timeout"])))
+        if live:
+            self._event(p.spec.name, "workers: " + ", ".join(h.describe() for h in live))
+        if lost:
+            p.last_exit = "degraded: started without worker " + \
+                "; ".join(h.describe() for h in lost)
+            self._event(p.spec.name, p.last_exit)
+        argv = p.spec.argv
+        return Argv(cluster.rpc_argv(argv.args, [h.endpoint for h in live]), argv.env, argv.cwd)
 
     def _failed_start(self, p: _Proc, reason: str) -> None:
         p.last_exit = reason
@@ -220,8 +245,9 @@ class Supervisor:
                     return
         if p.probe is None and now >= p.next_probe:
             url = f"http://127.0.0.1:{p.spec.port}{p.spec.health_path}"
-            p.probe = self._probes.submit(_probe, url, float(self.cfg["health_timeout"]),
-                                          p.popen.pid)
+            p.probe = self._probes.submit(_probe_listening, p.popen.pid, p.spec.port) \
+                if p.spec.kind == cluster.WORKER else \
+                self._probes.submit(_probe, url, float(self.cfg["health_timeout"]), p.popen.pid)
             p.next_probe = now + (interval if p.status == Status.UP else 0.25)
 
     def _crashed(self, p: _Proc, reason: str) -> None:

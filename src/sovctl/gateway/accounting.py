@@ -1,0 +1,109 @@
+"""What each request through the gateway used and cost: the tokens its answer reports, and
+its record in the ledger.
+
+Tokens come from the usage object of each answer. A stream reports usage only when asked
+(`stream_options.include_usage`), so the gateway asks for it on every stream, reads it from the
+stream's usage event, and passes that event on only to a client that asked for it itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sovctl.ledger.store import UNROUTED, Writer
+from sovctl.runtime.documents import LOCAL, RoutesTable
+
+
+def ask_usage(payload: dict[str, Any]) -> bool:
+    """Make a stream request report its usage; whether the client asked for that itself."""
+    options = payload.get("stream_options")
+    if not isinstance(options, dict):
+        options = {}
+    wanted = options.get("include_usage") is True
+    payload["stream_options"] = {**options, "include_usage": True}
+    return wanted
+
+
+class StreamTally:
+    """Follows a server-sent event stream as it passes: counts its data events, reads the
+    usage event, and holds that event back from a client that did not ask for it."""
+
+    def __init__(self, keep_usage: bool) -> None:
+        self.keep_usage = keep_usage
+        self.events = 0
+        self.usage: tuple[int, int] | None = None
+        self._partial = b""  # an event whose end has not arrived yet
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to pass on for `data`, as they arrive."""
+        buffer = self._partial + data if self._partial else data
+        cut = buffer.rfind(b"\n\n") + 2
+        if cut == 1:  # no event ends here
+            self._partial = buffer
+            # Without the usage event to hold back, bytes pass as they come; with it, an
+            # event waits for its end, as it may be the usage event.
+            return data if self.keep_usage else b""
+        complete, self._partial = buffer[:cut], buffer[cut:]
+        self.events += complete.count(b"data: {")
+        if b'"usage"' not in complete:
+            return data if self.keep_usage else complete
+        kept = [e for e in complete.split(b"\n\n") if not self._is_usage(e)]
+        return data if self.keep_usage else b"\n\n".join(kept)
+
+    def end(self) -> bytes:
+        """What is left to pass on when the stream ends."""
+        rest, self._partial = self._partial, b""
+        return b"" if self.keep_usage else rest
+
+    def _is_usage(self, event: bytes) -> bool:
+        """Reads the usage of an event that has one; true when the event is only usage."""
+        if b'"usage"' not in event:
+            return False
+        start = event.find(b"{")
+        try:
+            doc = json.loads(event[start:]) if start >= 0 else None
+        except ValueError:
+            return False
+        if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
+            return False
+        u = doc["usage"]
+        try:
+            self.usage = (int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+        except (TypeError, ValueError):
+            return False
+        return doc.get("choices") == []
+
+
+class Ledger:
+    """The gateway's side of the ledger: each request priced and queued for the writer thread,
+    so recording costs the request path one queue put."""
+
+    def __init__(self, table: RoutesTable) -> None:
+        self.writer = Writer(Path(table.ledger)) if table.ledger else None
+        self.prices = {r.model: r.price for r in table.routes if r.kind == LOCAL}
+
+    def local(self, model: str, endpoint: str, status: int, seconds: float, tokens_in: int,
+              tokens_out: int) -> None:
+        """A request served, or refused, here; `model` "-" when it was never routed."""
+        if self.writer is None:
+            return
+        if model in self.prices:
+            price = self.prices[model]
+            route, cost = LOCAL, price.cost(tokens_in, tokens_out) if price else None
+        else:
+            route, cost = UNROUTED, 0.0
+        self.writer.put((time.time() - seconds, route, model, endpoint, status, tokens_in,
+                         tokens_out, seconds, cost))
+
+    def routed(self, provider: str, model: str, endpoint: str, status: int, seconds: float,
+               tokens_in: int, tokens_out: int, cost: float) -> None:
+        if self.writer is not None:
+            self.writer.put((time.time() - seconds, provider, model, endpoint, status,
+                             tokens_in, tokens_out, seconds, cost))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,243 @@
+"""RPC workers and the [cluster]: address rules, argv, and a fleet simulated in namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.conftest import CHAT_MODEL
+from tests.helpers import SOVCTL, run, wait_for
+
+from sovctl import config
+from sovctl.errors import ConfigError, UsageError
+from sovctl.home import Home
+from sovctl.runtime import cluster, plan
+
+NO_WG: set[str] = set()
+
+
+def _scope(host: str, allow: bool = False, wg: set[str] = NO_WG) -> str:
+    return cluster.bind_scope(host, allow, wireguard=lambda: wg,
+                              resolve=lambda h: {"gpu.lan": ["192.168.1.9"],
+                                                 "mixed.example": ["10.0.0.1", "8.8.8.8"]}[h])
+
+
+@pytest.mark.parametrize(("host", "scope"), [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.99.1.2", "private"),
+    ("172.31.0.5", "private"), ("192.168.1.9", "private"), ("fd00::2", "private"),
+    ("gpu.lan", "private"),
+])
+def test_private_addresses_are_allowed(host: str, scope: str) -> None:
+    assert _scope(host) == scope
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "8.8.8.8", "100.64.0.1", "mixed.example"])
+def test_public_addresses_are_refused_without_the_flag(host: str) -> None:
+    with pytest.raises(UsageError, match="unauthenticated") as e:
+        _scope(host)
+    assert cluster.ACK_FLAG in (e.value.hint or "")
+    assert _scope(host, allow=True) == "public"
+
+
+def test_a_wireguard_address_counts_as_private() -> None:
+    # A WireGuard interface may carry any address, CGNAT's 100.64/10 for one (Tailscale).
+    assert _scope("100.64.0.1", wg={"100.64.0.1"}) == "wireguard"
+
+
+def test_devices_and_worker_argv() -> None:
+    assert cluster.device_arg("cpu") == "CPU"
+    assert cluster.device_arg("cuda:1") == "CUDA1"
+    for bad in ("gpu", "cuda:", "cuda:x"):
+        with pytest.raises(UsageError):
+            cluster.device_arg(bad)
+    argv = cluster.worker_argv("/bin/rpc", "10.0.0.2", 50052, "cuda:0", 4, "/h/cache/rpc", {})
+    assert argv.args[argv.args.index("--exec") + 1:] == (
+        "/bin/rpc", "--host", "10.0.0.2", "--port", "50052", "--device", "CUDA0",
+        "--threads", "4", "--cache")
+    assert argv.env["LLAMA_CACHE"] == "/h/cache/rpc"
+
+
+def test_rpc_argv_narrows_to_live_workers() -> None:
+    args = ("llama-server", "--rpc", "a:1,b:2", "--n-gpu-layers", "999")
+    assert cluster.rpc_argv(args, ["a:1"]) == ("llama-server", "--rpc", "a:1",
+                                               "--n-gpu-layers", "999")
+    assert cluster.rpc_argv(args, []) == ("llama-server", "--n-gpu-layers", "999")
+
+
+def test_cluster_config(sovctl_home: Path) -> None:
+    home = Home(sovctl_home)
+    home.root.mkdir(parents=True)
+    home.config_path.write_text('[cluster]\nworkers = ["10.0.0.2:50052", "gpu.lan:50053"]\n')
+    assert config.load(home).get("cluster.workers") == ["10.0.0.2:50052", "gpu.lan:50053"]
+    cfg = config.load(home, environ={"SOVCTL_CLUSTER__WORKERS": "10.0.0.3:1, 10.0.0.4:2"})
+    assert cfg.get("cluster.workers") == ["10.0.0.3:1", "10.0.0.4:2"]
+    for bad in ('["10.0.0.2"]', '["fd00::2:50052"]', '["h:0"]', '[5]'):
+        home.config_path.write_text(f"[cluster]\nworkers = {bad}\n")
+        with pytest.raises(ConfigError):
+            config.load(home)
+
+
+def test_serve_passes_workers_to_the_chat_runtime(sovctl_home: Path, models: Path) -> None:
+    home = Home(sovctl_home)
+    run(sovctl_home, "pull", str(CHAT_MODEL), "--name", "smol", check=True)
+    run(sovctl_home, "pull", str(models / "all-MiniLM-L6-v2-f16.gguf"), "--name", "minilm",
+        check=True)
+    home.config_path.write_text('[cluster]\nworkers = ["10.0.0.2:50052", "10.0.0.3:50052"]\n')
+    p = plan.build(home, config.load(home), chat=["smol"], embedding=["minilm"])
+    by_name = {s.name: s for s in p.processes}
+    chat, embed = by_name["smol"].argv.args, by_name["minilm"].argv.args
+    assert chat[chat.index("--rpc") + 1] == "10.0.0.2:50052,10.0.0.3:50052"
+    assert chat[chat.index("--n-gpu-layers") + 1] == str(plan.ALL_LAYERS)
+    assert by_name["smol"].workers == ("10.0.0.2:50052", "10.0.0.3:50052")
+    assert "--rpc" not in embed and not by_name["minilm"].workers
+    assert any("offloaded" in n for n in p.notes)
+    assert plan.Plan.from_json(p.to_json()).processes == p.processes
+    home.config_path.write_text('[cluster]\nworkers = ["10.0.0.2:50052"]\nmodel = "minilm"\n')
+    with pytest.raises(ConfigError, match="not a chat model"):
+        plan.build(home, config.load(home), chat=["smol"], embedding=["minilm"])
+
+
+def test_probe_worker_reads_memory_and_reports_a_dead_one(tmp_path: Path) -> None:
+    port = plan.free_port()
+    binary = shutil.which(cluster.RPC_WORKER, path=str(Path(sys.executable).parent))
+    assert binary, "ggml-rpc-server is built by scripts/setup"
+    proc = subprocess.Popen([binary, "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        health = wait_for(lambda: (h := cluster.probe_worker(f"127.0.0.1:{port}", 2)).ok and h,
+                          timeout=20, what="the worker")
+        assert 0 < health.free <= health.total
+    finally:
+        proc.kill()
+        proc.wait()
+    dead = cluster.probe_worker(f"127.0.0.1:{port}", 2)
+    assert not dead.ok and dead.reason
+
+
+# -- the fleet, on one machine -----------------------------------------------------------------
+
+NS = f"sovh{os.getpid()}", f"sovw1{os.getpid()}", f"sovw2{os.getpid()}"
+WORKER_ADDR = "10.99.1.2", "10.99.2.2"
+
+
+def _sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+def _in(ns: str, home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SOVCTL_HOME": str(home)}
+    return subprocess.run(["ip", "netns", "exec", ns, *SOVCTL, *args], env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def _status(ns: str, home: Path) -> dict[str, dict[str, object]]:
+    doc = json.loads(_in(ns, home, "--json", "status").stdout)
+    return {p["name"]: p for p in doc["data"]["processes"]}
+
+
+def _ask(port: int, ns: str | None = None) -> str:
+    body = json.dumps({"model": "smol", "temperature": 0, "max_tokens": 24, "seed": 1,
+                       "messages": [{"role": "user", "content": "Name three colours."}]})
+    code = (f"import httpx,sys; r=httpx.post('http://127.0.0.1:{port}/v1/chat/completions', "
+            f"content={body!r}, headers={{'content-type': 'application/json'}}, timeout=60); "
+            "print(r.status_code); print(r.json()['choices'][0]['message']['content'] "
+            "if r.status_code == 200 else r.text)")
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=90).stdout
+    status, _, text = out.partition("\n")
+    return text.strip() if status == "200" else f"HTTP {status}: {text.strip()}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                    reason="network namespaces need root and iproute2")
+def test_fleet_in_namespaces(tmp_path: Path, models: Path) -> None:
+    single, head = tmp_path / "single", tmp_path / "head"
+    workers = [tmp_path / "w1", tmp_path / "w2"]
+    for h in (single, head):
+        run(h, "pull", str(CHAT_MODEL), "--name", "smol", check=True)
+        (h / "sovctl.toml").write_text(
+            "[models.smol]\nrole = \"chat\"\nparallel = 1\nn_ctx = 512\nn_threads = 1\n")
+    # One box: the answer the fleet must give.
+    port = plan.free_port()
+    run(single, "serve", "--detach", "--port", str(port), check=True)
+    try:
+        expected = _ask(port)
+    finally:
+        run(single, "stop", check=True)
+    assert expected and not expected.startswith("HTTP")
+
+    endpoints = [f"{a}:50052" for a in WORKER_ADDR]
+    with (head / "sovctl.toml").open("a") as f:
+        f.write(f"[cluster]\nworkers = {json.dumps(endpoints)}\n")
+    try:
+        for ns in NS:
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for i, (ns, addr) in enumerate(zip(NS[1:], WORKER_ADDR, strict=True), 1):
+            # A veth pair per worker: head 10.99.i.1 <-> worker 10.99.i.2, nothing else.
+            a, b = f"svh{i}{os.getpid()}"[:15], f"svw{i}{os.getpid()}"[:15]
+            _sh("ip", "link", "add", a, "netns", NS[0], "type", "veth", "peer", b, "netns", ns)
+            _sh("ip", "-n", NS[0], "addr", "add", f"10.99.{i}.1/24", "dev", a)
+            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", b)
+            _sh("ip", "-n", NS[0], "link", "set", a, "up")
+            _sh("ip", "-n", ns, "link", "set", b, "up")
+        for ns, home, addr in zip(NS[1:], workers, WORKER_ADDR, strict=True):
+            r = _in(ns, home, "worker", "--host", addr, "--threads", "1", "--detach")
+            assert r.returncode == 0, r.stderr
+        port = plan.free_port()
+        r = _in(NS[0], head, "serve", "--detach", "--port", str(port))
+        assert r.returncode == 0, r.stderr
+
+        # Same answer at temperature 0, with the layers split over both workers.
+        assert _ask(port, NS[0]) == expected
+        log = (head / "logs" / "smol.log").read_text()
+        for addr in WORKER_ADDR:
+            assert re.search(rf"RPC\d\[{re.escape(addr)}:50052\] model buffer size", log), log
+        assert "offloaded 31/31 layers" in log
+
+        # A worker box lost mid-run: its supervisor SIGKILLed, its worker dies with it.
+        lost = json.loads((workers[1] / "run" / "state.json").read_text())["supervisor_pid"]
+        os.kill(lost, signal.SIGKILL)
+        answer = _ask(port, NS[0])
+        # In flight on the lost worker, the request fails loudly; never a wrong answer.
+        assert answer == expected or answer.startswith("HTTP 5"), answer
+
+        def recovered() -> dict[str, object] | None:
+            smol = _status(NS[0], head)["smol"]
+            return smol if smol["status"] == "up" and smol["restarts"] else None
+
+        smol = wait_for(recovered, timeout=60, interval=1, what="smol restarted")
+        assert "degraded" in str(smol["last_exit"]) and endpoints[1] in str(smol["last_exit"])
+        assert _ask(port, NS[0]) == expected
+        events = (head / "logs" / "supervisor.log").read_text()
+        assert f"started without worker {endpoints[1]}" in events
+    finally:
+        for ns, home in zip(NS, [head, *workers], strict=True):
+            if (home / "run").exists():
+                subprocess.run(["ip", "netns", "exec", ns, *SOVCTL, "stop"], timeout=60,
+                               env={**os.environ, "SOVCTL_HOME": str(home)}, capture_output=True)
+        for ns in NS:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def test_audit_lists_worker_connections_apart(sovctl_home: Path, models: Path) -> None:
+    from sovctl.audit.checks import cluster_apart
+
+    home = Home(sovctl_home)
+    run(sovctl_home, "pull", str(CHAT_MODEL), "--name", "smol", check=True)
+    home.config_path.write_text('[cluster]\nworkers = ["10.0.0.2:50052"]\n')
+    p = plan.build(home, config.load(home), chat=["smol"])
+    attempts = [{"component": "smol", "target": "10.0.0.2:50052"},
+                {"component": "smol", "target": "10.0.0.9:50052"},
+                {"component": "gateway", "target": "10.0.0.2:50052"}]
+    mine, rest = cluster_apart(p, attempts)
+    assert mine == attempts[:1] and rest == attempts[1:]

@@ -389,6 +389,18 @@ def test_malformed_request_never_reaches_the_runtime(client: httpx.Client) -> No
     assert FakeRuntime.seen == ["/ok/v1/chat/completions"]
 
 
+def test_an_image_for_a_model_without_projector_never_reaches_it(client: httpx.Client) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    r = client.post(CHAT, json={"model": "ok", "messages": [user([image])]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("messages[0].content[0]", "unsupported_value")
+    assert "'ok' is served without a projector" in err["message"] and "--mmproj" in err["message"]
+    assert FakeRuntime.seen == []
+    listed = client.get("/v1/models").json()["data"]
+    assert {m["vision"] for m in listed} == {False}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("model", ["crash", "crash-json", "bad-path", "fastapi"])
 def test_runtime_errors_reach_the_client_without_internals(client: httpx.Client, model: str,

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from tests.conftest import CHAT_MODEL, TINY_MODEL
-from tests.helpers import run_json
+from tests.helpers import run, run_json
 from tests.test_serve import Stack, start_stack, stop_stack
 
 from sovctl.gateway import tools
@@ -178,12 +178,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stop_stack(s)
 
 
-def check_call(call: Any) -> Any:
-    """The call is get_weather's, its arguments valid for its parameters' schema."""
+def check_call(call: Any, names: set[str]) -> Any:
+    """The call is of one of the tools named, its arguments valid for its parameters' schema
+    (get_weather takes a city, a string; get_time takes nothing)."""
     assert call.type == "function" and call.id.startswith("call_")
-    assert call.function.name == "get_weather"
+    assert call.function.name in names
     args = json.loads(call.function.arguments)
-    assert isinstance(args, dict) and set(args) == {"city"} and isinstance(args["city"], str)
+    if call.function.name == "get_weather":
+        assert isinstance(args, dict) and set(args) == {"city"} and isinstance(args["city"], str)
+    else:
+        assert args == {}
     return call
 
 
@@ -211,9 +215,9 @@ def streamed(chunks: Iterator[Any]) -> tuple[str, list[dict[str, str]], str | No
 @pytest.mark.usefixtures("models")
 def test_tool_call_round_trip(stack: Stack, choice: Any, stream: bool) -> None:
     c = stack.client()
-    offered = [WEATHER] if choice == NAMED else [WEATHER, {
-        "type": "function", "function": {"name": "get_weather_too", "parameters": {
-            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    # Named: that tool, of two. Required: either, the model's choice.
+    offered = [WEATHER, TIME]
+    names = {"get_weather"} if choice == NAMED else {"get_weather", "get_time"}
     if stream:
         chunks = c.chat.completions.create(
             model="smol", messages=ASK, tools=offered, tool_choice=choice, temperature=0,
@@ -222,24 +226,24 @@ def test_tool_call_round_trip(stack: Stack, choice: Any, stream: bool) -> None:
         assert finish == "tool_calls" and len(calls) == 1
         call = {"id": calls[0]["id"], "type": "function",
                 "function": {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}}
-        check_call(openai.types.chat.ChatCompletionMessageToolCall.model_validate(call))
+        check_call(openai.types.chat.ChatCompletionMessageToolCall.model_validate(call), names)
     else:
         r = c.chat.completions.create(model="smol", messages=ASK, tools=offered,
                                       tool_choice=choice, temperature=0, max_tokens=60)
         choice0 = r.choices[0]
         assert choice0.finish_reason == "tool_calls" and choice0.message.content is None
         assert r.usage is not None and r.usage.prompt_tokens > 100  # the tools are in the prompt
-        call = check_call(choice0.message.tool_calls[0]).model_dump()
+        call = check_call(choice0.message.tool_calls[0], names).model_dump()
     loop = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": call["id"], "content": "18 C and sunny"}]
     if stream:
         text, calls, finish = streamed(c.chat.completions.create(
             model="smol", messages=loop, tools=offered, tool_choice="none", temperature=0,
-            max_tokens=40, stream=True))
+            max_tokens=12, stream=True))
         assert not calls
     else:
         final = c.chat.completions.create(model="smol", messages=loop, tools=offered,
-                                          tool_choice="none", temperature=0, max_tokens=40)
+                                          tool_choice="none", temperature=0, max_tokens=12)
         text, finish = final.choices[0].message.content or "", final.choices[0].finish_reason
     assert text.strip() and finish in ("stop", "length")
 
@@ -249,7 +253,7 @@ def test_tool_call_round_trip(stack: Stack, choice: Any, stream: bool) -> None:
 def test_auto_passes_through_to_the_runtime(stack: Stack) -> None:
     r = stack.client().chat.completions.create(
         model="smol", messages=ASK, tools=[WEATHER], tool_choice="auto", temperature=0,
-        max_tokens=20)
+        max_tokens=8)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
@@ -282,6 +286,8 @@ def test_models_and_status_show_tool_support(stack: Stack) -> None:
     procs = {p["name"]: p for p in run_json(stack.home, "status")["data"]["processes"]}
     assert {p["model"]: p["tools"] for p in procs.values() if p["kind"] == "runtime"} == {
         "smol": True, "plain": False}
+    table = run(stack.home, "status").stdout
+    assert "TOOLS" in table and "yes" in table
 
 
 @pytest.mark.slow

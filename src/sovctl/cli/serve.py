@@ -154,6 +154,10 @@ def _status_table(c: Console, processes: Sequence[ProcessState],
             row.append("-" if known is None else "yes" if known else "no")
         t.add_row(*row)
     c.print(t)
+    # Why a process is not up (or ran degraded) matters more than any column: say it in words.
+    for p in processes:
+        if p.last_exit and (p.status != Status.UP or p.last_exit.startswith("degraded")):
+            c.print(f"{p.name}: {p.last_exit}", highlight=False)
 
 
 def _processes_json(processes: Sequence[ProcessState],

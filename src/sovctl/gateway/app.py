@@ -28,19 +28,20 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HttpRoute
 
 from sovctl.errors import ConfigError
-from sovctl.gateway import validate
+from sovctl.gateway import tools, validate
 from sovctl.gateway.metrics import Metrics
-from sovctl.runtime.documents import ProcessState, Route, RoutesTable, StackState
+from sovctl.runtime.documents import LOCAL, ProcessState, Route, RoutesTable, StackState
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+CHAT = "/v1/chat/completions"
 # Which model roles may answer which endpoint; the first role listed is the default when a
 # request names no model.
 ENDPOINT_ROLES = {
-    "/v1/chat/completions": ("chat",),
+    CHAT: ("chat",),
     "/v1/completions": ("completion", "chat"),
     "/v1/embeddings": ("embedding",),
 }
@@ -108,6 +109,8 @@ class UpstreamError(Exception):
 # one idle for less than this is still open when the request reaches it.
 IDLE_REUSE_S = 2.0
 CONNECT_TIMEOUT_S = 2.0
+# A runtime's /props answer is read from memory: one that takes longer is stuck.
+PROPS_TIMEOUT_S = 5.0
 
 
 class _Connection(asyncio.Protocol):
@@ -245,7 +248,7 @@ class Upstream:
                         + (f"authorization: Bearer {key}\r\n" if key else "")).encode()
         self.idle: list[_Connection] = []
 
-    async def post(self, path: str, body: bytes) -> _Connection:
+    async def request(self, method: bytes, path: str, body: bytes = b"") -> _Connection:
         """Sends the request; the answer is read from the connection returned, which goes back
         with release() or, when its answer was not read to the end, close()."""
         conn: _Connection | None = None
@@ -263,7 +266,7 @@ class Upstream:
                     await loop.create_connection(lambda: fresh, self.host, self.port)
             except (OSError, TimeoutError) as e:
                 raise UpstreamError(type(e).__name__) from e
-        conn.send([b"POST ", self.prefix, path.encode(), b" HTTP/1.1\r\n", self.headers,
+        conn.send([method, b" ", self.prefix, path.encode(), b" HTTP/1.1\r\n", self.headers,
                    b"content-length: %d\r\n\r\n" % len(body), body])
         return conn
 
@@ -289,11 +292,13 @@ class RouteState:
         self.kind = route.kind
         self.process = route.process
         self.runtime = route.runtime
+        self.vision = route.vision
         self.slots = route.parallel
         self.slot = asyncio.Semaphore(route.parallel)
         self.waiting = 0
         key = Path(route.key_file).read_text().strip() if route.key_file else None
         self.upstream = Upstream(route.upstream, key)
+        self.tools = tools.Capability()  # whether the model's chat template renders tools
 
 
 class RuntimeStatus:
@@ -418,11 +423,47 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         if not self._authorised_request(request):
             return self._unauthorised()
+        routes = list(self.routes.values())
+        takes_tools = await asyncio.gather(*(self._tools_known(r) for r in routes))
         data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "sovctl",
                  "role": r.role, "route": r.kind, "runtime": r.runtime,
-                 "parallel": r.slots, "status": self.status.status(r.process)}
-                for r in self.routes.values()]
+                 "parallel": r.slots, "vision": r.vision,
+                 "status": self.status.status(r.process), "capabilities": {"tools": known}}
+                for r, known in zip(routes, takes_tools, strict=True)]
         return JSONResponse({"object": "list", "data": data})
+
+    async def _tools_known(self, route: RouteState) -> bool | None:
+        """Whether the model takes tools; None while its runtime cannot say, or for a model
+        sovctl does not run."""
+        if route.kind != LOCAL:
+            return None
+        if route.role != "chat":
+            return False
+        if route.tools.known is None and self.status.status(route.process) != "up":
+            return None
+        try:
+            return await self._takes_tools(route)
+        except UpstreamError:
+            return None
+
+    async def _takes_tools(self, route: RouteState) -> bool:
+        """Whether the model sees the tools of a request: llama-cpp-python's server drops
+        them, llama-server renders them when the template has a place for them (its /props
+        says so). Raises UpstreamError when the runtime does not answer."""
+        if route.runtime == "llama-cpp-python":
+            return False
+
+        async def ask() -> bool:
+            try:
+                async with asyncio.timeout(PROPS_TIMEOUT_S):
+                    status, _, content = await self._ask(route, b"GET", "/props")
+            except TimeoutError as e:
+                raise UpstreamError("no answer to /props") from e
+            if not 200 <= status < 300:
+                raise UpstreamError(f"/props answered HTTP {status}")
+            return tools.supports_tools(content)
+
+        return await route.tools.get(ask)
 
     async def metrics_text(self, request: Request) -> Response:
         if not self._authorised_request(request):
@@ -473,6 +514,12 @@ class Gateway:
         if isinstance(route, Response):
             return "-", route
         invalid = validate.check(endpoint, payload)
+        if invalid is None and route.runtime == "llama-cpp-python":
+            invalid = validate.beyond_fallback(route.model, payload)
+        if invalid is None and route.kind == LOCAL and not route.vision:
+            # Without a projector llama-server answers an image with a 500: say instead what
+            # would read it.
+            invalid = validate.without_projector(route.model, payload)
         if invalid is not None:
             return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
                               param=invalid.param)
@@ -487,6 +534,12 @@ class Gateway:
                 + (" (it keeps crashing: see 'sovctl status' and 'sovctl logs')"
                    if status == "failed" else ""),
                 "service_unavailable", "runtime_unavailable", headers={"Retry-After": wait})
+        forced = None
+        if endpoint == CHAT and route.kind == LOCAL:
+            calls = await self._tool_policy(route, payload)
+            if isinstance(calls, Response):
+                return route.model, calls
+            forced = calls
         if route.waiting >= self.queue_limit:
             return route.model, error(
                 429, f"{route.waiting} requests already wait for {route.model!r} "
@@ -503,44 +556,103 @@ class Gateway:
         finally:
             route.waiting -= 1
         try:
+            if forced is not None:
+                return await self._call_tool(route, endpoint, payload, forced, send, started)
             if payload.get("stream"):
                 return await self._stream(route, endpoint, body, receive, send, started)
             return await self._forward(route, endpoint, body, send, started)
         finally:
             route.slot.release()
 
+    async def _tool_policy(self, route: RouteState, payload: dict[str, Any]
+                           ) -> list[dict[str, Any]] | Response | None:
+        """The tools a chat request must call one of (the gateway enforces the call), None
+        when the runtime serves it as it is, or the error that refuses it: tools the model
+        would never see, or a tool_choice the tools cannot meet."""
+        if payload.get("tools"):
+            try:
+                takes_tools = await self._takes_tools(route)
+            except UpstreamError as e:
+                return self._unanswered(route, e)[1]
+            if not takes_tools:
+                invalid = tools.unsupported(route.model)
+                return error(400, invalid.message, "invalid_request_error", invalid.code,
+                             param=invalid.param)
+        forced = tools.forced(payload)
+        if isinstance(forced, validate.Invalid):
+            return error(400, forced.message, "invalid_request_error", forced.code,
+                         param=forced.param)
+        return forced
+
     def _unanswered(self, route: RouteState, e: UpstreamError) -> tuple[str, Response]:
         return route.model, error(503, f"runtime for {route.model!r} did not answer: {e}",
                                   "service_unavailable", "runtime_unavailable",
                                   headers={"Retry-After": "2"})
 
-    async def _forward(self, route: RouteState, endpoint: str, body: bytes, send: Send,
-                       started: float) -> tuple[str, Response] | None:
+    async def _ask(self, route: RouteState, method: bytes, path: str, body: bytes = b""
+                   ) -> tuple[int, bytes, bytes]:
+        """The runtime's whole answer: its status, content type and body. Raises
+        UpstreamError when there is none."""
         upstream = route.upstream
-        try:
-            conn = await upstream.post(endpoint, body)
-        except UpstreamError as e:
-            return self._unanswered(route, e)
+        conn = await upstream.request(method, path, body)
         try:
             status = await conn.head()
-            content = await conn.body()
-        except UpstreamError as e:
-            return self._unanswered(route, e)
+            return status, conn.content_type, await conn.body()
         finally:
             upstream.release(conn)
+
+    async def _forward(self, route: RouteState, endpoint: str, body: bytes, send: Send,
+                       started: float) -> tuple[str, Response] | None:
+        try:
+            status, content_type, content = await self._ask(route, b"POST", endpoint, body)
+        except UpstreamError as e:
+            return self._unanswered(route, e)
         if not 200 <= status < 300:
             return route.model, upstream_error(route.process, status, content)
         self.metrics.count_tokens(route.model, *usage(content))
-        await send(_start(status, conn.content_type, len(content)))
+        await send(_start(status, content_type, len(content)))
         await send({"type": "http.response.body", "body": content})
         self.metrics.request(route.model, endpoint, status, time.perf_counter() - started)
+        return None
+
+    async def _call_tool(self, route: RouteState, endpoint: str, payload: dict[str, Any],
+                         offered: list[dict[str, Any]], send: Send, started: float
+                         ) -> tuple[str, Response] | None:
+        """A call the request demands, of one of `offered`: the runtime writes it whole under
+        the call's schema, and the client gets it as an OpenAI tool call, or as the events
+        of one when it asked for a stream."""
+        try:
+            status, _, content = await self._ask(
+                route, b"POST", endpoint, tools.constrained_request(payload, offered))
+        except UpstreamError as e:
+            return self._unanswered(route, e)
+        if not 200 <= status < 300:
+            return route.model, upstream_error(route.process, status, content)
+        try:
+            doc = tools.tool_call_answer(content, offered)
+        except ValueError:
+            return route.model, error(
+                502, f"runtime for {route.model!r} answered with no call of the tools offered",
+                "server_error", "runtime_failed")
+        self.metrics.count_tokens(route.model, *usage(content))
+        if payload.get("stream"):
+            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            data = tools.stream_events(doc, include_usage)
+            self.metrics.ttft[route.model].observe(time.perf_counter() - started)
+            await send(_start(200, b"text/event-stream; charset=utf-8", len(data),
+                              STREAM_HEADERS))
+        else:
+            data = json.dumps(doc).encode()
+            await send(_start(200, b"application/json", len(data)))
+        await send({"type": "http.response.body", "body": data})
+        self.metrics.request(route.model, endpoint, 200, time.perf_counter() - started)
         return None
 
     async def _stream(self, route: RouteState, endpoint: str, body: bytes, receive: Receive,
                       send: Send, started: float) -> tuple[str, Response] | None:
         upstream = route.upstream
         try:
-            conn = await upstream.post(endpoint, body)
+            conn = await upstream.request(b"POST", endpoint, body)
         except UpstreamError as e:
             return self._unanswered(route, e)
         # A client that hangs up must stop the generation: closing the connection to the

@@ -398,7 +398,7 @@ def test_an_image_for_a_model_without_projector_never_reaches_it(client: httpx.C
     assert "'ok' is served without a projector" in err["message"] and "--mmproj" in err["message"]
     assert FakeRuntime.seen == []
     listed = client.get("/v1/models").json()["data"]
-    assert {m["vision"] for m in listed} == {False}
+    assert {m["capabilities"]["vision"] for m in listed} == {False}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])

@@ -303,6 +303,6 @@ def test_the_fallback_runtime_refuses_tools(tmp_path: Path) -> None:
         assert r.json()["error"]["param"] == "tools"
         assert "llama-cpp-python" in r.json()["error"]["message"]
         models = httpx.get(s.base + "/v1/models").json()["data"]
-        assert models[0]["capabilities"] == {"tools": False}
+        assert models[0]["capabilities"] == {"tools": False, "vision": False}
     finally:
         stop_stack(s)

@@ -240,7 +240,8 @@ def test_an_image_reaches_the_model_through_the_gateway(stack: Stack) -> None:
     grown = with_image.json()["usage"]["prompt_tokens"] - without.json()["usage"]["prompt_tokens"]
     assert grown > 0, (with_image.json()["usage"], without.json()["usage"])
     models = {m["id"]: m for m in httpx.get(stack.base + "/v1/models").json()["data"]}
-    assert (models["smolv"]["vision"], models["smol"]["vision"]) == (True, False)
+    assert (models["smolv"]["capabilities"]["vision"],
+            models["smol"]["capabilities"]["vision"]) == (True, False)
 
 
 def test_a_remote_image_is_refused_and_never_fetched(stack: Stack,

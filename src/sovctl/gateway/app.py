@@ -427,8 +427,8 @@ class Gateway:
         takes_tools = await asyncio.gather(*(self._tools_known(r) for r in routes))
         data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "sovctl",
                  "role": r.role, "route": r.kind, "runtime": r.runtime,
-                 "parallel": r.slots, "vision": r.vision,
-                 "status": self.status.status(r.process), "capabilities": {"tools": known}}
+                 "parallel": r.slots, "status": self.status.status(r.process),
+                 "capabilities": {"tools": known, "vision": r.vision}}
                 for r, known in zip(routes, takes_tools, strict=True)]
         return JSONResponse({"object": "list", "data": data})
 

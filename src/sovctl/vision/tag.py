@@ -133,7 +133,7 @@ def _vision_model(client: Any, base: str, headers: dict[str, str]) -> str:
     if r.status_code != 200:
         raise _refused("listing the models", r.status_code, body)
     for m in body["data"]:
-        if m.get("role") == "chat" and m.get("vision"):
+        if m.get("role") == "chat" and (m.get("capabilities") or {}).get("vision"):
             return str(m["id"])
     raise NotFoundError("no served chat model reads images",
                         hint="pull one with its projector ('sovctl pull REF --mmproj "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import EMBED_MODEL, TINY_MODEL
+from tests.conftest import CHAT_MODEL, EMBED_MODEL, MMPROJ, TINY_MODEL
 from tests.helpers import SOVCTL, pid_alive, run, run_json, wait_for
 
 from sovctl.runtime import egress
@@ -95,6 +95,11 @@ def test_passing_audit(tmp_path: Path) -> None:
         assert part in checks[4]["evidence"]
     assert "identical" in checks[5]["evidence"]
     assert "recorded just now" in checks[5]["evidence"]
+    # stories260K has neither a template with tools nor a projector: said, not sent.
+    skipped = ("tiny: tool_call skipped (no tool support in its template), image skipped "
+               "(no vision projector: pulled without --mmproj)")
+    assert skipped in checks[4]["evidence"] and skipped in checks[5]["evidence"]
+    assert "minilm" not in checks[4]["details"]["skipped"]
     assert data["baseline"]["recorded_now"] == ["tiny", "minilm"]
     assert "0 attempts" in checks[6]["evidence"] and checks[6]["details"]["attempts"] == []
     # The native runtimes are watched by the tracer, proven on a native probe first.
@@ -136,6 +141,34 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert "8/8 checks passed" in r.stdout
     assert "recorded just now" not in r.stdout
     assert len(list((home / "reports").glob("blackout-*.json"))) == 2
+    assert_nothing_left(home)
+
+
+def test_audit_with_a_tool_call_and_an_image(tmp_path: Path) -> None:
+    """SmolLM2 with the chatml-tools template and a projector (random weights: it proves the
+    path, not the description) answers the tool call and the image request in the blackout as
+    in its baseline."""
+    home = tmp_path / "home"
+    run(home, "pull", str(CHAT_MODEL), "--name", "smol", "--mmproj", str(MMPROJ), check=True)
+    (home / "sovctl.toml").write_text(
+        '[models.smol]\nrole = "chat"\nchat_template = "chatml-tools"\n')
+    doc = run_json(home, "audit", "blackout")
+    assert doc["_rc"] == 0 and doc["ok"], doc["_stderr"] + json.dumps(doc["data"], indent=1)
+    checks = by_id(doc)
+    assert all(c["passed"] for c in checks.values())
+    service = checks[4]["evidence"]
+    assert 'smol tool_call 200 (get_weather({"city": ' in service
+    assert re.search(r"smol image 200 \(\d+ chars, prompt of \d+ tokens with the image", service)
+    assert checks[4]["details"]["skipped"] == {} and "skipped" not in service
+    assert "smol: chat, chat_stream, completion, tool_call, image identical" in \
+        checks[5]["evidence"]
+    assert "mmproj" in checks[2]["evidence"]
+    recorded = json.loads((home / "audit" / "baselines" / "smol"
+                           / f"sha256-{sha256(CHAT_MODEL)}.json").read_text())["answers"]
+    assert recorded["tool_call"]["tool_call"]["name"] == "get_weather"
+    assert set(recorded["tool_call"]["tool_call"]["arguments"]) == {"city"}
+    # The image's tokens are in the prompt: far more than the few words of text.
+    assert recorded["image"]["prompt_tokens"] > 20
     assert_nothing_left(home)
 
 

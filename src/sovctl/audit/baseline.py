@@ -3,6 +3,9 @@
 Every served model gets the same requests, in the same order, against a freshly started stack,
 at temperature 0 with a fixed seed: a chat model answers a chat request (plain, then streaming)
 and a completion; a completion model a completion; an embedding model one embeddings request.
+A chat model that takes tools (the gateway's `/v1/models` says so in `capabilities`) also
+answers a request that names the tool it must call, and one with vision a request with an
+image; a chat model without them has these requests skipped, and the exchange says why.
 
 A baseline is recorded per model and per model file, under
 `HOME/audit/baselines/NAME/sha256-<hex>.json`, with the engine that served it (runtime and
@@ -15,9 +18,12 @@ new one first.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import struct
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,12 +70,68 @@ REQUESTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
 }
 
 
+def _png(rgb: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
+    """A small plain-colour RGB PNG, made here so that the image request is the same bytes on
+    every machine, with no imaging library."""
+    raw = b"".join(b"\x00" + bytes(rgb) * size for _ in range(size))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+# The call and its arguments take more than the 32 tokens of the text answers.
+TOOL_CALL_BODY = {
+    "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {
+        "name": "get_weather"}},
+    **_SAMPLING, "max_tokens": 64}
+IMAGE_BODY = {
+    "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Describe this image."},
+        {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(_png()).decode()}}]}],
+    **_SAMPLING}
+# Requests a chat model answers only with a capability: (request id, capability, body, why it
+# is skipped without the capability).
+CAPABLE_REQUESTS = (
+    ("tool_call", "tools", TOOL_CALL_BODY, "no tool support in its template"),
+    ("image", "vision", IMAGE_BODY, "no vision projector: pulled without --mmproj"),
+)
+
+
+def requests_for(model: ServedModel, capabilities: Mapping[str, Any] | None
+                 ) -> tuple[list[tuple[str, str, dict[str, Any]]], list[tuple[str, str]]]:
+    """(the fixed requests the model gets, [(request id, why skipped)]). `capabilities` is what
+    the gateway's /v1/models lists for it; None when it did not list it."""
+    sent = list(REQUESTS.get(model.role, []))
+    skipped: list[tuple[str, str]] = []
+    if model.role != "chat":
+        return sent, skipped
+    for request, capability, body, why in CAPABLE_REQUESTS:
+        have = (capabilities or {}).get(capability)
+        if have:
+            sent.append((request, "/v1/chat/completions", body))
+        else:
+            skipped.append((request, why if have is False else
+                            f"the gateway did not say whether it takes {capability}"))
+    return sent, skipped
+
+
 @dataclass(frozen=True)
 class Answer:
     """One fixed request through the gateway and what came back."""
 
     model: str
-    request: str  # "chat" | "chat_stream" | "completion" | "embeddings"
+    request: str  # "chat" | "chat_stream" | "completion" | "embeddings" | "tool_call" | "image"
     endpoint: str
     status: int  # HTTP status; 0 when no response arrived
     seconds: float
@@ -78,6 +140,8 @@ class Answer:
     events: int = 0  # server-sent events received (streaming)
     vectors: list[list[float]] | None = None
     error: str = ""
+    tool_call: dict[str, Any] | None = None  # {"name", "arguments" (parsed)}
+    prompt_tokens: int | None = None  # the image request's: the image's tokens are in it
 
     @property
     def ok(self) -> bool:
@@ -85,6 +149,8 @@ class Answer:
             return False
         if self.request == "embeddings":
             return self.vectors is not None and bool(self.vectors) and all(self.vectors)
+        if self.request == "tool_call":
+            return self.tool_call is not None and self.finish_reason == "tool_calls"
         return self.text is not None and self.finish_reason is not None
 
 
@@ -98,6 +164,9 @@ class Exchange:
     models_error: str = ""
     seconds: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Model -> its capabilities as /v1/models listed them; model -> [(request, why skipped)].
+    capabilities: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    skipped: Mapping[str, Sequence[tuple[str, str]]] = field(default_factory=dict)
 
     def for_model(self, name: str) -> list[Answer]:
         return [a for a in self.answers if a.model == name]
@@ -146,9 +215,16 @@ def _one(client: Any, base: str, headers: dict[str, str], model: str, request: s
             vectors = [d["embedding"] for d in sorted(doc["data"], key=lambda d: d["index"])]
             return Answer(model, request, endpoint, 200, seconds, vectors=vectors)
         choice = doc["choices"][0]
-        text = choice["message"]["content"] if request == "chat" else choice["text"]
+        if request == "tool_call":
+            call = choice["message"]["tool_calls"][0]["function"]
+            return Answer(model, request, endpoint, 200, seconds,
+                          finish_reason=choice.get("finish_reason"),
+                          tool_call={"name": call["name"],
+                                     "arguments": json.loads(call["arguments"])})
+        text = choice["text"] if endpoint == "/v1/completions" else choice["message"]["content"]
+        prompt_tokens = doc["usage"]["prompt_tokens"] if request == "image" else None
         return Answer(model, request, endpoint, 200, seconds, text=text or "",
-                      finish_reason=choice.get("finish_reason"))
+                      finish_reason=choice.get("finish_reason"), prompt_tokens=prompt_tokens)
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
         return Answer(model, request, endpoint, 0, time.perf_counter() - t0,
                       error=f"{type(e).__name__}: {e}"[:300])
@@ -162,22 +238,30 @@ def exercise(base: str, models: Sequence[ServedModel], headers: Mapping[str, str
     t0 = time.perf_counter()
     answers: list[Answer] = []
     with httpx.Client(timeout=timeout, trust_env=False) as client:
-        for m in models:
-            for request, endpoint, body in REQUESTS.get(m.role, []):
-                answers.append(_one(client, base, dict(headers), m.name, request, endpoint,
-                                    body))
+        # First, as the capabilities it lists decide which requests a model gets.
         listed: tuple[str, ...] = ()
+        capabilities: dict[str, Mapping[str, Any]] = {}
         error = ""
         try:
             r = client.get(base + "/v1/models", headers=dict(headers))
             status = r.status_code
             if status == 200:
-                listed = tuple(d["id"] for d in r.json()["data"])
+                data = r.json()["data"]
+                listed = tuple(d["id"] for d in data)
+                capabilities = {d["id"]: d.get("capabilities") or {} for d in data}
             else:
                 error = r.text[:300]
         except (httpx.HTTPError, ValueError, KeyError) as e:
             status, error = 0, f"{type(e).__name__}: {e}"[:300]
-    return Exchange(tuple(answers), status, listed, error, time.perf_counter() - t0)
+        skipped: dict[str, list[tuple[str, str]]] = {}
+        for m in models:
+            sent, skipped[m.name] = requests_for(m, capabilities.get(m.name))
+            for request, endpoint, body in sent:
+                answers.append(_one(client, base, dict(headers), m.name, request, endpoint,
+                                    body))
+    return Exchange(tuple(answers), status, listed, error, time.perf_counter() - t0,
+                    capabilities=capabilities,
+                    skipped={n: s for n, s in skipped.items() if s})
 
 
 # -- engines -------------------------------------------------------------------------------------
@@ -335,10 +419,28 @@ def compare(model: ServedModel, found: Found, answers: Sequence[Answer]) -> list
             if worst > EMBEDDING_TOLERANCE:
                 diffs.append(f"{model.name}/embeddings: max |Δ| {worst:.3g} > "
                              f"{EMBEDDING_TOLERANCE:g}")
+        elif a.request == "tool_call":
+            if a.tool_call != base.get("tool_call"):
+                diffs.append(f"{model.name}/tool_call: call differs: baseline "
+                             f"{_call(base.get('tool_call'))}, now {_call(a.tool_call)}")
         elif a.text != base.get("text"):
             diffs.append(f"{model.name}/{a.request}: text differs: baseline "
                          f"{_short(base.get('text'))}, now {_short(a.text)}")
+        # The image's tokens are most of this prompt: a different count, a different image path.
+        if a.request == "image" and a.prompt_tokens != base.get("prompt_tokens"):
+            diffs.append(f"{model.name}/image: prompt of {a.prompt_tokens} tokens, baseline "
+                         f"{base.get('prompt_tokens')}")
     return diffs
+
+
+def describe_call(call: Mapping[str, Any] | None) -> str:
+    if not call:
+        return "no call"
+    return f"{call.get('name')}({json.dumps(call.get('arguments'), ensure_ascii=False)})"
+
+
+def _call(call: Mapping[str, Any] | None) -> str:
+    return _short(describe_call(call), 80)
 
 
 def max_embedding_diff(found: Found, answers: Sequence[Answer]) -> float | None:

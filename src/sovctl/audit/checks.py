@@ -17,6 +17,7 @@ from sovctl.audit.tracing import SELF_TEST_TARGET, Observed, Tracer
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.ledger import store as ledger
+from sovctl.net import ip_literal
 from sovctl.runtime import egress
 from sovctl.runtime.documents import LOCAL, RoutesTable
 from sovctl.runtime.plan import OFFLINE_ENV, Plan, ProcessSpec, ServedModel, routes_table
@@ -179,8 +180,15 @@ def stack_starts(base: str, headers: Mapping[str, str], started_in: float,
 
 # -- 4. service --------------------------------------------------------------------------------
 
+def _skipped(exchange: Exchange) -> list[str]:
+    """Per model, the fixed requests it did not get and why, e.g. 'smol: tool_call skipped
+    (no tool support in its template)'."""
+    return [f"{name}: " + ", ".join(f"{request} skipped ({why})" for request, why in skipped)
+            for name, skipped in exchange.skipped.items()]
+
+
 def service(models: Sequence[ServedModel], exchange: Exchange) -> CheckResult:
-    from sovctl.audit.baseline import REQUESTS
+    from sovctl.audit.baseline import describe_call, requests_for
 
     parts = []
     problems = []
@@ -191,6 +199,10 @@ def service(models: Sequence[ServedModel], exchange: Exchange) -> CheckResult:
                 what = f"{len(vectors)}x{len(vectors[0])} vectors"
             elif a.request == "chat_stream":
                 what = f"{a.events} events, {len(text)} chars"
+            elif a.request == "tool_call":
+                what = describe_call(a.tool_call)
+            elif a.request == "image":
+                what = f"{len(text)} chars, prompt of {a.prompt_tokens} tokens with the image"
             else:
                 what = f"{len(text)} chars"
             parts.append(f"{a.model} {a.request} 200 ({what}, {a.seconds:.2f}s)")
@@ -212,14 +224,17 @@ def service(models: Sequence[ServedModel], exchange: Exchange) -> CheckResult:
                if not have]
     if missing:
         parts.append(f"not served by this stack, so not exercised: {', '.join(missing)}")
-    expected = sum(len(REQUESTS.get(m.role, [])) for m in models)
+    parts += _skipped(exchange)
+    expected = sum(len(requests_for(m, exchange.capabilities.get(m.name))[0]) for m in models)
     if len(exchange.answers) != expected:
         problems.append(f"{len(exchange.answers)} of {expected} requests were sent")
     evidence = "; ".join(problems + parts)
     return result(4, not problems, evidence, exchange.seconds,
                   {"answers": [{"model": a.model, "request": a.request, "status": a.status,
                                 "seconds": round(a.seconds, 3), "error": a.error}
-                               for a in exchange.answers]})
+                               for a in exchange.answers],
+                   "skipped": {n: [{"request": r, "why": w} for r, w in s]
+                               for n, s in exchange.skipped.items()}})
 
 
 # -- 5. behaviour --------------------------------------------------------------------------------
@@ -269,10 +284,11 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
                      f"with {baseline.describe_engine(engine)}; answers of different runtimes "
                      "are not comparable, so it was not compared but recorded again just now, "
                      "with the network available")
-    evidence = "; ".join(diffs + parts + notes)
+    evidence = "; ".join(diffs + parts + notes + _skipped(exchange))
     return result(5, not diffs, evidence, time.perf_counter() - t0,
                   {"differences": diffs, "baselines": used, "recorded_now": list(recorded_now),
-                   "replaced": dict(replaced), "engines": dict(served_by)})
+                   "replaced": dict(replaced), "engines": dict(served_by),
+                   "skipped": {n: dict(s) for n, s in exchange.skipped.items()}})
 
 
 # -- 6. egress ---------------------------------------------------------------------------------
@@ -324,9 +340,10 @@ def _port(target: str) -> int | None:
 def routed_apart(plan: Plan, attempts: Sequence[Mapping[str, Any]]
                  ) -> tuple[list[dict[str, Any]], list[Mapping[str, Any]]]:
     """(the gateway's attempts to reach a configured provider for an opted-in request, every
-    other attempt). An attempt is the provider's when the gateway made it while the ledger has
+    other attempt). An attempt is a provider's when the gateway made it while the ledger has
     a request to that provider in flight, and it is the provider's name lookup, a DNS query,
-    or a connect to the provider's port. Whatever else happens meanwhile stays egress."""
+    or a connect to the provider's port; of several such requests, the nearest in time owns
+    it (a DNS query going to a provider known by name). Whatever else happens stays egress."""
     addresses = _provider_addresses(plan)
     windows = [w for w in (ledger.routed(Path(plan.ledger)) if plan.ledger and addresses
                            else []) if w.route in addresses]
@@ -334,18 +351,20 @@ def routed_apart(plan: Plan, attempts: Sequence[Mapping[str, Any]]
     rest: list[Mapping[str, Any]] = []
     for a in attempts:
         t, target = float(a.get("time", 0)), str(a.get("target", ""))
-        owner = None
-        if a.get("component") == "gateway":
-            for w in windows:
-                host, port = addresses[w.route]
-                if (w.start - ROUTED_SLACK_S <= t <= w.end + ROUTED_SLACK_S
-                        and (a.get("lookup") or target == host or _port(target) == port)):
-                    owner = w
-                    break
-        if owner is None:
-            rest.append(a)
-        else:
+        owners = []
+        for w in windows if a.get("component") == "gateway" else ():
+            host, port = addresses[w.route]
+            if a.get("lookup") or target == host or _port(target) == port:
+                distance = max(w.start - t, t - w.end, 0.0)
+                # A provider addressed by IP makes no lookup: it ranks after one with a name.
+                unlikely = bool(a.get("lookup")) and ip_literal(host) is not None
+                if distance <= ROUTED_SLACK_S:
+                    owners.append((distance, unlikely, w))
+        if owners:
+            owner = min(owners, key=lambda o: o[:2])[2]
             routed.append({**a, "provider": owner.route, "model": owner.model})
+        else:
+            rest.append(a)
     return routed, rest
 
 

@@ -17,6 +17,17 @@ from sovctl.ledger.store import UNROUTED, Writer
 from sovctl.runtime.documents import LOCAL, RoutesTable
 
 
+def reported_usage(doc: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an answer's usage object; None when it has none."""
+    u = doc.get("usage") if isinstance(doc, dict) else None
+    if not isinstance(u, dict):
+        return None
+    try:
+        return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    except (TypeError, ValueError):
+        return None
+
+
 def ask_usage(payload: dict[str, Any]) -> bool:
     """Make a stream request report its usage; whether the client asked for that itself."""
     options = payload.get("stream_options")
@@ -67,14 +78,11 @@ class StreamTally:
             doc = json.loads(event[start:]) if start >= 0 else None
         except ValueError:
             return False
-        if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
+        found = reported_usage(doc)
+        if found is None:
             return False
-        u = doc["usage"]
-        try:
-            self.usage = (int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
-        except (TypeError, ValueError):
-            return False
-        return doc.get("choices") == []
+        self.usage = found
+        return isinstance(doc, dict) and doc.get("choices") == []
 
 
 class Ledger:

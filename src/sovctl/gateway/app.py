@@ -29,8 +29,18 @@ from starlette.routing import Route as HttpRoute
 
 from sovctl.errors import ConfigError
 from sovctl.gateway import tools, validate
+from sovctl.gateway.accounting import Ledger, StreamTally, ask_usage
+from sovctl.gateway.frontier import Frontier
 from sovctl.gateway.metrics import Metrics
-from sovctl.runtime.documents import LOCAL, ProcessState, Route, RoutesTable, StackState
+from sovctl.ledger.store import UNROUTED
+from sovctl.runtime.documents import (
+    FRONTIER_PREFIX,
+    LOCAL,
+    ProcessState,
+    Route,
+    RoutesTable,
+    StackState,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -339,7 +349,9 @@ STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")
 class Gateway:
     def __init__(self, table: RoutesTable) -> None:
         self.table = table
-        self.routes = {r.model: RouteState(r) for r in table.routes}
+        self.routes = {r.model: RouteState(r) for r in table.routes if r.kind == LOCAL}
+        self.frontier = Frontier(table.routes, table.ledger)
+        self.ledger = Ledger(table)
         self.queue_limit = table.limits.queue_limit
         self.queue_timeout = table.limits.queue_timeout
         self.max_body = table.limits.max_body_bytes
@@ -352,6 +364,7 @@ class Gateway:
     def close(self) -> None:
         for route in self.routes.values():
             route.upstream.close()
+        self.ledger.close()
 
     # -- plumbing ----------------------------------------------------------------------------
     def _authorised(self, given: bytes) -> bool:
@@ -484,8 +497,9 @@ class Gateway:
         if answer is not None:
             model, response = answer
             await response(scope, receive, send)
-            self.metrics.request(model, endpoint, response.status_code,
-                                 time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.request(model, endpoint, response.status_code, seconds)
+            self.ledger.local(model, endpoint, response.status_code, seconds, 0, 0)
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
                      started: float) -> tuple[str, Response] | None:
@@ -510,7 +524,10 @@ class Gateway:
         if not isinstance(payload, dict):
             return "-", error(400, "request body must be a JSON object", "invalid_request_error",
                               "invalid_json")
-        route = self._pick(endpoint, payload.get("model"))
+        model = payload.get("model")
+        if isinstance(model, str) and model.startswith(FRONTIER_PREFIX):
+            return await self._frontier(scope, receive, send, endpoint, model, payload, started)
+        route = self._pick(endpoint, model)
         if isinstance(route, Response):
             return "-", route
         invalid = validate.check(endpoint, payload)
@@ -559,7 +576,11 @@ class Gateway:
             if forced is not None:
                 return await self._call_tool(route, endpoint, payload, forced, send, started)
             if payload.get("stream"):
-                return await self._stream(route, endpoint, body, receive, send, started)
+                # Every stream is asked for its usage, for the ledger; the client sees it only
+                # when it asked too.
+                keep_usage = ask_usage(payload)
+                return await self._stream(route, endpoint, json.dumps(payload).encode(),
+                                          keep_usage, receive, send, started)
             return await self._forward(route, endpoint, body, send, started)
         finally:
             route.slot.release()
@@ -609,10 +630,13 @@ class Gateway:
             return self._unanswered(route, e)
         if not 200 <= status < 300:
             return route.model, upstream_error(route.process, status, content)
-        self.metrics.count_tokens(route.model, *usage(content))
+        tokens = usage(content)
+        self.metrics.count_tokens(route.model, *tokens)
         await send(_start(status, content_type, len(content)))
         await send({"type": "http.response.body", "body": content})
-        self.metrics.request(route.model, endpoint, status, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.request(route.model, endpoint, status, seconds)
+        self.ledger.local(route.model, endpoint, status, seconds, *tokens)
         return None
 
     async def _call_tool(self, route: RouteState, endpoint: str, payload: dict[str, Any],
@@ -634,7 +658,8 @@ class Gateway:
             return route.model, error(
                 502, f"runtime for {route.model!r} answered with no call of the tools offered",
                 "server_error", "runtime_failed")
-        self.metrics.count_tokens(route.model, *usage(content))
+        tokens = usage(content)
+        self.metrics.count_tokens(route.model, *tokens)
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
             data = tools.stream_events(doc, include_usage)
@@ -645,11 +670,37 @@ class Gateway:
             data = json.dumps(doc).encode()
             await send(_start(200, b"application/json", len(data)))
         await send({"type": "http.response.body", "body": data})
-        self.metrics.request(route.model, endpoint, 200, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.request(route.model, endpoint, 200, seconds)
+        self.ledger.local(route.model, endpoint, 200, seconds, *tokens)
         return None
 
-    async def _stream(self, route: RouteState, endpoint: str, body: bytes, receive: Receive,
-                      send: Send, started: float) -> tuple[str, Response] | None:
+    async def _frontier(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
+                        model: str, payload: dict[str, Any], started: float
+                        ) -> tuple[str, Response] | None:
+        """A request that names a provider: served there, or refused; never locally."""
+        invalid = validate.check(endpoint, payload)
+        if invalid is not None:
+            return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
+                              param=invalid.param)
+        out = await self.frontier.serve(endpoint, model, payload, scope["headers"], receive,
+                                        send)
+        if out.refusal is not None:
+            r = out.refusal
+            await error(r.status, r.message, r.type, r.code, headers=r.headers or None)(
+                scope, receive, send)
+        seconds = time.perf_counter() - started
+        # Metrics by provider: the model part is the client's to choose, without bound.
+        label = FRONTIER_PREFIX + out.route if out.route != UNROUTED else "-"
+        self.metrics.count_tokens(label, out.tokens_in, out.tokens_out)
+        self.metrics.request(label, endpoint, out.status, seconds)
+        self.ledger.routed(out.route, model, endpoint, out.status, seconds, out.tokens_in,
+                           out.tokens_out, out.cost)
+        return None
+
+    async def _stream(self, route: RouteState, endpoint: str, body: bytes, keep_usage: bool,
+                      receive: Receive, send: Send, started: float
+                      ) -> tuple[str, Response] | None:
         upstream = route.upstream
         try:
             conn = await upstream.request(b"POST", endpoint, body)
@@ -659,7 +710,7 @@ class Gateway:
         # runtime is what tells it, and frees its slot.
         watcher = asyncio.ensure_future(_hang_up(receive, conn))
         streaming = False
-        chunks = 0
+        tally = StreamTally(keep_usage)
         code = 200
         try:
             try:
@@ -680,9 +731,14 @@ class Gateway:
             streaming = True
             try:
                 while data:
-                    chunks += data.count(b"data: {")
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    out = tally.feed(data)
+                    if out:
+                        await send({"type": "http.response.body", "body": out,
+                                    "more_body": True})
                     data = await conn.chunk()
+                rest = tally.end()
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
             except UpstreamError as e:
                 if watcher.done():
                     raise _ClientGone from e
@@ -700,10 +756,13 @@ class Gateway:
             # saying so in its headers, and the next request sent on it would be lost.
             conn.close()
             if streaming:
-                # Each streamed data event carries one token.
-                self.metrics.count_tokens(route.model, 0, chunks)
-                self.metrics.request(route.model, endpoint, code,
-                                     time.perf_counter() - started)
+                # The usage the runtime reports; one that reports none (llama-cpp-python)
+                # carries one generated token in each data event.
+                tokens = tally.usage or (0, tally.events)
+                seconds = time.perf_counter() - started
+                self.metrics.count_tokens(route.model, *tokens)
+                self.metrics.request(route.model, endpoint, code, seconds)
+                self.ledger.local(route.model, endpoint, code, seconds, *tokens)
 
 
 class _ClientGone(Exception):
@@ -751,6 +810,7 @@ def create_app(table: RoutesTable) -> GatewayApp:
             yield
         finally:
             gw.close()
+            await gw.frontier.aclose()
 
     routes = [
         HttpRoute("/health", gw.health, methods=["GET"]),

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from sovctl.errors import ConfigError
-from sovctl.gateway.accounting import StreamTally, ask_usage
+from sovctl.gateway.accounting import StreamTally, ask_usage, reported_usage
 from sovctl.ledger.store import UNROUTED, spent_since
 from sovctl.runtime.documents import FRONTIER_PREFIX, PROVIDER, Route
 
@@ -70,7 +70,6 @@ class Outcome:
     tokens_out: int = 0
     cost: float = 0.0
     refusal: Refusal | None = None  # still to be sent; None: the answer went out
-    gone: bool = False  # the client hung up mid-stream
 
 
 def _today() -> dt.date:
@@ -121,16 +120,6 @@ class ProviderState:
 def _private(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(name == PRIVATE_HEADER and value.strip().lower() not in NOT_PRIVATE
                for name, value in headers)
-
-
-def _usage(doc: Any) -> tuple[int, int]:
-    u = doc.get("usage") if isinstance(doc, dict) else None
-    if not isinstance(u, dict):
-        return 0, 0
-    try:
-        return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    except (TypeError, ValueError):
-        return 0, 0
 
 
 def _their_message(content: bytes) -> str:
@@ -244,7 +233,7 @@ class Frontier:
         finally:
             await response.aclose()
         try:
-            tokens = _usage(json.loads(content))
+            tokens = reported_usage(json.loads(content)) or (0, 0)
         except ValueError:
             tokens = (0, 0)
         cost = p.price.cost(*tokens)
@@ -324,4 +313,5 @@ class Frontier:
         tokens = tally.usage or (0, 0)
         cost = p.price.cost(*tokens)
         p.charge(cost)
-        return Outcome(p.name, 499 if gone else status, *tokens, cost, gone=gone)
+        # 499: the client hung up mid-stream (nginx's code; HTTP has none).
+        return Outcome(p.name, 499 if gone else status, *tokens, cost)

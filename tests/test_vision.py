@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import threading
 import tomllib
-import zlib
 from base64 import b64encode
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +26,7 @@ from tests.helpers import run, run_json
 from tests.hubserver import REPO, catalog, serve
 from tests.test_serve import Stack, start_stack, stop_stack
 
+from sovctl.vision.images import tiny_png
 from sovctl.vision.tag import image_type, parse_tags
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
@@ -35,19 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
 MMPROJ_SHA = "42ebe5ef1493957ca6b1ff31d7037c0b3152a7a056c52383cdcd067d9b5ee8ac"
 CHAT_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CHAT = "/v1/chat/completions"
-
-
-def png(rgb: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
-    """A small RGB PNG, written by hand: no imaging library needed."""
-    raw = b"".join(b"\x00" + bytes(rgb) * size for _ in range(size))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
 
 
 def data_url(image: bytes) -> str:
@@ -77,7 +63,7 @@ def test_tags_are_parsed_from_any_list_shape() -> None:
 
 
 def test_images_are_recognised_by_their_bytes() -> None:
-    assert image_type(png()[:12]) == "image/png"
+    assert image_type(tiny_png()[:12]) == "image/png"
     assert image_type(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01") == "image/jpeg"
     assert image_type(b"GIF89a\x01\x00\x01\x00\x00\x00") == "image/gif"
     assert image_type(b"RIFF\x24\x00\x00\x00WEBP") == "image/webp"
@@ -232,7 +218,7 @@ def test_an_image_reaches_the_model_through_the_gateway(stack: Stack) -> None:
     """The prompt grows by the image's tokens: the projector turned the image into embeddings
     the model read. Random weights: the answer itself means nothing."""
     text = {"type": "text", "text": "Describe this image."}
-    image = {"type": "image_url", "image_url": {"url": data_url(png())}}
+    image = {"type": "image_url", "image_url": {"url": data_url(tiny_png())}}
     with_image = httpx.post(stack.base + CHAT, json=ask([text, image]), timeout=120)
     assert with_image.status_code == 200, with_image.text
     without = httpx.post(stack.base + CHAT, json=ask([text]), timeout=120)
@@ -259,7 +245,7 @@ def test_a_remote_image_is_refused_and_never_fetched(stack: Stack,
 
 def test_an_image_for_a_model_without_projector_is_refused(stack: Stack) -> None:
     r = httpx.post(stack.base + CHAT, timeout=30, json=ask(
-        [{"type": "image_url", "image_url": {"url": data_url(png())}}], model="smol"))
+        [{"type": "image_url", "image_url": {"url": data_url(tiny_png())}}], model="smol"))
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert "'smol'" in message and "served without a projector" in message
@@ -268,8 +254,8 @@ def test_an_image_for_a_model_without_projector_is_refused(stack: Stack) -> None
 
 def test_tag_command(stack: Stack, tmp_path: Path) -> None:
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    a.write_bytes(png((200, 30, 30)))
-    b.write_bytes(png((30, 30, 200)))
+    a.write_bytes(tiny_png((200, 30, 30)))
+    b.write_bytes(tiny_png((30, 30, 200)))
     doc = run_json(stack.home, "tag", str(a), str(b))
     assert doc["_rc"] == 0, doc["_stderr"]
     data = doc["data"]
@@ -300,6 +286,6 @@ def test_tag_refuses_what_is_not_a_local_image(stack: Stack, tmp_path: Path) -> 
 
 def test_tag_without_a_running_stack(sovctl_home: Path, tmp_path: Path) -> None:
     image = tmp_path / "a.png"
-    image.write_bytes(png())
+    image.write_bytes(tiny_png())
     r = run(sovctl_home, "tag", str(image))
     assert r.returncode == 7 and "start one with sovctl serve" in r.stderr

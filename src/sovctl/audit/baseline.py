@@ -21,9 +21,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import struct
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from sovctl.result import utcnow
 from sovctl.runtime.llamacpp import LLAMA_CPP_PYTHON, build_info
 from sovctl.runtime.plan import Plan, ServedModel
 from sovctl.sse import sse_data
+from sovctl.vision.images import tiny_png
 
 BASELINE_SCHEMA = "sovctl.audit.baseline/v1"
 EMBEDDING_TOLERANCE = 1e-5
@@ -70,20 +69,6 @@ REQUESTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
 }
 
 
-def _png(rgb: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
-    """A small plain-colour RGB PNG, made here so that the image request is the same bytes on
-    every machine, with no imaging library."""
-    raw = b"".join(b"\x00" + bytes(rgb) * size for _ in range(size))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
-
-
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -98,7 +83,7 @@ IMAGE_BODY = {
     "messages": [{"role": "user", "content": [
         {"type": "text", "text": "Describe this image."},
         {"type": "image_url", "image_url": {
-            "url": "data:image/png;base64," + base64.b64encode(_png()).decode()}}]}],
+            "url": "data:image/png;base64," + base64.b64encode(tiny_png()).decode()}}]}],
     **_SAMPLING}
 # Requests a chat model answers only with a capability: (request id, capability, body, why it
 # is skipped without the capability).

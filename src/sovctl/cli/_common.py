@@ -13,6 +13,9 @@ import typer
 
 from sovctl.errors import SovctlError
 from sovctl.home import Home, default_home
+from sovctl.units import human_bytes, human_params
+
+__all__ = ["human_bytes", "human_params"]  # the renderers' one way to write sizes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -106,19 +109,3 @@ def settings(flags: dict[str, Any] | None = None, profile: str | None = None) ->
     from sovctl import config
 
     return config.load(STATE.home, flags=flags, profile=profile)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_params(n: int) -> str:
-    """A parameter count the way model cards write it: 134.5M, 1.2B."""
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)

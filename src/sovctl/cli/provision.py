@@ -148,7 +148,7 @@ def init(
 
 
 def _fit_lines(c: Console, f: Fit, budget: Budget) -> None:
-    from sovctl.provision.sizing import human
+    from sovctl.units import human_bytes as human
 
     fp = f.footprint
     c.print(f"  fit        {f.parallel} slot(s) x {f.n_ctx} tokens, {f.where} "
@@ -196,7 +196,8 @@ def plan(
     from sovctl.provision.facts import detect
     from sovctl.provision.planning import DoesNotFit
     from sovctl.provision.planning import plan as do_plan
-    from sovctl.provision.sizing import human, refusal
+    from sovctl.provision.sizing import refusal
+    from sovctl.units import human_bytes as human
 
     state = begin(ctx, json_out)
     cfg = settings({"hub.endpoint": endpoint})

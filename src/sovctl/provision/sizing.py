@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from sovctl.errors import UsageError
 from sovctl.provision.header import ModelHeader, Tensor
 from sovctl.store.gguf_info import _EMBEDDING_ARCHS  # the one rule for "an embedding model"
+from sovctl.units import human_bytes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -64,14 +65,6 @@ def parse_size(text: str) -> int:
     power = "kmgt".find(unit.lower()) + 1 if unit else 0
     base = 1000 if (byte and not binary and unit) else 1024
     return int(float(number) * base ** power)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 # -- the model, as sizing sees it ----------------------------------------------------------------
@@ -318,7 +311,7 @@ def fit(name: str, role: str, s: ModelShape, want: Want, budget: Budget) -> Fit:
         if ok:
             if fp.parallel < parallel:
                 extra.append(f"parallel {parallel} -> {fp.parallel}: each slot's KV cache "
-                             f"({human(s.kv_bytes_per_token * fp.n_ctx)}) would not fit")
+                             f"({human_bytes(s.kv_bytes_per_token * fp.n_ctx)}) would not fit")
             if fp.n_ctx < n_ctx:
                 extra.append(f"n_ctx {n_ctx} -> {fp.n_ctx}: the KV cache for {n_ctx} tokens "
                              "per slot would not fit")
@@ -356,17 +349,19 @@ def refusal(f: Fit, budget: Budget) -> str:
     fp = f.footprint
     share = f"{100 - round(budget.headroom * 100)}%"
     text = (f"{f.model} does not fit: on the CPU with 1 slot of {fp.n_ctx} tokens it needs "
-            f"{human(fp.ram_bytes)} of RAM (weights {human(fp.weights_ram)}, KV cache "
-            f"{human(fp.kv_ram)}, compute {human(fp.compute_ram)}, runtime "
-            f"{human(fp.overhead_ram)}); {human(max(f.ram_usable, 0))} is usable ({share} of "
-            f"{human(budget.ram_bytes)} {budget.ram_source}"
-            + (f", less {human(budget.ram_used)} for the models before it)"
+            f"{human_bytes(fp.ram_bytes)} of RAM (weights {human_bytes(fp.weights_ram)}, KV cache "
+            f"{human_bytes(fp.kv_ram)}, compute {human_bytes(fp.compute_ram)}, runtime "
+            f"{human_bytes(fp.overhead_ram)}); {human_bytes(max(f.ram_usable, 0))} is usable "
+            f"({share} of "
+            f"{human_bytes(budget.ram_bytes)} {budget.ram_source}"
+            + (f", less {human_bytes(budget.ram_used)} for the models before it)"
                if budget.ram_used else ")"))
     if budget.vram_usable > 0:
         gpu = footprint(f.shape, fp.n_ctx, 1, f.n_layer + 1)
-        text += (f"; with every layer on the GPU it needs {human(gpu.vram_bytes)} of VRAM, and "
-                 f"{human(budget.vram_usable)} is usable ({share} of "
-                 f"{human(budget.vram_bytes)} {budget.vram_source})")
+        text += (f"; with every layer on the GPU it needs {human_bytes(gpu.vram_bytes)} of VRAM, "
+                 "and "
+                 f"{human_bytes(budget.vram_usable)} is usable ({share} of "
+                 f"{human_bytes(budget.vram_bytes)} {budget.vram_source})")
     return text
 
 

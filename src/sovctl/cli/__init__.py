@@ -51,6 +51,10 @@ _LAZY_COMMANDS = {
                "local volume at the cloud price."),
     "cost": ("sovctl.cli.cost", "Break-even of owning vs the cloud: cost per million tokens, "
              "months to break even, verdict."),
+    "tag": ("sovctl.cli.tag", "Tag local images with a vision model, through the running "
+            "stack's gateway."),
+    "tunnel": ("sovctl.cli.tunnel", "Add an SSH reverse tunnel from a public host you own to "
+               "the running stack's gateway."),
     "worker": ("sovctl.cli.worker", "Run an RPC worker (llama.cpp's ggml-rpc-server) for a "
                "head's [cluster], supervised."),
 }
@@ -183,12 +187,10 @@ def _root(
 
 
 def _register() -> None:
-    from sovctl.cli import serve, store, tag, tunnel
+    from sovctl.cli import serve, store
 
     store.register(app)
     serve.register(app)
-    tag.register(app)
-    tunnel.register(app)
 
 
 _register()

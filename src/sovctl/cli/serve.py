@@ -10,13 +10,13 @@ import typer
 
 from sovctl.cli import _common
 from sovctl.cli._common import STATE, JsonOpt, begin, emit, settings
-from sovctl.result import jsonable
-from sovctl.runtime.documents import ProcessState, StackState, Status
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from rich.console import Console
+
+    from sovctl.runtime.documents import ProcessState, StackState, Status
 
 ChatOpt = Annotated[list[str] | None, typer.Option(
     "--chat", help="Store name of a chat model to serve (repeatable).")]
@@ -108,6 +108,8 @@ def serve(
               "notes": plan.notes, "api_key_created": new_key}, render_detached)
         return
 
+    from sovctl.runtime.documents import Status
+
     seen: dict[str, Status] = {}
 
     def on_change(st: StackState) -> None:
@@ -142,6 +144,8 @@ def _status_table(c: Console, processes: Sequence[ProcessState],
     for col in ("PROCESS", "ROLE", "MODEL", "RUNTIME", "PID", "PORT", "UPTIME", "RESTARTS",
                 "HEALTH", *(("TOOLS",) if tools is not None else ())):
         t.add_column(col)
+    from sovctl.runtime.documents import Status
+
     colours = {Status.UP: "green", Status.FAILED: "red", Status.STOPPED: "dim"}
     now = time.time()
     for p in processes:
@@ -162,6 +166,8 @@ def _status_table(c: Console, processes: Sequence[ProcessState],
 
 def _processes_json(processes: Sequence[ProcessState],
                     tools: Mapping[str, bool | None] | None = None) -> list[dict[str, Any]]:
+    from sovctl.result import jsonable
+
     now = time.time()
     return [{**jsonable(p), "uptime": round(p.uptime(now), 1),
              **({"tools": tools.get(p.model)} if tools is not None and p.kind == "runtime"
@@ -200,6 +206,8 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
             c.print(f"stack at [bold]{st.url}[/], supervisor pid {st.supervisor_pid}")
         if st.processes:
             _status_table(c, st.processes, tools)
+
+    from sovctl.result import jsonable
 
     emit({**jsonable(st), "processes": _processes_json(st.processes, tools)}, render)
 

@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     from sovctl.runtime.tunnel import Confirm, HostKey, Pinned
 
 
-def register(app: typer.Typer) -> None:
-    app.command("tunnel")(tunnel)
+def command(name: str) -> typer.Typer:
+    """A Typer holding `sovctl tunnel`, loaded only when it runs."""
+    t = typer.Typer(rich_markup_mode=None, add_completion=False)
+    t.command(name)(tunnel)
+    return t
 
 
 def _say(c: Console, text: str) -> None:

@@ -29,16 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import sovctl_command  # benchmarks/ is on the path of a script run from it
+
 TARGET = 1.3
 NAME = "big"
 
 
-def sovctl_command() -> list[str]:
-    script = Path(sys.executable).parent / "sovctl"
-    if script.is_file():
-        return [str(script)]  # the console script an operator runs
-    found = shutil.which("sovctl")
-    return [found] if found else [sys.executable, "-m", "sovctl"]
 
 
 def make_gguf(path: Path, size: int, vocab: int) -> None:

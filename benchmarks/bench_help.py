@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from _common import sovctl_command  # benchmarks/ is on the path of a script run from it
 
 TARGET = 1.5
 
 
-def sovctl_command() -> list[str]:
-    script = Path(sys.executable).parent / "sovctl"
-    if script.is_file():
-        return [str(script)]  # the console script an operator runs
-    found = shutil.which("sovctl")
-    return [found] if found else [sys.executable, "-m", "sovctl"]
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:

@@ -35,7 +35,7 @@ _LAZY_GROUPS = {
     "bench": ("sovctl.cli.bench", "Measure models and endpoints: throughput, telemetry, "
               "energy per token and cost per million tokens."),
 }
-# Single commands whose module loads only when used: its command(NAME) is a Typer holding it.
+# Single commands whose module loads only when used: the module's function NAME is the command.
 _LAZY_COMMANDS = {
     "doctor": ("sovctl.cli.provision", "Check this machine for a stack: CPU, RAM, disk, GPUs, "
                "llama.cpp, namespaces, ports, lock."),
@@ -77,7 +77,9 @@ class _SovctlGroup(TyperGroup):
             import importlib
 
             module = importlib.import_module(_LAZY_COMMANDS[name][0])
-            self.add_command(typer.main.get_command(module.command(name)), name)
+            holder = typer.Typer(rich_markup_mode=None, add_completion=False)
+            holder.command(name)(getattr(module, name))  # the command's function has its name
+            self.add_command(typer.main.get_command(holder), name)
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:

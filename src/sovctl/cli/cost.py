@@ -24,12 +24,6 @@ LABELS = {
 }
 
 
-def command(name: str) -> typer.Typer:
-    """A Typer holding `sovctl cost`, loaded only when it runs."""
-    t = typer.Typer(rich_markup_mode=None, add_completion=False)
-    t.command(name)(cost)
-    return t
-
 
 def _opt(help_: str) -> typer.models.OptionInfo:
     return typer.Option(metavar="N", help=help_, show_default=False)

@@ -16,12 +16,6 @@ if TYPE_CHECKING:
 BAR = 40  # characters of the longest day's bar
 
 
-def command(name: str) -> typer.Typer:
-    """A Typer holding `sovctl ledger`, loaded only when it runs."""
-    t = typer.Typer(rich_markup_mode=None, add_completion=False)
-    t.command(name)(ledger)
-    return t
-
 
 def ledger(
     ctx: typer.Context,

@@ -9,7 +9,6 @@ import typer
 from sovctl.cli._common import JsonOpt, begin, emit, human_bytes, human_params, settings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
 
     from rich.console import Console
 
@@ -30,15 +29,6 @@ EndpointOpt = Annotated[str | None, typer.Option(
 
 _STATUS = {"ok": "green", "warn": "yellow", "fail": "red", "info": "cyan"}
 
-
-def command(name: str) -> typer.Typer:
-    """A Typer holding the one command `name`: sovctl.cli loads this module only when one of
-    these commands runs (`sovctl --help` lists them without it)."""
-    commands: dict[str, Callable[..., None]] = {
-        "doctor": doctor, "profiles": profiles, "init": init, "plan": plan, "up": up}
-    t = typer.Typer(rich_markup_mode=None, add_completion=False)
-    t.command(name)(commands[name])
-    return t
 
 
 def _size(value: str | None) -> int | None:

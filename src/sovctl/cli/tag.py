@@ -13,12 +13,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-def command(name: str) -> typer.Typer:
-    """A Typer holding `sovctl tag`, loaded only when it runs."""
-    t = typer.Typer(rich_markup_mode=None, add_completion=False)
-    t.command(name)(tag)
-    return t
-
 
 def tag(
     ctx: typer.Context,

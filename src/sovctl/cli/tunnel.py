@@ -19,12 +19,6 @@ if TYPE_CHECKING:
     from sovctl.runtime.tunnel import Confirm, HostKey, Pinned
 
 
-def command(name: str) -> typer.Typer:
-    """A Typer holding `sovctl tunnel`, loaded only when it runs."""
-    t = typer.Typer(rich_markup_mode=None, add_completion=False)
-    t.command(name)(tunnel)
-    return t
-
 
 def _say(c: Console, text: str) -> None:
     """Plain text: a host named `[vps.example.org]:22` is no rich markup."""

@@ -15,12 +15,6 @@ if TYPE_CHECKING:
     from sovctl.runtime.documents import StackState
 
 
-def command(name: str) -> typer.Typer:
-    """A Typer holding `sovctl worker`, loaded only when it runs."""
-    t = typer.Typer(rich_markup_mode=None, add_completion=False)
-    t.command(name)(worker)
-    return t
-
 
 def worker(
     ctx: typer.Context,

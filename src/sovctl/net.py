@@ -22,6 +22,17 @@ def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
+def stays_local(host: str) -> bool:
+    """An IP literal whose traffic never leaves the machine: loopback or unspecified, an
+    IPv4-mapped IPv6 address judged by the IPv4 address inside it. A name is not judged here:
+    the egress recorders must not resolve names (a lookup is itself an attempt)."""
+    addr = ip_literal(host)
+    if addr is None:
+        return False
+    plain = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return (plain or addr).is_loopback or (plain or addr).is_unspecified
+
+
 def is_loopback(host: str, resolve: Resolver = _system_resolver) -> bool:
     """True only when every address `host` can mean is a loopback address.
 

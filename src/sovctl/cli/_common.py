@@ -69,6 +69,10 @@ def __getattr__(name: str) -> Any:
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one versioned JSON document on stdout.")
 ]
+# serve and worker: one supervisor, run in the foreground or detached the same way.
+DetachOpt = Annotated[
+    bool, typer.Option("--detach", "-d", help="Run in the background; state under the home.")
+]
 
 
 def begin(ctx: typer.Context, json_flag: bool) -> State:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sovctl.cli import _common
-from sovctl.cli._common import STATE, JsonOpt, begin, emit, settings
+from sovctl.cli._common import STATE, DetachOpt, JsonOpt, begin, emit, settings
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -43,9 +43,7 @@ def serve(
     embedding: EmbedOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
-    detach: Annotated[bool, typer.Option("--detach", "-d",
-                                         help="Run in the background; state under the home.")]
-    = False,
+    detach: DetachOpt = False,
     verify: Annotated[bool, typer.Option("--verify",
                                          help="Re-hash every served blob before starting.")]
     = False,

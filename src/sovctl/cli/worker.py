@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sovctl.cli._common import STATE, JsonOpt, begin, emit, settings
+from sovctl.cli._common import STATE, DetachOpt, JsonOpt, begin, emit, settings
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,9 +32,7 @@ def worker(
     unauthenticated: Annotated[bool, typer.Option(
         "--i-know-rpc-is-unauthenticated",
         help="Allow a public or every-interface address (guard it with a firewall).")] = False,
-    detach: Annotated[bool, typer.Option("--detach", "-d",
-                                         help="Run in the background; state under the home.")]
-    = False,
+    detach: DetachOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run",
                                           help="Print the worker's argv; start nothing.")]
     = False,

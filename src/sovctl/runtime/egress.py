@@ -13,7 +13,6 @@ attempt that could not succeed is still evidence that a component wanted to phon
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -23,6 +22,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from sovctl.net import ip_literal, stays_local
 
 ENV_LOG = "SOVCTL_EGRESS_LOG"
 ENV_PROBE = "SOVCTL_EGRESS_PROBE"  # host:port; one deliberate connect, to prove the recorder works
@@ -45,21 +46,11 @@ _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", ""}
 
 
 def _is_local_host(host: str) -> bool:
-    if host in _LOCAL_NAMES:
-        return True
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return addr.is_loopback or addr.is_unspecified
+    return host in _LOCAL_NAMES or stays_local(host)
 
 
 def _is_name(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host not in _LOCAL_NAMES
-    return False
+    return ip_literal(host) is None and host not in _LOCAL_NAMES
 
 
 def install(log_path: Path, component: str) -> None:
@@ -162,12 +153,9 @@ def _outcome(text: str) -> str | None:
 
 def _inet_target(port: int, host: str) -> tuple[str, bool] | None:
     """(target, a DNS query) for an IP destination worth recording, else None."""
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
+    if ip_literal(host) is None:
         return None
-    plain = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
-    local = (plain or addr).is_loopback or (plain or addr).is_unspecified
+    local = stays_local(host)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if port == DNS_PORT:
         # A name lookup even on loopback: 127.0.0.53 is systemd-resolved's stub on the host.

@@ -71,6 +71,19 @@ def test_rpc_argv_narrows_to_live_workers() -> None:
     assert cluster.rpc_argv(args, []) == ("llama-server", "--n-gpu-layers", "999")
 
 
+def test_what_a_runtime_holds_on_each_worker_comes_from_its_load_log() -> None:
+    log = """0.00.253 I load_tensors: RPC0[10.0.0.2:50052] model buffer size =    33.82 MiB
+0.00.253 I load_tensors: RPC1[10.0.0.3:50052] model buffer size =    58.28 MiB
+0.00.253 I load_tensors:   CPU_Mapped model buffer size =    28.12 MiB
+0.00.444 I llama_kv_cache: RPC0[10.0.0.2:50052] KV buffer size =     6.00 MiB
+0.00.454 I sched_reserve: RPC1[10.0.0.3:50052] compute buffer size =    18.91 MiB
+0.00.155 I common_memory_breakdown_print: |   - RPC0 (10.0.0.2:50052) | 24105 = 24105 + (58 |
+"""
+    assert cluster.held_on_workers(log) == {
+        "10.0.0.2:50052": int(33.82 * 2**20) + 6 * 2**20,
+        "10.0.0.3:50052": int(58.28 * 2**20) + int(18.91 * 2**20)}
+
+
 def test_cluster_config(sovctl_home: Path) -> None:
     home = Home(sovctl_home)
     home.root.mkdir(parents=True)
@@ -220,6 +233,45 @@ def test_fleet_in_namespaces(tmp_path: Path, models: Path) -> None:
         assert _ask(port, NS[0]) == expected
         events = (head / "logs" / "supervisor.log").read_text()
         assert f"started without worker {endpoints[1]}" in events
+        table = _in(NS[0], head, "status").stdout
+        assert re.search(rf"{re.escape(endpoints[1])}\s+smol\s+lost", table), table
+        assert re.search(rf"{re.escape(endpoints[0])}\s+smol\s+in use\s+\S+", table), table
+
+        # The worker box comes back: the head takes it again by itself.
+        r = _in(NS[2], workers[1], "worker", "--host", WORKER_ADDR[1], "--threads", "1",
+                "--detach")
+        assert r.returncode == 0, r.stderr
+
+        def rejoined() -> dict[str, object] | None:
+            smol = _status(NS[0], head)["smol"]
+            used = [w for w in smol["workers"] if w["status"] == "in use"]  # type: ignore[union-attr]
+            return smol if smol["status"] == "up" and len(used) == 2 else None
+
+        smol = wait_for(rejoined, timeout=90, interval=1, what="the worker taken back")
+        assert "answers again" in str(smol["last_exit"])
+        assert all(w["holds"] > 0 for w in smol["workers"])  # type: ignore[union-attr]
+        assert _ask(port, NS[0]) == expected
+        table = _in(NS[0], head, "status").stdout
+        for endpoint in endpoints:
+            assert re.search(rf"{re.escape(endpoint)}\s+smol\s+in use\s+.+ of .+MiB", table), \
+                table
+
+        # The whole fleet in the blackout: the head's namespace reaches its workers only
+        # through the audit's relay, and nothing else leaves it.
+        r = _in(NS[0], head, "stop")
+        assert r.returncode == 0, r.stderr
+        r = _in(NS[0], head, "--json", "audit", "blackout", timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        report = json.loads(r.stdout)["data"]
+        assert report["passed"], report
+        checks = {c["id"]: c for c in report["checks"]}
+        assert "the one way out: the audit's relay" in checks[1]["evidence"]
+        assert [w["endpoint"] for w in checks[3]["details"]["workers"]] == endpoints
+        assert checks[6]["details"]["cluster"] and not checks[6]["details"]["attempts"]
+        assert {a["target"] for a in checks[6]["details"]["cluster"]} <= set(endpoints)
+        bridged = report["isolation"]["bridged"]
+        assert [b["endpoint"] for b in bridged] == endpoints
+        assert all(b["connections"] and b["bytes_to_worker"] for b in bridged), bridged
     finally:
         for ns, home in zip(NS, [head, *workers], strict=True):
             if (home / "run").exists():
@@ -241,3 +293,77 @@ def test_audit_lists_worker_connections_apart(sovctl_home: Path, models: Path) -
                 {"component": "gateway", "target": "10.0.0.2:50052"}]
     mine, rest = cluster_apart(p, attempts)
     assert mine == attempts[:1] and rest == attempts[1:]
+
+
+def test_audit_flags_a_worker_on_a_public_address(sovctl_home: Path, models: Path) -> None:
+    from sovctl.audit.checks import _worker_exposure
+
+    home = Home(sovctl_home)
+    run(sovctl_home, "pull", str(CHAT_MODEL), "--name", "smol", check=True)
+    home.config_path.write_text('[cluster]\nworkers = ["10.0.0.2:50052"]\n')
+    assert _worker_exposure(plan.build(home, config.load(home), chat=["smol"])) == (
+        [], ["[cluster] workers on private addresses: 10.0.0.2:50052 (private)"])
+    # Only planned, never contacted: no packet goes to the public address.
+    home.config_path.write_text('[cluster]\nworkers = ["10.0.0.2:50052", "8.8.8.8:50052"]\n')
+    problems, _ = _worker_exposure(plan.build(home, config.load(home), chat=["smol"]))
+    assert len(problems) == 1 and "8.8.8.8:50052" in problems[0] and "10.0.0.2" not in problems[0]
+
+
+def test_bridges_resolve_names_outside_and_need_ipv4(tmp_path: Path) -> None:
+    from sovctl.audit import bridge
+
+    names = {"gpu.lan": ["fd00::9", "192.168.1.9"], "v6.lan": ["fd00::9"]}
+    got = bridge.plan_bridges(["10.0.0.2:50052", "gpu.lan:50053"], tmp_path,
+                              resolve=lambda h: names[h])
+    assert [(b.endpoint, b.literal) for b in got] == [("10.0.0.2:50052", "10.0.0.2:50052"),
+                                                      ("gpu.lan:50053", "192.168.1.9:50053")]
+    assert len({b.socket for b in got}) == 2
+    with pytest.raises(ConfigError, match="no IPv4 address"):
+        bridge.plan_bridges(["v6.lan:50052"], tmp_path, resolve=lambda h: names[h])
+
+
+def test_the_bridge_relays_to_its_worker_and_counts(tmp_path: Path) -> None:
+    """Both halves on loopback in this namespace, relaying to a real ggml-rpc-server: the probe
+    the supervisor sends goes through, and what crossed is counted."""
+    from sovctl.audit import bridge
+
+    binary = shutil.which(cluster.RPC_WORKER, path=str(Path(sys.executable).parent))
+    assert binary, "ggml-rpc-server is built by scripts/setup"
+    worker_port, inner_port, closed = plan.free_port(), plan.free_port(), plan.free_port()
+    proc = subprocess.Popen([binary, "--port", str(worker_port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: cluster.probe_worker(f"127.0.0.1:{worker_port}", 2).ok, timeout=20,
+                 what="the worker")
+        # The inner side listens on another port here: this namespace already has the worker's.
+        outer_side = bridge.Bridge(f"127.0.0.1:{worker_port}", "127.0.0.1", worker_port,
+                                   str(tmp_path / "w0.sock"))
+        dead = bridge.Bridge(f"127.0.0.1:{closed}", "127.0.0.1", closed,
+                             str(tmp_path / "w1.sock"))
+        with bridge.Outer([outer_side, dead]) as relay:
+            inner = bridge.open_inner([
+                bridge.Bridge("x", "127.0.0.1", inner_port, outer_side.socket),
+                bridge.Bridge("y", "127.0.0.1", plan.free_port(), dead.socket)])
+            try:
+                health = cluster.probe_worker(f"127.0.0.1:{inner_port}", 5)
+                lost = cluster.probe_worker(f"127.0.0.1:{inner[1].listener.getsockname()[1]}",
+                                            5)
+            finally:
+                for r in inner:
+                    r.close()
+            report = {r["endpoint"]: r for r in wait_for(
+                lambda: relay.report() if relay.report()[0]["bytes_from_worker"] else None,
+                timeout=5, what="the relay's count")}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert health.ok and health.total > 0
+    assert not lost.ok
+    mine = report[outer_side.endpoint]
+    # HELLO, DEVICE_COUNT and one GET_DEVICE_MEMORY per device: 9-byte header + payload each.
+    assert mine["connections"] == 1
+    assert mine["bytes_to_worker"] == (9 + 24) + 9 + 13 * len(health.devices)
+    assert mine["bytes_from_worker"] == (8 + 28) + (8 + 4) + 24 * len(health.devices)
+    assert report[dead.endpoint]["connections"] == 0
+    assert report[dead.endpoint]["failed_connects"] == ["Connection refused"]
+    assert not Path(outer_side.socket).exists()

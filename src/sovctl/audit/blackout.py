@@ -13,18 +13,21 @@ blackout:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovctl.audit import baseline, checks, isolation, stack
+from sovctl.audit import baseline, bridge, checks, isolation, stack
 from sovctl.audit.report import AuditReport, ModelInfo, host_fingerprint, versions, write
 from sovctl.errors import IsolationError, RuntimeStartError
 from sovctl.home import Home
@@ -203,18 +206,29 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
             timings["baseline"] = round(time.perf_counter() - t, 3)
             recorded_now, baseline_files = [m.name for m in rec.models], list(rec.files)
 
-    # 4. The blackout itself.
+    # 4. The blackout itself; a fleet's workers are reached through the audit's own relay.
     run_home = stack.audit_home(home, "blackout")
     stack.fresh_run_dir(run_home)
+    workers = next((p.workers for p in configured.processes if p.workers), ())
+    relay_dir = Path(tempfile.mkdtemp(prefix="sovctl-bridge-"))  # short: a Unix socket's path
+    bridges = bridge.plan_bridges(workers, relay_dir)
     progress(f"entering a fresh network namespace ({mode})"
-             + (" to start the stack" if c2.passed else ""))
+             + (" to start the stack" if c2.passed else "")
+             + (f", bridged to the workers {', '.join(workers)}" if workers else ""))
     t = time.perf_counter()
-    inside = _run_inside(home, {
-        "home": str(home.root), "flags": dict(flags), "chat": list(chat),
-        "embedding": list(embedding), "egress_probe": egress_probe,
-        "outer_netns": outer_netns, "weights_ok": c2.passed, "recorded_now": recorded_now,
-        "replaced": replaced,
-    }, run_home.run_root)
+    job_flags = {**flags, **({"cluster.workers": [b.literal for b in bridges]} if bridges
+                             else {})}
+    try:
+        with bridge.Outer(bridges) as relay:
+            inside = _run_inside(home, {
+                "home": str(home.root), "flags": job_flags, "chat": list(chat),
+                "embedding": list(embedding), "egress_probe": egress_probe,
+                "outer_netns": outer_netns, "weights_ok": c2.passed,
+                "recorded_now": recorded_now, "replaced": replaced,
+                "bridges": [dataclasses.asdict(b) for b in bridges],
+            }, run_home.run_root)
+    finally:
+        shutil.rmtree(relay_dir, ignore_errors=True)
     timings["blackout"] = round(time.perf_counter() - t, 3)
     timings.update({f"blackout_{k}": v for k, v in inside.get("timings", {}).items()})
 
@@ -227,7 +241,8 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
         finished_at=utcnow(),
         passed=len(found) == len(checks.NAMES) and all(c.passed for c in found),
         isolation={"mode": inside.get("mode", mode), "netns": inside.get("netns"),
-                   "outer_netns": outer_netns, "loopback_only": True, "weaker_mode": False},
+                   "outer_netns": outer_netns, "loopback_only": True, "weaker_mode": False,
+                   **({"bridged": relay.report()} if bridges else {})},
         models=tuple(ModelInfo(m.name, m.role, m.sha256, m.size) for m in models),
         checks=tuple(found),
         baseline={

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,8 @@ from sovctl.runtime.plan import OFFLINE_ENV, Plan, ProcessSpec, ServedModel, rou
 
 if TYPE_CHECKING:
     from sovctl.audit.baseline import Exchange
+    from sovctl.audit.bridge import Bridge
+    from sovctl.runtime.documents import ProcessState
 
 NAMES = {
     1: "isolation",
@@ -96,7 +98,11 @@ def _lookup(name: str, timeout: float) -> tuple[str | None, list[str]]:
     return None, sorted({str(i[4][0]) for i in infos})
 
 
-def isolation(mode: str, outer_netns: str, timeout: float = 3.0) -> CheckResult:
+def isolation(mode: str, outer_netns: str, bridges: Sequence[Bridge] = (),
+              bridge_error: str | None = None, timeout: float = 3.0) -> CheckResult:
+    """A namespace of its own, loopback its only interface, no public address or name within
+    reach; for a fleet, the audit's relay to each [cluster] worker (on its own port only) as
+    the one way out."""
     t0 = time.perf_counter()
     from sovctl.audit.isolation import current_netns
 
@@ -118,6 +124,26 @@ def isolation(mode: str, outer_netns: str, timeout: float = 3.0) -> CheckResult:
             problems.append(f"TCP connect to {target} succeeded")
         else:
             parts.append(f"connect {target} failed ({why})")
+    if bridge_error is not None:
+        problems.append(f"the bridge to the [cluster] workers could not be set up: "
+                        f"{bridge_error}")
+    elif bridges:
+        bridged = {b.literal for b in bridges}
+        parts.append("the one way out: the audit's relay to the [cluster] workers "
+                     + ", ".join(f"{b.endpoint}" + (f" ({b.literal})" if b.literal != b.endpoint
+                                                    else "") for b in bridges)
+                     + ", each address on lo, its port only")
+        details["bridged"] = sorted(bridged)
+        for address in dict.fromkeys(b.address for b in bridges):
+            # Another port of a worker's address must stay out of reach: only the relay's is.
+            port = next(p for p in range(9, 65536) if f"{address}:{p}" not in bridged)
+            why = _connect(address, port, timeout)
+            details["connects"][f"{address}:{port}"] = why or "connected"
+            if why is None:
+                problems.append(f"TCP connect to {address}:{port}, not a bridged port, "
+                                "succeeded")
+            else:
+                parts.append(f"connect {address}:{port} failed ({why})")
     why, addrs = _lookup(PUBLIC_NAME, timeout)
     details["lookup"] = {PUBLIC_NAME: why or addrs}
     if why is None:
@@ -163,8 +189,13 @@ def weights(home: Home, models: Sequence[ServedModel]) -> CheckResult:
 # -- 3. the stack starts -----------------------------------------------------------------------
 
 def stack_starts(base: str, headers: Mapping[str, str], started_in: float,
-                 start_error: str | None) -> CheckResult:
+                 start_error: str | None,
+                 processes: Callable[[], Sequence[ProcessState]] | None = None) -> CheckResult:
+    """Up and ready; a clustered runtime with every one of its workers, since one that started
+    without some (as the supervisor lets it, degraded) is not the fleet as configured."""
     from sovctl.audit.stack import wait_ready
+    from sovctl.runtime.documents import WorkerStatus
+    from sovctl.units import human_bytes
 
     if start_error is not None:
         return result(3, False, f"the stack did not start: {start_error}", started_in)
@@ -174,8 +205,20 @@ def stack_starts(base: str, headers: Mapping[str, str], started_in: float,
         return result(3, False, f"/ready did not answer 200 within {ready.seconds:.0f}s of the "
                       f"start; last: {ready.last}", seconds)
     waited = f" (after {ready.seconds:.1f}s, {ready.polls} polls)" if ready.polls > 1 else ""
-    return result(3, True, f"up in {started_in:.1f}s; GET /ready {ready.last}{waited}", seconds,
-                  {"ready": ready.body, "polls": ready.polls})
+    evidence = f"up in {started_in:.1f}s; GET /ready {ready.last}{waited}"
+    fleet = [(p.name, w) for p in (processes() if processes else ()) for w in p.workers]
+    lost = [f"{name} runs without worker {w.endpoint} ({w.reason})" for name, w in fleet
+            if w.status != WorkerStatus.IN_USE]
+    if lost:
+        return result(3, False, "not the fleet as configured: " + "; ".join(lost)
+                      + f" ({evidence})", seconds, {"ready": ready.body, "polls": ready.polls})
+    if fleet:
+        evidence += "; " + ", ".join(
+            f"{name}'s layers on worker {w.endpoint} ({human_bytes(w.holds)})" for name, w in fleet)
+    return result(3, True, evidence, seconds, {
+        "ready": ready.body, "polls": ready.polls,
+        "workers": [{"process": name, "endpoint": w.endpoint, "holds": w.holds}
+                    for name, w in fleet]})
 
 
 # -- 4. service --------------------------------------------------------------------------------
@@ -575,6 +618,9 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
     face = _public_face(home, configured, run_plan, table.auth_required)
     problems += face[0]
     parts += face[1]
+    exposed, private = _worker_exposure(configured)
+    problems += exposed
+    parts += private
     # Telemetry off, in the plan and, when the stack ran, in each running process.
     telemetry_ok = True
     for p in run_plan.processes:
@@ -604,6 +650,23 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
                   {"routes": table.routes, "host": configured.host,
                    "api_key_required": configured.api_key_required,
                    "tunnel": configured.tunnel})
+
+
+def _worker_exposure(configured: Plan) -> tuple[list[str], list[str]]:
+    """(problems, evidence): llama.cpp's RPC is unauthenticated, so a [cluster] worker on an
+    address beyond a private network lends its memory, and the tensors it holds, to anyone."""
+    from sovctl.runtime.cluster import bind_scope
+
+    workers = sorted({w for p in configured.processes for w in p.workers})
+    if not workers:
+        return [], []
+    scopes = {w: bind_scope(w.partition(":")[0], allow_unauthenticated=True) for w in workers}
+    public = [w for w, scope in scopes.items() if scope == "public"]
+    if public:
+        return [f"[cluster] workers on a public address, where their unauthenticated RPC is "
+                f"open to anyone who reaches it: {', '.join(public)}"], []
+    return [], ["[cluster] workers on private addresses: " + ", ".join(
+        f"{w} ({scope})" for w, scope in scopes.items())]
 
 
 # -- 8. exception routes ------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
     from sovctl import config
-    from sovctl.audit import baseline, checks, stack, tracing
+    from sovctl.audit import baseline, bridge, checks, stack, tracing
     from sovctl.errors import SovctlError
     from sovctl.home import Home
     from sovctl.runtime import control
@@ -47,7 +47,13 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
     cfg = config.load(home, flags=job.get("flags") or {})
     configured, plan = stack.plans(home, run_home, cfg, job["chat"], job["embedding"],
                                    egress_probe=job.get("egress_probe"))
-    results = [checks.isolation(mode, job["outer_netns"])]
+    bridges = [bridge.Bridge(**b) for b in job.get("bridges", ())]
+    bridge_error = None
+    try:
+        relays = bridge.open_inner(bridges)
+    except OSError as e:
+        relays, bridge_error = [], str(e)
+    results = [checks.isolation(mode, job["outer_netns"], bridges, bridge_error)]
     live_env: dict[str, dict[str, str] | None] | None = None
     observed: dict[str, tracing.Observed | None] = {}
     timings: dict[str, float] = {}
@@ -81,7 +87,8 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
         started_in = time.perf_counter() - t0
         timings["start"] = round(started_in, 3)
         try:
-            results.append(checks.stack_starts(base, headers, started_in, start_error))
+            results.append(checks.stack_starts(base, headers, started_in, start_error,
+                                               lambda: control.status(run_home).processes))
             if start_error is None:
                 exchange = baseline.exercise(base, plan.models, headers)
                 timings["requests"] = round(exchange.seconds, 3)
@@ -111,6 +118,8 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
             results.append(checks.not_run(6, f"the stack did not start ({attempts} egress "
                                              "attempt(s) recorded meanwhile)"))
     results.append(checks.configuration(home, configured, plan, live_env))
+    for r in relays:
+        r.close()
     return {
         "mode": mode,
         "netns": isolation.current_netns(),

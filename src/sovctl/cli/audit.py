@@ -63,6 +63,8 @@ def blackout(
     def render(c: Console) -> None:
         from rich.table import Table
 
+        from sovctl.units import human_bytes
+
         t = Table(box=None, pad_edge=False, show_lines=False)
         t.add_column("#", justify="right")
         t.add_column("CHECK", no_wrap=True)
@@ -75,8 +77,15 @@ def blackout(
         c.print(t)
         models = ", ".join(f"{m.name} ({m.role}, sha256 {m.sha256[:12]})" for m in report.models)
         c.print(f"models: {models}", highlight=False)
+        bridged = report.isolation.get("bridged") or []
         c.print(f"isolation: {report.isolation['mode']} {report.isolation['netns']}, "
-                "loopback only", highlight=False)
+                "loopback only" + ("; the audit's relay to the \\[cluster] workers: " + ", ".join(
+                    f"{b['endpoint']} ({b['connections']} connections, "
+                    f"{human_bytes(b['bytes_to_worker'])} sent, "
+                    f"{human_bytes(b['bytes_from_worker'])} received"
+                    + (f"; {len(b['failed_connects'])} connects to it failed: "
+                       f"{b['failed_connects'][-1]}" if b["failed_connects"] else "") + ")"
+                    for b in bridged) if bridged else ""), highlight=False)
         if report.baseline.get("note"):
             c.print(f"baseline: {report.baseline['note']}", highlight=False)
         passed = sum(chk.passed for chk in report.checks)

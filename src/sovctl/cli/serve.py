@@ -156,10 +156,34 @@ def _status_table(c: Console, processes: Sequence[ProcessState],
             row.append("-" if known is None else "yes" if known else "no")
         t.add_row(*row)
     c.print(t)
+    _workers_table(c, processes)
     # Why a process is not up (or ran degraded) matters more than any column: say it in words.
     for p in processes:
         if p.last_exit and (p.status != Status.UP or p.last_exit.startswith("degraded")):
             c.print(f"{p.name}: {p.last_exit}", highlight=False)
+
+
+def _workers_table(c: Console, processes: Sequence[ProcessState]) -> None:
+    """The [cluster] workers of each clustered runtime: health, and memory free and held."""
+    from rich.table import Table
+
+    from sovctl.runtime.documents import WorkerStatus
+    from sovctl.units import human_bytes
+
+    rows = [(p.name, w) for p in processes for w in p.workers]
+    if not rows:
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("WORKER", "USED BY", "HEALTH", "FREE AT START", "HOLDS", "ASKED"):
+        t.add_column(col)
+    now = time.time()
+    for name, w in rows:
+        up = w.status == WorkerStatus.IN_USE
+        health = w.status if up else f"{w.status} ({w.reason})"
+        t.add_row(w.endpoint, name, f"[{'green' if up else 'red'}]{health}[/]",
+                  f"{human_bytes(w.free)} of {human_bytes(w.total)}" if up else "-",
+                  human_bytes(w.holds) if w.holds else "-", f"{now - w.checked_at:.0f}s ago")
+    c.print(t)
 
 
 def _processes_json(processes: Sequence[ProcessState],

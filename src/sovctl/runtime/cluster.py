@@ -9,6 +9,7 @@ address that stays on a private network, unless its operator says otherwise.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import struct
 import sys
@@ -142,6 +143,7 @@ class WorkerHealth:
     free: int = 0  # bytes free over the worker's devices
     total: int = 0
     reason: str = ""  # why it cannot be used, when not ok
+    devices: tuple[tuple[int, int], ...] = ()  # (free, total) of each device, in its order
 
     def describe(self) -> str:
         if not self.ok:
@@ -179,16 +181,15 @@ def probe_worker(endpoint: str, timeout: float = 3.0) -> WorkerHealth:
             if hello[0] != 7:
                 return WorkerHealth(endpoint, False, reason=f"RPC protocol v{hello[0]}, not v7")
             (count,) = struct.unpack("<I", _call(sock, _DEVICE_COUNT, b"", 4))
-            free = total = 0
-            for device in range(count):
-                f, t = struct.unpack("<QQ", _call(sock, _GET_DEVICE_MEMORY,
-                                                  struct.pack("<I", device), 16))
-                free, total = free + f, total + t
+            devices = tuple(
+                struct.unpack("<QQ", _call(sock, _GET_DEVICE_MEMORY, struct.pack("<I", d), 16))
+                for d in range(count))
     except TimeoutError:
         return WorkerHealth(endpoint, False, reason="no answer: down, or busy with another head")
     except OSError as e:
         return WorkerHealth(endpoint, False, reason=e.strerror or str(e))
-    return WorkerHealth(endpoint, True, free, total)
+    return WorkerHealth(endpoint, True, sum(f for f, _ in devices), sum(t for _, t in devices),
+                        devices=devices)
 
 
 def rpc_argv(args: Sequence[str], workers: Sequence[str]) -> tuple[str, ...]:
@@ -209,3 +210,17 @@ def check_workers(workers: Iterable[str], probe: Callable[[str], WorkerHealth] =
     found = [probe(w) for w in workers]
     return [h for h in found if h.ok], [h for h in found if not h.ok]
 
+
+
+# llama.cpp names an RPC device RPCn[HOST:PORT] in its load log, one line per buffer it puts
+# there: "load_tensors: RPC0[10.0.0.2:50052] model buffer size = 49.13 MiB", and likewise
+# KV, compute and output buffers.
+_HELD = re.compile(r"\bRPC\d+\[([^\]]+)\]\s+\S+ buffer size =\s*([\d.]+) MiB")
+
+
+def held_on_workers(log: str) -> dict[str, int]:
+    """Bytes a runtime put on each worker, summed over the buffers its load log lists."""
+    held: dict[str, int] = {}
+    for endpoint, mib in _HELD.findall(log):
+        held[endpoint] = held.get(endpoint, 0) + int(float(mib) * (1 << 20))
+    return held

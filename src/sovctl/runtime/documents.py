@@ -18,7 +18,8 @@ from typing import Any, Self
 from sovctl.errors import ConfigError
 from sovctl.fsutil import atomic_write
 
-STATE_SCHEMA = "sovctl.state/2"
+# /3: the [cluster] workers each runtime uses, with their health and memory.
+STATE_SCHEMA = "sovctl.state/3"
 # /3: provider routes (kind "provider"), prices per route, the ledger's file.
 ROUTES_SCHEMA = "sovctl.routes/3"
 
@@ -64,6 +65,28 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- state.json -----------------------------------------------------------------------------------
+class WorkerStatus(StrEnum):
+    """Where a [cluster] worker stands with the runtime configured to use it."""
+
+    IN_USE = "in use"  # answered at the runtime's start and holds some of its layers
+    LOST = "lost"  # did not answer: the runtime runs without it, and it is asked again
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    endpoint: str
+    status: WorkerStatus
+    free: int  # bytes its devices had free when last asked (before the runtime loaded on it)
+    total: int
+    holds: int  # bytes the runtime put on it (weights, KV cache, compute), from its log; 0: unknown
+    checked_at: float  # wall clock of the last time it was asked
+    reason: str  # why it is lost
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**{**_known(cls, d), "status": WorkerStatus(d["status"])})
+
+
 @dataclass(frozen=True)
 class ProcessState:
     name: str
@@ -78,6 +101,7 @@ class ProcessState:
     restarts: int
     up_since: float | None  # wall-clock time of the first healthy check since the last start
     last_exit: str
+    workers: tuple[WorkerState, ...] = ()  # a clustered runtime's workers, as configured
 
     def uptime(self, now: float | None = None) -> float:
         """Seconds since it first answered healthy; 0 while it is not up."""
@@ -87,7 +111,8 @@ class ProcessState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Self:
-        return cls(**{**_known(cls, d), "status": Status(d["status"])})
+        return cls(**{**_known(cls, d), "status": Status(d["status"]),
+                      "workers": tuple(WorkerState.from_dict(w) for w in d.get("workers", ()))})
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
 from sovctl.errors import BusyError
 from sovctl.runtime import cluster
-from sovctl.runtime.documents import Event, ProcessState, StackState, Status
+from sovctl.runtime.documents import (
+    Event,
+    ProcessState,
+    StackState,
+    Status,
+    WorkerState,
+    WorkerStatus,
+)
 from sovctl.runtime.plan import Plan, ProcessSpec
 from sovctl.runtime.ports import listener, owned_by
 from sovctl.runtime.procs import Argv, spawn, stop_group
@@ -47,6 +54,13 @@ class _Proc:
     last_exit: str = ""
     probe: Future[Probe] | None = None
     log_offset: int = 0  # where this start's output begins in its log
+    workers: dict[str, WorkerState] = field(default_factory=dict)  # a clustered runtime's
+    rejoin: Future[list[cluster.WorkerHealth]] | None = None  # asking its lost workers again
+    next_rejoin: float = 0.0
+
+
+# How often a clustered runtime running without some of its workers asks them again.
+REJOIN_INTERVAL = 10.0
 
 
 class Probe(Enum):
@@ -189,20 +203,64 @@ class Supervisor:
         p.next_probe = p.started_at + 0.2
         self._event(p.spec.name, f"started pid {p.popen.pid}")
 
+    def _ask_workers(self, endpoints: tuple[str, ...]) -> list[cluster.WorkerHealth]:
+        timeout = float(self.cfg["health_timeout"])
+        return [cluster.probe_worker(w, timeout) for w in endpoints]
+
     def _with_live_workers(self, p: _Proc) -> Argv:
         """A clustered runtime's argv naming only the workers that answer now: llama-server
         aborts on a worker it cannot reach, so a lost worker would crash-loop it. Without
-        them it serves the same model, its layers on the head; the reason is recorded."""
-        live, lost = cluster.check_workers(
-            p.spec.workers, lambda w: cluster.probe_worker(w, float(self.cfg["health_timeout"])))
+        them it serves the same model, its layers on the head; the reason is recorded, and
+        the lost ones are asked again while it runs (see _rejoin)."""
+        found = self._ask_workers(p.spec.workers)
+        now = time.time()
+        p.workers = {h.endpoint: WorkerState(
+            h.endpoint, WorkerStatus.IN_USE if h.ok else WorkerStatus.LOST, h.free, h.total,
+            0, now, h.reason) for h in found}
+        live, lost = [h for h in found if h.ok], [h for h in found if not h.ok]
         if live:
             self._event(p.spec.name, "workers: " + ", ".join(h.describe() for h in live))
         if lost:
             p.last_exit = "degraded: started without worker " + \
                 "; ".join(h.describe() for h in lost)
             self._event(p.spec.name, p.last_exit)
+        p.next_rejoin = time.monotonic() + REJOIN_INTERVAL
         argv = p.spec.argv
         return Argv(cluster.rpc_argv(argv.args, [h.endpoint for h in live]), argv.env, argv.cwd)
+
+    def _rejoin(self, p: _Proc, now: float) -> None:
+        """Ask a degraded runtime's lost workers again; when one answers, restart the runtime
+        with it. Requests in flight at that moment fail loudly (5xx), never silently wrong."""
+        if p.rejoin is None:
+            lost = tuple(w for w, st in p.workers.items() if st.status == WorkerStatus.LOST)
+            if lost and now >= p.next_rejoin:
+                p.rejoin = self._probes.submit(self._ask_workers, lost)
+            return
+        if not p.rejoin.done():
+            return
+        found, p.rejoin = p.rejoin.result(), None
+        p.next_rejoin = now + REJOIN_INTERVAL
+        wall = time.time()
+        for h in found:
+            if not h.ok:
+                p.workers[h.endpoint] = replace(p.workers[h.endpoint], checked_at=wall,
+                                                reason=h.reason)
+        back = [h.endpoint for h in found if h.ok]
+        if back and p.popen is not None:
+            reason = f"worker {', '.join(back)} answers again: restarted to use it"
+            self._event(p.spec.name, reason)
+            stop_group(p.popen.pid, float(self.cfg["stop_timeout"]), p.popen)
+            p.popen, p.probe = None, None
+            p.restarts += 1
+            p.last_exit = reason
+            self._start(p)
+
+    def _note_worker_memory(self, p: _Proc) -> None:
+        """What the runtime put on each worker, as its load log tells."""
+        held = cluster.held_on_workers(self._output(p))
+        for endpoint, used in held.items():
+            if endpoint in p.workers:
+                p.workers[endpoint] = replace(p.workers[endpoint], holds=used)
 
     def _failed_start(self, p: _Proc, reason: str) -> None:
         p.last_exit = reason
@@ -237,12 +295,18 @@ class Supervisor:
                     p.status = Status.UP
                     p.up_since = time.time()
                     self._event(p.spec.name, "healthy")
+                    if p.workers:
+                        self._note_worker_memory(p)
                 p.probe_failures = 0
             elif p.status == Status.UP:
                 p.probe_failures += 1
                 if p.probe_failures >= int(self.cfg["health_failures"]):
                     self._crashed(p, f"hung: {p.probe_failures} health checks failed")
                     return
+        if p.workers and p.status == Status.UP:
+            self._rejoin(p, now)
+            if p.popen is None or p.status != Status.UP:
+                return
         if p.probe is None and now >= p.next_probe:
             url = f"http://127.0.0.1:{p.spec.port}{p.spec.health_path}"
             p.probe = self._probes.submit(_probe_listening, p.popen.pid, p.spec.port) \
@@ -333,6 +397,7 @@ class Supervisor:
                     sha256=p.spec.sha256, runtime=p.spec.runtime, port=p.spec.port,
                     pid=p.popen.pid if p.popen else None, status=p.status,
                     restarts=p.restarts, up_since=p.up_since, last_exit=p.last_exit,
+                    workers=tuple(p.workers.values()),
                 )
                 for p in self.procs
             ),

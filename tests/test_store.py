@@ -796,6 +796,44 @@ def test_mirror_serves_what_the_box_pinned(cli: Cli, sovctl_home: Path, tmp_path
         assert mirror.stop() == 0
 
 
+def test_a_replica_pulls_another_boxs_lock_from_its_mirror(cli: Cli, sovctl_home: Path,
+                                                            tmp_path: Path) -> None:
+    with serve() as hub:
+        assert cli("pull", "--endpoint", hub.url, TINY_HF).exit_code == 0
+    assert cli("pull", str(EMBED_MODEL), "--name", "minilm").exit_code == 0  # not mirrorable
+    head_lock = sovctl_home / "sovctl.lock"
+    replica = tmp_path / "replica"
+
+    assert_error(cli("--home", str(replica), "pull", TINY_HF, "--lock", str(head_lock)),
+                 ExitCode.USAGE, "REF cannot be given with it")
+    mirror = MirrorProcess(sovctl_home)
+    try:
+        r = cli("--home", str(replica), "--json", "pull", "--lock", str(head_lock),
+                "--endpoint", mirror.url)
+        doc = doc_of(r)
+        # The Hub pin arrives, verified against the head's sha256; the file the head imported
+        # from its own disk is named, with what to do, and the exit code says it is missing.
+        assert r.exit_code == ExitCode.FAILURE, r.stderr
+        assert "1 of 2 pins" in doc["error"]["message"]
+        [skipped] = doc["data"]["skipped"]
+        assert skipped[0] == "minilm" and f"--sha256 {EMBED_SHA}" in skipped[1]
+        mine, theirs = lock_models(replica), lock_models(sovctl_home)
+        assert set(mine) == {"stories260K"}
+        for key in ("sha256", "size", "commit", "repo", "path", "ref"):
+            assert mine["stories260K"][key] == theirs["stories260K"][key], key
+        assert cli("--home", str(replica), "verify").exit_code == 0
+
+        # A lock that pins other bytes than the mirror serves: refused, nothing stored.
+        forged = tmp_path / "forged.lock"
+        forged.write_text(head_lock.read_text().replace(TINY_SHA, "0" * 64))
+        other = tmp_path / "other"
+        r = cli("--home", str(other), "pull", "--lock", str(forged), "--endpoint", mirror.url)
+        assert_error(r, ExitCode.INTEGRITY, "0" * 12)
+        assert_nothing_stored(other)
+    finally:
+        assert mirror.stop() == 0
+
+
 def test_mirror_on_a_network_address_requires_the_api_key(
     cli: Cli, sovctl_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

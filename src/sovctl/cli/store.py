@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sovctl.cli._common import JsonOpt, begin, emit, human_bytes, human_params, settings
 from sovctl.cli._progress import bars
-from sovctl.errors import CheckFailed, RuntimeStartError
+from sovctl.errors import CheckFailed, RuntimeStartError, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from sovctl.home import Home
     from sovctl.store.lock import LockEntry, ProjectorPin
+    from sovctl.store.pull import PullResult
 
 
 def register(app: typer.Typer) -> None:
@@ -29,9 +32,9 @@ def register(app: typer.Typer) -> None:
 
 def pull(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(
+    ref: Annotated[str | None, typer.Argument(
         metavar="REF", help="hf://ORG/REPO/PATH/FILE.gguf, ORG/REPO:QUANT, a local path or "
-        "file:// URL, or an https:// URL (with --sha256).")],
+        "file:// URL, or an https:// URL (with --sha256).", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(
         metavar="NAME", help="Store name [default: from the file name].")] = None,
     revision: Annotated[str, typer.Option(
@@ -51,6 +54,10 @@ def pull(
         "images.")] = None,
     mmproj_sha256: Annotated[str | None, typer.Option(
         "--mmproj-sha256", metavar="HEX", help="Expected sha256 of the projector.")] = None,
+    lock: Annotated[Path | None, typer.Option(
+        "--lock", metavar="FILE", help="Instead of REF: every model another box's sovctl.lock "
+        "pins from the Hub, under its name, at its commit and sha256, from --endpoint (that "
+        "box's 'sovctl mirror serve'): a replica of its weights.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Download or import GGUF weights, verify them as they arrive, and pin them in the lock."""
@@ -60,6 +67,22 @@ def pull(
 
     state = begin(ctx, json_out)
     cfg = settings({"hub.endpoint": endpoint})
+    if lock is not None:
+        others = [f for f, v in (("REF", ref), ("--name", name), ("--sha256", sha256),
+                                 ("--mmproj", mmproj), ("--mmproj-sha256", mmproj_sha256),
+                                 ("--revision", None if revision == "main" else revision),
+                                 ("--trust-on-first-use", trust_on_first_use or None))
+                  if v is not None]
+        if others:
+            raise UsageError(f"--lock takes every name, commit and sha256 from the lock, so "
+                             f"{', '.join(others)} cannot be given with it",
+                             hint="drop them, or pull one REF without --lock")
+        _pull_lock(state.home, lock, str(cfg.get("hub.endpoint")), os.environ.get("HF_TOKEN"))
+        return
+    if ref is None:
+        raise UsageError("nothing to pull: give a REF, or --lock FILE",
+                         hint="e.g. sovctl pull hf://ORG/REPO/FILE.gguf, or sovctl pull --lock "
+                         "other-box/sovctl.lock --endpoint http://other-box:8089")
     with bars() as progress:
         result = do_pull(
             state.home,
@@ -75,27 +98,50 @@ def pull(
             mmproj_sha256=mmproj_sha256,
         )
 
-    def render(c: Console) -> None:
-        e = result.entry
-        if result.action == "already-pinned":
-            c.print(f"{e.name}: already pinned and present (sha256 {e.short_sha}"
-                    + (f", projector {e.mmproj.sha256[:12]}" if e.mmproj else "")
-                    + "); nothing to do")
-            return
-        extra = f", resumed at {human_bytes(result.resumed_from)}" if result.resumed_from else ""
-        pins: list[tuple[str, str, LockEntry | ProjectorPin, str]] = [
-            (result.action, e.name, e, extra)]
-        if e.mmproj is not None and result.mmproj_action:
-            pins.append((result.mmproj_action, f"{e.name} projector", e.mmproj, ""))
-        for action, what, pin, more in pins:
-            where = (f"{pin.repo}/{pin.path}@{pin.commit[:12]}" if pin.source == "hf"
-                     else (pin.url or pin.path))
-            c.print(f"[green]{action}[/] {what}: {human_bytes(pin.size)} from {where}{more}")
-            c.print(f"  sha256 {pin.sha256} ({pin.digest_from})", highlight=False)
-            if pin.digest_from == "trust-on-first-use":
-                c.print("  [yellow]trusted on first use:[/] no independent digest vouched for it")
+    emit(result, lambda c: _render_pull(c, result))
 
-    emit(result, render)
+
+def _render_pull(c: Console, result: PullResult) -> None:
+    e = result.entry
+    if result.action == "already-pinned":
+        c.print(f"{e.name}: already pinned and present (sha256 {e.short_sha}"
+                + (f", projector {e.mmproj.sha256[:12]}" if e.mmproj else "")
+                + "); nothing to do")
+        return
+    extra = f", resumed at {human_bytes(result.resumed_from)}" if result.resumed_from else ""
+    pins: list[tuple[str, str, LockEntry | ProjectorPin, str]] = [
+        (result.action, e.name, e, extra)]
+    if e.mmproj is not None and result.mmproj_action:
+        pins.append((result.mmproj_action, f"{e.name} projector", e.mmproj, ""))
+    for action, what, pin, more in pins:
+        where = (f"{pin.repo}/{pin.path}@{pin.commit[:12]}" if pin.source == "hf"
+                 else (pin.url or pin.path))
+        c.print(f"[green]{action}[/] {what}: {human_bytes(pin.size)} from {where}{more}")
+        c.print(f"  sha256 {pin.sha256} ({pin.digest_from})", highlight=False)
+        if pin.digest_from == "trust-on-first-use":
+            c.print("  [yellow]trusted on first use:[/] no independent digest vouched for it")
+
+
+def _pull_lock(home: Home, lock: Path, endpoint: str, token: str | None) -> None:
+    from sovctl.store.pull import pull_lock
+
+    with bars() as progress:
+        result = pull_lock(home, lock, endpoint=endpoint, progress=progress, token=token)
+
+    def render(c: Console) -> None:
+        for r in result.pulled:
+            _render_pull(c, r)
+        for name, why in result.skipped:
+            c.print(f"[red]not pulled[/] {name}: {why}", highlight=False)
+
+    failure = None
+    if result.skipped:
+        names = ", ".join(n for n, _ in result.skipped)
+        failure = CheckFailed(f"{len(result.pulled)} of {len(result.pulled) + len(result.skipped)}"
+                              f" pins of {lock} pulled; not {names}: no Hub endpoint serves them",
+                              hint="copy those files from that box and pull each by path with "
+                              "its --sha256 (the lines above say how)")
+    emit(result, render, failure)
 
 
 def verify(

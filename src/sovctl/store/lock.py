@@ -121,9 +121,13 @@ class Lock:
 
     @classmethod
     def load(cls, home: Home) -> Lock:
-        path = home.lock_path
-        if not path.exists():
+        if not home.lock_path.exists():
             return cls({})
+        return cls.read(home.lock_path)
+
+    @classmethod
+    def read(cls, path: Path) -> Lock:
+        """A lock file: this home's, or another box's (see pull --lock)."""
         hint = f"restore it from a backup or fix it by hand; sovctl left {path} untouched"
         try:
             data = tomllib.loads(path.read_text())

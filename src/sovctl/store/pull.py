@@ -32,6 +32,13 @@ class PullResult:
 
 
 @dataclass(frozen=True)
+class ReplicaResult:
+    lock: str  # the other box's lock file
+    pulled: tuple[PullResult, ...]
+    skipped: tuple[tuple[str, str], ...]  # (name, why): pins no Hub endpoint can serve
+
+
+@dataclass(frozen=True)
 class _Plan:
     entry: LockEntry  # sha256/size may be provisional until the bytes are hashed
     fetch_url: str | None  # None: copy from a local file
@@ -479,3 +486,41 @@ def _download(
             hint="run the same 'sovctl pull' again: it resumes from the bytes on disk",
         )
     return digest, size, transferred, offset
+
+
+def _unmirrorable(e: LockEntry) -> str | None:
+    """Why a pin cannot be fetched from a Hub endpoint at its commit, or None."""
+    for what, pin in (("it", e), ("its projector", e.mmproj)):
+        if pin is None:
+            continue
+        if pin.source != "hf" or not pin.commit:
+            return (f"{what} was pinned from {pin.url or pin.path or pin.ref}, not the Hub, so "
+                    "no mirror serves it: copy the file and 'sovctl pull PATH --name "
+                    f"{e.name} --sha256 {pin.sha256}'")
+    if e.mmproj is not None and e.mmproj.commit != e.commit:
+        return (f"its projector is pinned at another commit ({e.mmproj.commit[:12]}) than the "
+                f"model ({e.commit[:12]}): pull the two with 'sovctl pull'")
+    return None
+
+
+def pull_lock(home: Home, lock_path: Path, *, endpoint: str,
+              progress: ProgressFactory | None = None, token: str | None = None
+              ) -> ReplicaResult:
+    """Every Hub pin of another box's lock, under its name, at its commit and sha256, from
+    `endpoint` (that box's `sovctl mirror serve`): a replica serving byte-identical weights.
+    A file that does not hash to the pinned sha256 is refused, as any pull's."""
+    other = Lock.read(lock_path)
+    if not other.entries:
+        raise UsageError(f"{lock_path} pins no model",
+                         hint="give the sovctl.lock of a box that has pulled its models")
+    pulled, skipped = [], []
+    for e in sorted(other.entries.values(), key=lambda e: e.name):
+        why = _unmirrorable(e)
+        if why is not None:
+            skipped.append((e.name, why))
+            continue
+        pulled.append(pull(home, e.ref, name=e.name, revision=e.commit, sha256=e.sha256,
+                           endpoint=endpoint, progress=progress, token=token,
+                           mmproj=e.mmproj.ref if e.mmproj else None,
+                           mmproj_sha256=e.mmproj.sha256 if e.mmproj else None))
+    return ReplicaResult(str(lock_path), tuple(pulled), tuple(skipped))

@@ -206,15 +206,25 @@ def test_fleet_in_namespaces(tmp_path: Path, models: Path) -> None:
         for ns, home, addr in zip(NS[1:], workers, WORKER_ADDR, strict=True):
             r = _in(ns, home, "worker", "--host", addr, "--threads", "1", "--detach")
             assert r.returncode == 0, r.stderr
+        # The plan asks each worker for its free memory and predicts llama.cpp's split.
+        r = _in(NS[0], head, "--json", "plan", "smol")
+        assert r.returncode == 0, r.stdout + r.stderr
+        split = json.loads(r.stdout)["data"]["cluster"]["fit"]["split"]
+        predicted = {d["label"]: d for d in split["devices"]}
+        assert list(predicted) == endpoints
         port = plan.free_port()
         r = _in(NS[0], head, "serve", "--detach", "--port", str(port))
         assert r.returncode == 0, r.stderr
 
-        # Same answer at temperature 0, with the layers split over both workers.
+        # Same answer at temperature 0, with the layers split over both workers, as planned.
         assert _ask(port, NS[0]) == expected
         log = (head / "logs" / "smol.log").read_text()
-        for addr in WORKER_ADDR:
-            assert re.search(rf"RPC\d\[{re.escape(addr)}:50052\] model buffer size", log), log
+        for endpoint in endpoints:
+            for kind, key in (("model", "weights"), ("KV", "kv")):
+                m = re.search(rf"RPC\d\[{re.escape(endpoint)}\] {kind} buffer size =\s*([\d.]+) "
+                              "MiB", log)
+                assert m, log
+                assert abs(float(m[1]) - predicted[endpoint][key] / 2**20) < 0.01, (kind, m[0])
         assert "offloaded 31/31 layers" in log
 
         # A worker box lost mid-run: its supervisor SIGKILLed, its worker dies with it.

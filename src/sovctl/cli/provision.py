@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
+    from sovctl.provision.planning import ClusterPlan
     from sovctl.provision.sizing import Budget, Fit
 
 ProfileOpt = Annotated[str, typer.Option(
@@ -156,6 +157,43 @@ def _fit_lines(c: Console, f: Fit, budget: Budget) -> None:
         c.print(f"  [yellow]note:[/] {n}", highlight=False)
 
 
+def _cluster_lines(c: Console, cp: ClusterPlan) -> None:
+    from rich.table import Table
+
+    from sovctl.provision.sizing import layer_range
+    from sovctl.units import human_bytes as human
+
+    f, sp = cp.fit, cp.fit.split
+    c.print(f"  cluster    {sp.parallel} slot(s) x {sp.n_ctx} tokens, {sp.offloaded}/"
+            f"{sp.n_layer + 1} layers over {len(sp.devices)} device(s), split by free memory "
+            f"({len(cp.workers) - len(cp.lost)} of {len(cp.workers)} worker(s))", highlight=False)
+    # One space between columns: an 80-column terminal then holds a row without folding it.
+    t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    for col in ("  DEVICE", "LAYERS", "WEIGHTS", "KV", "COMPUTE", "TOTAL", "USABLE", "FITS"):
+        text = col in ("  DEVICE", "LAYERS")
+        t.add_column(col, justify="left" if text else "right", no_wrap=not text,
+                     overflow="fold")
+    for d in (*sp.devices, sp.head):
+        layers = layer_range(d.layers, sp.n_layer)
+        if d is sp.head:
+            layers = "in" + (f"+{layers}" if d.layers else "")
+        t.add_row(f"  {d.label}", layers, human(d.weights), human(d.kv), human(d.compute),
+                  human(d.total), human(max(d.usable, 0)),
+                  "[green]yes[/]" if d.fits else "[red]no[/]")
+    c.print(t)
+    runtime = [f"{human(d.overhead)} on {d.label}" for d in (*sp.devices, sp.head) if d.overhead]
+    c.print(f"  TOTAL includes the runtime's own memory: {', '.join(runtime)}", highlight=False)
+    for n in f.notes:
+        c.print(f"  [yellow]note:[/] {n}", highlight=False)
+    for h in cp.lost:
+        c.print(f"  [yellow]lost:[/] {h.endpoint} ({h.reason}): left out of the split, as serve "
+                f"would start without it (--worker-memory {h.endpoint}=SIZE plans with it)",
+                highlight=False)
+    if f.fits:
+        c.print(f"  [green]fits[/]: serve with n_ctx = {sp.n_ctx}, parallel = {sp.parallel} "
+                "over the cluster", highlight=False)
+
+
 def plan(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(
@@ -173,6 +211,10 @@ def plan(
         "all that fit, 0: none) [default: from the config].", show_default=False)] = None,
     ram: RamOpt = None,
     vram: VramOpt = None,
+    worker_memory: Annotated[list[str] | None, typer.Option(
+        "--worker-memory", metavar="ENDPOINT=SIZE", help="Split the [cluster] model with this "
+        "much free memory on that worker instead of asking it (repeatable).",
+        show_default=False)] = None,
     revision: Annotated[str | None, typer.Option(
         "--revision", metavar="REV", help="Branch, tag or commit of a Hub REF [default: main].",
         show_default=False)] = None,
@@ -180,13 +222,14 @@ def plan(
     json_out: JsonOpt = False,
 ) -> None:
     """Estimate a model's memory and the GPU layers, context and slots that fit this machine,
-    before downloading it. Exit 1 when it cannot fit."""
+    before downloading it; for the [cluster] model, its split over the workers. Exit 1 when it
+    cannot fit."""
     import os
 
     from sovctl.provision.facts import detect
-    from sovctl.provision.planning import DoesNotFit
+    from sovctl.provision.planning import DoesNotFit, parse_worker_memory
     from sovctl.provision.planning import plan as do_plan
-    from sovctl.provision.sizing import refusal
+    from sovctl.provision.sizing import cluster_refusal, refusal
     from sovctl.units import human_bytes as human
 
     state = begin(ctx, json_out)
@@ -194,8 +237,9 @@ def plan(
     facts = detect(state.home, str(cfg.get("serve.llama_server")))
     result = do_plan(state.home, cfg, target, facts, ram=_size(ram), vram=_size(vram),
                      n_ctx=n_ctx, parallel=parallel, gpu_layers=gpu_layers,
-                     revision=revision, token=os.environ.get("HF_TOKEN"))
-    f, t, s = result.fit, result.target, result.fit.shape
+                     revision=revision, token=os.environ.get("HF_TOKEN"),
+                     worker_memory=parse_worker_memory(worker_memory or []))
+    f, t, s, cp = result.fit, result.target, result.fit.shape, result.cluster
 
     def render(c: Console) -> None:
         where = {"store": "the store", "pull": "its [pull] ref", "file": "a local file",
@@ -209,13 +253,20 @@ def plan(
                 f"{f.role}", highlight=False)
         c.print(f"  weights    {human(s.weights_bytes)}; KV cache {human(s.kv_bytes_per_token)}"
                 " per token (f16)", highlight=False)
+        if cp is not None:  # served over the cluster: this machine alone is beside the point
+            _cluster_lines(c, cp)
+            return
         _fit_lines(c, f, result.budget)
         if f.fits:
             c.print(f"  [green]fits[/]: serve with n_ctx = {f.n_ctx}, parallel = {f.parallel}, "
                     f"n_gpu_layers = {f.n_gpu_layers}", highlight=False)
 
     failure = None
-    if not f.fits:
+    if cp is not None and not cp.fit.fits:
+        failure = DoesNotFit(cluster_refusal(cp.fit, result.budget.headroom),
+                             hint="fewer --parallel slots or a smaller --ctx, a smaller "
+                             "quantization or model, or more workers or memory")
+    elif cp is None and not f.fits:
         failure = DoesNotFit(refusal(f, result.budget),
                              hint="a smaller quantization or model, fewer --parallel slots or "
                              "a smaller --ctx, or more memory")

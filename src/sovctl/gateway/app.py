@@ -1,10 +1,9 @@
 """The gateway's ASGI application, built from the routing table.
 
 The proxied POST endpoints are the gateway's whole overhead, so they run as a raw ASGI handler
-over a small HTTP/1.1 client of its own (kept-alive connections to each runtime, parsed with
-httptools): Starlette's Request/Response objects and httpx cost over a millisecond of CPU a
-request there, as much as a small embedding takes. The rest (health, readiness, models,
-metrics, the 404 and 405 answers) stays on Starlette.
+over the gateway's own HTTP/1.1 client (`upstream`): Starlette's Request/Response objects
+and httpx cost over a millisecond of CPU a request there, as much as a small embedding takes.
+The rest (health, readiness, models, metrics, the 404 and 405 answers) stays on Starlette.
 """
 
 from __future__ import annotations
@@ -14,14 +13,11 @@ import contextlib
 import hmac
 import json
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any, cast
-from urllib.parse import urlsplit
+from typing import Any
 
-import httptools
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -32,6 +28,7 @@ from sovctl.gateway import tools, validate
 from sovctl.gateway.accounting import Ledger, StreamTally, ask_usage
 from sovctl.gateway.frontier import Frontier
 from sovctl.gateway.metrics import Metrics
+from sovctl.gateway.upstream import PROPS_TIMEOUT_S, Connection, Upstream, UpstreamError
 from sovctl.ledger.store import UNROUTED
 from sovctl.runtime.documents import (
     FRONTIER_PREFIX,
@@ -109,187 +106,6 @@ def usage(content: bytes) -> tuple[int, int]:
         return int(doc.get("prompt_tokens", 0)), int(doc.get("completion_tokens", 0))
     except (ValueError, TypeError, AttributeError):
         return 0, 0
-
-
-class UpstreamError(Exception):
-    """A runtime that did not answer, or broke its answer off."""
-
-
-# A runtime closes a kept-alive connection idle for 5 s (llama-server's keep-alive timeout):
-# one idle for less than this is still open when the request reaches it.
-IDLE_REUSE_S = 2.0
-CONNECT_TIMEOUT_S = 2.0
-# A runtime's /props answer is read from memory: one that takes longer is stuck.
-PROPS_TIMEOUT_S = 5.0
-
-
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection to a runtime, carrying one exchange at a time."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.idle_since = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        self._begin()
-
-    def _begin(self) -> None:
-        self.status = 0
-        self.content_type = b"application/json"
-        self.head_done = False
-        self.framed = False  # a length or chunked encoding: the end is not the connection's
-        self.complete = False
-        self.keep_alive = False
-        self.chunks: list[bytes] = []
-        self.error: UpstreamError | None = None
-
-    def send(self, data: list[bytes]) -> None:
-        assert self.transport is not None
-        self._begin()
-        self.transport.writelines(data)
-
-    def reusable(self) -> bool:
-        return (not self.closed and self.keep_alive
-                and time.monotonic() - self.idle_since < IDLE_REUSE_S)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    # -- reading the answer, for the request's task -------------------------------------------
-    async def head(self) -> int:
-        while not self.head_done:
-            if self.error is not None:
-                raise self.error
-            await self._wait()
-        return self.status
-
-    async def chunk(self) -> bytes:
-        """The body's next bytes as they arrive; b"" at its end."""
-        while not self.chunks:
-            if self.complete:
-                return b""
-            if self.error is not None:
-                raise self.error
-            await self._wait()
-        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks.clear()
-        return data
-
-    async def body(self) -> bytes:
-        while not self.complete:
-            if self.error is not None:
-                raise self.error
-            await self._wait()
-        data = b"".join(self.chunks)
-        self.chunks.clear()
-        return data
-
-    async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # -- asyncio.Protocol ---------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # The request goes out in one write, but an answer must not wait on Nagle either.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            self.error = UpstreamError(f"a malformed answer ({type(e).__name__})")
-            self.close()
-        self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.head_done and not self.framed and not self.complete:
-            self.complete = True  # a body that ends with the connection
-        elif not self.complete and self.error is None:
-            self.error = UpstreamError("closed the connection" if exc is None
-                                       else type(exc).__name__)
-        self._wake()
-
-    # -- httptools callbacks ------------------------------------------------------------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"content-type":
-            self.content_type = value
-        elif name in (b"content-length", b"transfer-encoding"):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        self.head_done = True
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()
-        self._wake()
-
-
-class Upstream:
-    """Kept-alive connections to one runtime, the most recently used reused first."""
-
-    def __init__(self, url: str, key: str | None) -> None:
-        parts = urlsplit(url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
-        self.prefix = parts.path.rstrip("/").encode()
-        self.headers = (f"host: {parts.netloc}\r\ncontent-type: application/json\r\n"
-                        + (f"authorization: Bearer {key}\r\n" if key else "")).encode()
-        self.idle: list[_Connection] = []
-
-    async def request(self, method: bytes, path: str, body: bytes = b"") -> _Connection:
-        """Sends the request; the answer is read from the connection returned, which goes back
-        with release() or, when its answer was not read to the end, close()."""
-        conn: _Connection | None = None
-        while self.idle:
-            candidate = self.idle.pop()
-            if candidate.reusable():
-                conn = candidate
-                break
-            candidate.close()
-        if conn is None:
-            fresh = conn = _Connection()
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    await loop.create_connection(lambda: fresh, self.host, self.port)
-            except (OSError, TimeoutError) as e:
-                raise UpstreamError(type(e).__name__) from e
-        conn.send([method, b" ", self.prefix, path.encode(), b" HTTP/1.1\r\n", self.headers,
-                   b"content-length: %d\r\n\r\n" % len(body), body])
-        return conn
-
-    def release(self, conn: _Connection) -> None:
-        conn.idle_since = time.monotonic()
-        if conn.complete and conn.reusable():
-            self.idle.append(conn)
-        else:
-            conn.close()
-
-    def close(self) -> None:
-        while self.idle:
-            self.idle.pop().close()
 
 
 class RouteState:
@@ -769,7 +585,7 @@ class _ClientGone(Exception):
     """The client hung up: there is no one left to answer."""
 
 
-async def _hang_up(receive: Receive, conn: _Connection) -> None:
+async def _hang_up(receive: Receive, conn: Connection) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     conn.close()

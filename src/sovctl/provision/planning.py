@@ -1,9 +1,12 @@
 """`sovctl plan NAME|REF`: find the model's GGUF header (the store, a local file, or only the
-header's bytes from the Hub), and fit it to this machine's memory with the configured slots."""
+header's bytes from the Hub), and fit it to this machine's memory with the configured slots; for
+the model the [cluster] workers serve, also split it over the workers' memory, as they report
+it now."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,12 @@ from sovctl.home import Home
 from sovctl.provision import header as gguf
 from sovctl.provision import sizing
 from sovctl.provision.facts import HostFacts
-from sovctl.provision.sizing import Budget, Fit, Want
+from sovctl.provision.sizing import Budget, ClusterFit, Device, Fit, Want
+from sovctl.runtime import cluster
+from sovctl.runtime.plan import clustered_model
+
+# A worker answers its HELLO in milliseconds; one that does not within this is down or busy.
+PROBE_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -29,11 +37,19 @@ class Target:
 
 
 @dataclass(frozen=True)
+class ClusterPlan:
+    workers: tuple[str, ...]  # [cluster] workers, as configured
+    lost: tuple[cluster.WorkerHealth, ...]  # no answer: left out, as serve would start without
+    fit: ClusterFit
+
+
+@dataclass(frozen=True)
 class PlanResult:
     target: Target
-    fit: Fit
+    fit: Fit  # this machine alone
     budget: Budget
     facts: HostFacts
+    cluster: ClusterPlan | None = None  # when the [cluster] workers serve this model
 
 
 class DoesNotFit(CheckFailed):
@@ -129,10 +145,67 @@ def budget(facts: HostFacts, ram: int | None = None, vram: int | None = None) ->
                   len(gpus))
 
 
+def parse_worker_memory(values: Sequence[str]) -> dict[str, int]:
+    """--worker-memory ENDPOINT=SIZE, repeated -> {endpoint: bytes}."""
+    out = {}
+    for value in values:
+        endpoint, sep, size = value.rpartition("=")
+        if not sep or not endpoint:
+            raise UsageError(f"--worker-memory {value!r} is not ENDPOINT=SIZE",
+                             hint="write e.g. --worker-memory 10.0.0.2:50052=24GiB")
+        out[endpoint] = sizing.parse_size(size)
+    return out
+
+
+def _head_gpus(facts: HostFacts, vram: int | None) -> list[Device]:
+    if vram is not None:
+        return [Device("head GPU", vram, sizing.VRAM_OVERHEAD, "from --vram")] if vram else []
+    return [Device(f"head GPU {g.index}", g.memory_free, sizing.VRAM_OVERHEAD, "free, NVML")
+            for g in facts.usable_gpus]
+
+
+def plan_cluster(cfg: Settings, name: str, shape: sizing.ModelShape, want: Want,
+                 facts: HostFacts, head: Budget, vram: int | None = None,
+                 worker_memory: Mapping[str, int] | None = None) -> ClusterPlan | None:
+    """The split of `name` over the [cluster] workers (each probed now, unless --worker-memory
+    gives its free memory) and the head's GPUs; None when the workers do not serve it."""
+    workers = tuple(str(w) for w in cfg.get("cluster.workers"))
+    given = dict(worker_memory or {})
+    if unknown := [w for w in given if w not in workers]:
+        raise UsageError(f"--worker-memory names {', '.join(unknown)}, not a [cluster] worker",
+                         hint=f"[cluster] workers: {', '.join(workers) or 'none'}")
+    # With no [models] sections, serve takes its models from its flags: this one, as planned.
+    served = [(str(m.get("model", k)), str(m.get("role", "chat"))) for k, m in cfg.models.items()
+              ] or [(name, "embedding" if shape.embedding else "chat")]
+    if not workers or clustered_model(cfg, served) != name:
+        if given:
+            raise UsageError(f"--worker-memory sizes the [cluster] split, and the workers do not "
+                             f"serve {name}",
+                             hint="plan the model that [cluster] model names (default: the "
+                             "first chat model of [models])")
+        return None
+    asked = [w for w in workers if w not in given]
+    with ThreadPoolExecutor(max_workers=max(len(asked), 1)) as pool:
+        health = dict(zip(asked, pool.map(lambda w: cluster.probe_worker(w, PROBE_TIMEOUT),
+                                          asked), strict=True))
+    devices = []
+    for w in workers:
+        if w in given:
+            devices.append(Device(w, given[w], source="from --worker-memory"))
+        elif health[w].ok:
+            own = health[w].devices
+            devices += [Device(w if len(own) == 1 else f"{w}#{i}", free,
+                               source="free, as the worker reports")
+                        for i, (free, _) in enumerate(own)]
+    devices += _head_gpus(facts, vram)
+    return ClusterPlan(workers, tuple(h for h in health.values() if not h.ok),
+                       sizing.fit_cluster(name, shape, want, devices, head))
+
+
 def plan(home: Home, cfg: Settings, text: str, facts: HostFacts, *, ram: int | None = None,
          vram: int | None = None, n_ctx: int | None = None, parallel: int | None = None,
-         gpu_layers: int | None = None, revision: str | None = None, token: str | None = None
-         ) -> PlanResult:
+         gpu_layers: int | None = None, revision: str | None = None, token: str | None = None,
+         worker_memory: Mapping[str, int] | None = None) -> PlanResult:
     target, header = read_target(home, cfg, text, revision=revision, token=token)
     if header.get("general.type") == "mmproj" or header.get("general.architecture") == "clip":
         raise UsageError(f"{text} is a multimodal projector, not a model a runtime serves on "
@@ -144,7 +217,8 @@ def plan(home: Home, cfg: Settings, text: str, facts: HostFacts, *, ram: int | N
     want = want_for(cfg, section, facts, b.gpus > 0, n_ctx, parallel)
     if gpu_layers is not None:
         want = Want(want.n_ctx, want.parallel, gpu_layers)
-    return PlanResult(target, sizing.fit(text, role, shape, want, b), b, facts)
+    return PlanResult(target, sizing.fit(text, role, shape, want, b), b, facts,
+                      plan_cluster(cfg, text, shape, want, facts, b, vram, worker_memory))
 
 
 def local_shape(path: Path, label: str) -> sizing.ModelShape:

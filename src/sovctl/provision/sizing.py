@@ -23,11 +23,20 @@ The fit, in this order: every layer on the GPU with the asked slots and context 
 slots, then a smaller context down to 2048 tokens); else as many layers on the GPU as fit, the
 rest on the CPU, with the asked slots and context; else fewer slots, then a smaller context
 (down to 512 tokens); else the model does not fit and the numbers say by how much.
+
+A clustered runtime ([cluster] workers) is served with its layers offloaded, and llama.cpp splits
+them over its devices (the RPC workers' first, in the order given, then the head's GPUs) in
+proportion to the free memory each reports. Each device holds its layers' weights and KV cache,
+a compute buffer, and a head GPU also the CUDA overhead; the head's RAM keeps the input
+embeddings, a compute buffer and the runtime. The split never moves a layer to where it would
+fit, so the fit trades slots, then context, until every part fits (`split`, `fit_cluster`).
 """
 
 from __future__ import annotations
 
+import bisect
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -378,3 +387,167 @@ def fit_all(models: Sequence[tuple[str, str, ModelShape, Want]], budget: Budget
             budget = budget.after(f.footprint)
     by_name = {f.model: f for f in fits}
     return [by_name[m[0]] for m in models], budget
+
+
+# -- a cluster: one runtime's layers over RPC workers and the head's GPUs -------------------------
+@dataclass(frozen=True)
+class Device:
+    """A device llama.cpp can put layers on: a worker's (over RPC) or one of the head's GPUs."""
+    label: str
+    free: int
+    overhead: int = 0  # what the runtime takes there once it holds a layer (a head GPU's CUDA)
+    source: str = ""  # where `free` comes from, as it reads after the size
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one device holds of a clustered runtime; the head's RAM is one too."""
+    label: str
+    source: str
+    free: int
+    usable: int
+    layers: tuple[int, ...]  # layer indices; n_layer is the output layer
+    output: bool
+    weights: int
+    kv: int
+    compute: int
+    overhead: int
+    total: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Split:
+    n_ctx: int
+    parallel: int
+    n_layer: int
+    offloaded: int  # layers on the devices, 0..n_layer+1
+    devices: tuple[DeviceShare, ...]  # in llama.cpp's order: the workers', then the head's GPUs
+    head: DeviceShare  # the head's RAM: input embeddings, layers left on its CPU, runtime
+    fits: bool
+
+    @property
+    def worst(self) -> DeviceShare:
+        """The part that overflows most (when all fit: the one with the least room left)."""
+        return max((*self.devices, self.head), key=lambda d: d.total - d.usable)
+
+
+def _f32(x: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
+def _layer_devices(devices: Sequence[Device], n_layer: int, offloaded: int) -> list[int | None]:
+    """The device index of each layer 0..n_layer (n_layer: the output layer), None for the
+    head's CPU. llama.cpp's default split: each device takes layers in proportion to its free
+    memory, computed in float32 so that a layer on a boundary lands where llama.cpp puts it."""
+    sums, acc = [], 0.0
+    for d in devices:
+        acc = _f32(acc + _f32(d.free))
+        sums.append(acc)
+    if acc == 0:  # nothing free anywhere (or no device): llama.cpp would divide by zero
+        return [None] * (n_layer + 1)
+    points = [_f32(x / acc) for x in sums]
+    start = n_layer + 1 - offloaded
+    return [None if il < start else bisect.bisect_right(points, _f32((il - start) / offloaded))
+            for il in range(n_layer + 1)]
+
+
+def split(s: ModelShape, n_ctx: int, parallel: int, devices: Sequence[Device], head: Budget,
+          offloaded: int | None = None) -> Split:
+    """Where llama.cpp puts a runtime serving `s` with `parallel` slots of `n_ctx` tokens and
+    its last `offloaded` layers (default: all, the output layer too) over `devices`, given in
+    its order, and what each part then holds against its free memory less the headroom."""
+    offloaded = s.n_layer + 1 if offloaded is None else max(0, min(offloaded, s.n_layer + 1))
+    where = _layer_devices(devices, s.n_layer, offloaded)
+    tokens = 0 if s.embedding else n_ctx * parallel
+    compute = _compute_bytes(s, n_ctx, parallel)
+
+    def parts(layers: list[int], tied: int) -> tuple[int, int]:
+        blocks = [i for i in layers if i < s.n_layer]
+        head_bytes = s.output_bytes + tied if s.n_layer in layers else 0
+        return (sum(s.layer_bytes[i] for i in blocks) + head_bytes,
+                sum(s.kv_layer_bytes[i] for i in blocks) * tokens)
+
+    shares = []
+    for i, d in enumerate(devices):
+        layers = [il for il, at in enumerate(where) if at == i]
+        need = (*parts(layers, s.tied_bytes), compute if layers else 0,
+                d.overhead if layers else 0)
+        usable = int(d.free * (1 - head.headroom))
+        shares.append(DeviceShare(d.label, d.source, d.free, usable, tuple(layers),
+                                  s.n_layer in layers, *need, sum(need), sum(need) <= usable))
+    # The head's CPU always runs the input layer, so it always has a compute buffer too; a
+    # tied output head left there reads the token embeddings, not a copy of them.
+    cpu = [il for il, at in enumerate(where) if at is None]
+    weights, kv = parts(cpu, 0)
+    own = (s.input_bytes + weights, kv, compute, RAM_OVERHEAD)
+    head_share = DeviceShare("head RAM", head.ram_source, head.ram_bytes, head.ram_usable,
+                             tuple(cpu), s.n_layer in cpu, *own, sum(own),
+                             sum(own) <= head.ram_usable)
+    return Split(n_ctx, parallel, s.n_layer, len(where) - len(cpu), tuple(shares), head_share,
+                 head_share.fits and all(d.fits for d in shares))
+
+
+@dataclass(frozen=True)
+class ClusterFit:
+    model: str
+    fits: bool
+    want: Want
+    split: Split  # the one to serve with; not fitting: the smallest setting tried
+    notes: tuple[str, ...]
+
+
+def fit_cluster(name: str, s: ModelShape, want: Want, devices: Sequence[Device], head: Budget
+                ) -> ClusterFit:
+    """The asked slots and context over `devices`; where a part overflows, fewer slots, then a
+    smaller context (halving, down to 512 tokens), as `fit` trades them. The layers never
+    move: llama.cpp splits them by free memory, not by what each device would need."""
+    notes: list[str] = []
+    n_ctx = want.n_ctx
+    if s.context_length and n_ctx > s.context_length:
+        notes.append(f"n_ctx {n_ctx} is past what {name} was trained on; capped at "
+                     f"{s.context_length}")
+        n_ctx = s.context_length
+    parallel = max(want.parallel, 1)
+    # serve offloads every layer of a clustered model left at 0: none would reach a worker
+    offloaded = None if want.n_gpu_layers <= 0 else want.n_gpu_layers
+
+    def at(ctx: int, par: int) -> Split:
+        return split(s, ctx, par, devices, head, offloaded)
+
+    for ctx in _halvings(n_ctx, min(MIN_CTX, n_ctx)):
+        for par in _halvings(parallel, 1):
+            sp = at(ctx, par)
+            if sp.fits:
+                if par < parallel:
+                    notes.append(f"parallel {parallel} -> {par}: the KV cache of {parallel} "
+                                 f"slots would overflow {at(ctx, parallel).worst.label}")
+                if ctx < n_ctx:
+                    notes.append(f"n_ctx {n_ctx} -> {ctx}: the KV cache for {n_ctx} tokens per "
+                                 f"slot would overflow {at(n_ctx, par).worst.label}")
+                return ClusterFit(name, True, want, sp, tuple(notes))
+    return ClusterFit(name, False, want, sp, tuple(notes))
+
+
+def layer_range(layers: Sequence[int], n_layer: int) -> str:
+    """"0-15", "16-29+out" (the output layer), "out", "-" for none: a device's layers are
+    consecutive."""
+    blocks = [i for i in layers if i < n_layer]
+    text = "" if not blocks else str(blocks[0]) if len(blocks) == 1 else \
+        f"{blocks[0]}-{blocks[-1]}"
+    return "+".join(x for x in (text, "out" if n_layer in layers else "") if x) or "-"
+
+
+def cluster_refusal(f: ClusterFit, headroom: float = HEADROOM) -> str:
+    """The numbers of the part of a cluster that overflows most, in one sentence."""
+    sp = f.split
+    d = sp.worst
+    holds = f"layers {layer_range(d.layers, sp.n_layer)}"
+    if d is sp.head:
+        holds = "the input layer" + (f", {holds}" if d.layers else "")
+    return (f"{f.model} does not fit over the cluster: with {sp.parallel} slot(s) of "
+            f"{sp.n_ctx} tokens, {d.label} ({holds}) needs {human_bytes(d.total)} (weights "
+            f"{human_bytes(d.weights)}, KV cache {human_bytes(d.kv)}, compute "
+            f"{human_bytes(d.compute)}, runtime {human_bytes(d.overhead)}); "
+            f"{human_bytes(max(d.usable, 0))} is usable ({100 - round(headroom * 100)}% of "
+            f"{' '.join(x for x in (human_bytes(d.free), d.source) if x)})")

@@ -392,6 +392,14 @@ def local_prices(home: Home, cfg: Settings, models: Sequence[ServedModel]
     return prices, ()
 
 
+def clustered_model(cfg: Settings, served: Sequence[tuple[str, str]]) -> str | None:
+    """Which of the served (name, role) models the [cluster] workers serve: [cluster] model,
+    else the first chat model; None when that is no served chat model."""
+    wanted = str(cfg.get("cluster.model"))
+    chat = [name for name, role in served if role != "embedding"]
+    return (wanted if wanted in chat else None) if wanted else next(iter(chat), None)
+
+
 def _cluster(cfg: Settings, models: tuple[ServedModel, ...]
              ) -> tuple[tuple[ServedModel, ...], str, tuple[str, ...], tuple[str, ...]]:
     """(the models, the one using the [cluster] workers, the workers, notes). That model's
@@ -401,9 +409,8 @@ def _cluster(cfg: Settings, models: tuple[ServedModel, ...]
     if not workers:
         return models, "", (), ()
     wanted = str(cfg.get("cluster.model"))
-    chat = [m for m in models if m.role != "embedding"]
-    target = next((m for m in chat if m.name == wanted), None) if wanted else \
-        next(iter(chat), None)
+    name = clustered_model(cfg, [(m.name, m.role) for m in models])
+    target = next((m for m in models if m.name == name), None)
     if target is None:
         if wanted:
             raise ConfigError(f"[cluster] model {wanted!r} is not a chat model being served",

@@ -298,13 +298,16 @@ def _halvings(start: int, floor: int) -> list[int]:
     return out
 
 
-def fit(name: str, role: str, s: ModelShape, want: Want, budget: Budget) -> Fit:
-    notes: list[str] = []
-    n_ctx = want.n_ctx
+def _trained_ctx(name: str, s: ModelShape, n_ctx: int) -> tuple[int, list[str]]:
+    """The context asked, capped at what the model was trained on (and a note saying so)."""
     if s.context_length and n_ctx > s.context_length:
-        notes.append(f"n_ctx {n_ctx} is past what {name} was trained on; capped at "
-                     f"{s.context_length}")
-        n_ctx = s.context_length
+        return s.context_length, [f"n_ctx {n_ctx} is past what {name} was trained on; capped "
+                                  f"at {s.context_length}"]
+    return n_ctx, []
+
+
+def fit(name: str, role: str, s: ModelShape, want: Want, budget: Budget) -> Fit:
+    n_ctx, notes = _trained_ctx(name, s, want.n_ctx)
     parallel = max(want.parallel, 1)
     ctx_steps = _halvings(n_ctx, min(MIN_CTX, n_ctx))
     par_steps = _halvings(parallel, 1)
@@ -502,12 +505,7 @@ def fit_cluster(name: str, s: ModelShape, want: Want, devices: Sequence[Device],
     """The asked slots and context over `devices`; where a part overflows, fewer slots, then a
     smaller context (halving, down to 512 tokens), as `fit` trades them. The layers never
     move: llama.cpp splits them by free memory, not by what each device would need."""
-    notes: list[str] = []
-    n_ctx = want.n_ctx
-    if s.context_length and n_ctx > s.context_length:
-        notes.append(f"n_ctx {n_ctx} is past what {name} was trained on; capped at "
-                     f"{s.context_length}")
-        n_ctx = s.context_length
+    n_ctx, notes = _trained_ctx(name, s, want.n_ctx)
     parallel = max(want.parallel, 1)
     # serve offloads every layer of a clustered model left at 0: none would reach a worker
     offloaded = None if want.n_gpu_layers <= 0 else want.n_gpu_layers

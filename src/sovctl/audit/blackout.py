@@ -210,15 +210,15 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
     run_home = stack.audit_home(home, "blackout")
     stack.fresh_run_dir(run_home)
     workers = next((p.workers for p in configured.processes if p.workers), ())
-    relay_dir = Path(tempfile.mkdtemp(prefix="sovctl-bridge-"))  # short: a Unix socket's path
-    bridges = bridge.plan_bridges(workers, relay_dir)
     progress(f"entering a fresh network namespace ({mode})"
              + (" to start the stack" if c2.passed else "")
              + (f", bridged to the workers {', '.join(workers)}" if workers else ""))
     t = time.perf_counter()
-    job_flags = {**flags, **({"cluster.workers": [b.literal for b in bridges]} if bridges
-                             else {})}
+    relay_dir = Path(tempfile.mkdtemp(prefix="sovctl-bridge-"))  # short: a Unix socket's path
     try:
+        bridges = bridge.plan_bridges(workers, relay_dir)
+        job_flags = {**flags, **({"cluster.workers": [b.literal for b in bridges]} if bridges
+                                 else {})}
         with bridge.Outer(bridges) as relay:
             inside = _run_inside(home, {
                 "home": str(home.root), "flags": job_flags, "chat": list(chat),

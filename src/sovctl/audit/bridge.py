@@ -82,8 +82,9 @@ class Traffic:
     failed: list[str] = field(default_factory=list)  # connects to the worker that failed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, to_worker: int = 0, from_worker: int = 0) -> None:
+    def add(self, connections: int = 0, to_worker: int = 0, from_worker: int = 0) -> None:
         with self._lock:
+            self.connections += connections
             self.to_worker += to_worker
             self.from_worker += from_worker
 
@@ -123,7 +124,7 @@ class _Relay:
                  traffic: Traffic | None = None) -> None:
         self.listener = listener
         self.connect = connect
-        self.traffic = traffic
+        self.traffic = traffic or Traffic()
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -139,15 +140,12 @@ class _Relay:
         try:
             peer = self.connect()
         except OSError as e:
-            if self.traffic is not None:
-                self.traffic.failed.append(e.strerror or str(e))
+            self.traffic.failed.append(e.strerror or str(e))
             conn.close()
             return
         t = self.traffic
-        if t is not None:
-            t.connections += 1
-        _splice(conn, peer, (lambda n: t.add(to_worker=n)) if t else (lambda n: None),
-                (lambda n: t.add(from_worker=n)) if t else (lambda n: None))
+        t.add(connections=1)
+        _splice(conn, peer, lambda n: t.add(to_worker=n), lambda n: t.add(from_worker=n))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

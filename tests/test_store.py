@@ -964,11 +964,14 @@ def test_help_in_a_real_process_imports_nothing_heavy(tmp_path: Path) -> None:
 
 
 def test_json_usage_errors_are_one_document(cli: Cli) -> None:
-    r = cli("--json", "pull")  # REF missing
+    r = cli("--json", "rm")  # NAME missing
     assert r.exit_code == ExitCode.USAGE
     doc = doc_of(r)
     assert doc["ok"] is False and doc["error"]["exit_name"] == "USAGE"
     assert "Missing argument" in doc["error"]["message"]
+    r = cli("--json", "pull")  # neither REF nor --lock
+    assert r.exit_code == ExitCode.USAGE
+    assert "give a REF, or --lock FILE" in doc_of(r)["error"]["message"]
     r = cli("pull", "--json", "--no-such-option", "x")
     assert r.exit_code == ExitCode.USAGE
     assert doc_of(r)["error"]["exit_name"] == "USAGE"

@@ -655,12 +655,13 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
 def _worker_exposure(configured: Plan) -> tuple[list[str], list[str]]:
     """(problems, evidence): llama.cpp's RPC is unauthenticated, so a [cluster] worker on an
     address beyond a private network lends its memory, and the tensors it holds, to anyone."""
+    from sovctl.config import parse_endpoint
     from sovctl.runtime.cluster import bind_scope
 
     workers = sorted({w for p in configured.processes for w in p.workers})
     if not workers:
         return [], []
-    scopes = {w: bind_scope(w.partition(":")[0], allow_unauthenticated=True) for w in workers}
+    scopes = {w: bind_scope(parse_endpoint(w)[0], allow_unauthenticated=True) for w in workers}
     public = [w for w, scope in scopes.items() if scope == "public"]
     if public:
         return [f"[cluster] workers on a public address, where their unauthenticated RPC is "

@@ -13,7 +13,7 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sovctl.config import Settings, parse_endpoint
@@ -202,14 +202,6 @@ def rpc_argv(args: Sequence[str], workers: Sequence[str]) -> tuple[str, ...]:
     else:
         del out[i:i + 2]
     return tuple(out)
-
-
-def check_workers(workers: Iterable[str], probe: Callable[[str], WorkerHealth] = probe_worker,
-                  ) -> tuple[list[WorkerHealth], list[WorkerHealth]]:
-    """(the workers that answer, those that do not)."""
-    found = [probe(w) for w in workers]
-    return [h for h in found if h.ok], [h for h in found if not h.ok]
-
 
 
 # llama.cpp names an RPC device RPCn[HOST:PORT] in its load log, one line per buffer it puts

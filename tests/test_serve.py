@@ -293,10 +293,15 @@ def test_crash_loop_marked_failed_others_keep_serving(tmp_path: Path) -> None:
 
 
 def test_queue_bound_gives_429_never_hangs(tmp_path: Path) -> None:
-    s = start_stack(tmp_path / "home", "--chat", "tiny", env={"SOVCTL_SERVE__QUEUE_LIMIT": "1"},
+    # One slot and one place in the queue, the eight requests sent at once: the tiny model
+    # answers in milliseconds, so only requests truly in flight together can fill the queue.
+    s = start_stack(tmp_path / "home", "--chat", "tiny",
+                    env={"SOVCTL_SERVE__QUEUE_LIMIT": "1", "SOVCTL_SERVE__PARALLEL": "1"},
                     models=((TINY_MODEL, "tiny"),))
+    together = threading.Barrier(8)
     try:
         def one(_: int) -> int:
+            together.wait(timeout=30)
             r = httpx.post(s.base + "/v1/completions", timeout=120,
                            json={"model": "tiny", "prompt": "Once upon a time",
                                  "max_tokens": 200, "temperature": 0})

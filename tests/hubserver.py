@@ -118,7 +118,7 @@ class Hub:
 def serve(
     cat: Catalog | None = None,
     handler: type[MirrorHandler] = MirrorHandler,
-    api_key: str | None = None,
+    token: str | None = None,
 ) -> Iterator[Hub]:
     """Run a hub on 127.0.0.1 (a free port) in a thread. Leaving the block stops it for real:
     open keep-alive connections (huggingface_hub pools them) are cut too."""
@@ -137,7 +137,7 @@ def serve(
     Tracked.__name__ = handler.__name__
     if issubclass(handler, Counting):
         Tracked.bodies = bodies
-    server = make_server(cat or catalog(), "127.0.0.1", 0, api_key=api_key, handler=Tracked)
+    server = make_server(cat or catalog(), "127.0.0.1", 0, token=token, handler=Tracked)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

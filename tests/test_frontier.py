@@ -2,9 +2,10 @@
 and a provider configured to a stand-in frontier API.
 
 The real provider cannot be reached from here (and a test must not spend money on one), so the
-provider is an OpenAI-compatible stand-in on 127.0.0.1 that records every request it receives:
-/v1/chat/completions with and without streaming, reporting a fixed usage (10 prompt and 5
-generated tokens) and, on a stream, a usage event only when stream_options asks for it. A second
+provider is an OpenAI-compatible stand-in for a paid API, on 127.0.0.1, that records every
+request it receives: /v1/chat/completions with and without streaming, reporting a fixed usage
+(10 prompt and 5 generated tokens) and, on a stream, a usage event only when stream_options
+asks for it. A second
 provider points at a closed loopback port: unreachable. Asserted: only `frontier/...` requests
 reach the stand-in, with the key from the environment; private and cap policies; a fast 502;
 streaming with usage; the ledger's figures against the requests made here; `sovctl ledger` and
@@ -35,7 +36,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
 KEY = "sk-standin-0123456789"  # lives in the environment only
 PRICE_IN, PRICE_OUT = 1000.0, 2000.0  # per million tokens: 10 in + 5 out cost 0.02
 PER_REQUEST = (10 * PRICE_IN + 5 * PRICE_OUT) / 1e6
-CAP = 0.05  # three answered requests (0.06) pass it
+MAX_TOKENS = 5  # the provider's max_tokens, applied to each request (none asks for a limit)
+# A request of one short message reserves 11 prompt tokens (estimated) and 5 generated, 0.021:
+# three answered requests (0.06) leave less than that of the cap.
+CAP = 0.07
 # The fake bench of the local model: 1000 tok/s at 0.1 J/token for prompts, 100 at 1 J/token
 # for generation; with no hardware price, a local Mtok costs its electricity at 0.15 a kWh.
 LOCAL_IN, LOCAL_OUT = 0.1e6 / 3.6e6 * 0.15, 1.0e6 / 3.6e6 * 0.15
@@ -108,15 +112,16 @@ cloud_input_price_per_mtok = 2.0
 [providers.standin]
 base_url = "http://127.0.0.1:{standin_port}/v1"
 api_key_env = "STANDIN_KEY"
+daily_cap = {CAP}
+max_tokens = {MAX_TOKENS}
+[providers.standin.models.gpt-test]
 input_per_mtok = {PRICE_IN}
 output_per_mtok = {PRICE_OUT}
-daily_cap = {CAP}
 
 [providers.down]
 base_url = "http://127.0.0.1:{closed_port}/v1"
 api_key_env = "STANDIN_KEY"
-input_per_mtok = 1.0
-output_per_mtok = 1.0
+models = {{ gpt-test = {{ input_per_mtok = 1.0, output_per_mtok = 1.0 }} }}
 """
 
 
@@ -191,6 +196,7 @@ def test_only_opted_in_requests_reach_the_provider(traffic: dict[str, Any]) -> N
     for r in received:
         assert r["path"] == "/v1/chat/completions"
         assert r["body"]["model"] == "gpt-test"
+        assert r["body"]["max_tokens"] == MAX_TOKENS
         assert r["headers"]["authorization"] == f"Bearer {KEY}"
         assert not any(k.lower() == "x-sovctl-private" for k in r["headers"])
     assert traffic["routed"].choices[0].message.content == "Hello from the stand-in"
@@ -248,16 +254,23 @@ def test_ledger_figures(traffic: dict[str, Any]) -> None:
     # Four local chats: the same request twice plain and twice streamed, each the same answer.
     local_in = 2 * local.prompt_tokens + 2 * streamed["prompt_tokens"]
     local_out = 2 * local.completion_tokens + 2 * streamed["completion_tokens"]
-    assert data["local_tokens"] == local_in + local_out
-    assert data["routed_tokens"] == 3 * 15
-    assert data["spend"] == {"standin": pytest.approx(3 * PER_REQUEST), "down": 0.0}
-    assert data["local_cost"] == pytest.approx(local_in * LOCAL_IN / 1e6
-                                               + local_out * LOCAL_OUT / 1e6)
-    assert data["local_unpriced_tokens"] == 0
-    assert data["local_at_cloud_price"] == pytest.approx((local_in * 2.0 + local_out * 8.0)
-                                                         / 1e6)
-    assert data["local_share"] == pytest.approx((local_in + local_out)
-                                                / (local_in + local_out + 45))
+    # Every stream reported its usage: the tokens are measured. The local costs rest on a
+    # bench whose energy was estimated (no power meter): they say so.
+    assert data["local_tokens"] == {"value": local_in + local_out, "source": "measured"}
+    assert data["routed_tokens"] == {"value": 3 * 15, "source": "measured"}
+    assert data["spend"] == {"down": {"value": 0.0, "source": "measured"},
+                             "standin": {"value": pytest.approx(3 * PER_REQUEST),
+                                         "source": "measured"}}
+    assert data["local_cost"] == {"value": pytest.approx(local_in * LOCAL_IN / 1e6
+                                                         + local_out * LOCAL_OUT / 1e6),
+                                  "source": "estimated"}
+    assert data["local_unpriced_tokens"]["value"] == 0
+    assert data["local_at_cloud_price"] == {
+        "value": pytest.approx((local_in * 2.0 + local_out * 8.0) / 1e6),
+        "source": "configured"}  # measured tokens at the [cost] prices of sovctl.toml
+    assert data["local_share"]["value"] == pytest.approx((local_in + local_out)
+                                                         / (local_in + local_out + 45))
+    assert data["estimated"] == {"tokens": 0, "cost": pytest.approx(data["local_cost"]["value"])}
     rows = {r["key"]: r for r in data["rows"]}
     # standin: answered 3, private 1, capped 1; down: 1; never routed: "gpt-test".
     assert {k: r["requests"] for k, r in rows.items()} == {
@@ -268,28 +281,32 @@ def test_ledger_figures(traffic: dict[str, Any]) -> None:
 
 def test_cost_from_the_ledger_and_by_hand(traffic: dict[str, Any]) -> None:
     home: Path = traffic["home"]
-    volume = traffic["ledger"]["data"]["tokens"]  # all on one day
+    volume = traffic["ledger"]["data"]["tokens"]["value"]  # all on one day
     flags = ("--hardware-price", "1000", "--lifetime-years", "2", "--watts", "100",
              "--tokens-per-s", "50", "--tariff", "0.2", "--cloud-price", "5")
     doc = run_json(home, "cost", *flags)
     assert doc["_rc"] == 0, doc["_stderr"]
     data = doc["data"]
-    assert data["inputs"]["daily_tokens"] == {"value": volume, "source": "ledger, the last 1 day",
-                                              "default": False}
+    assert data["inputs"]["daily_tokens"] == {"value": volume, "source": "measured",
+                                              "basis": "ledger, the last 1 day"}
     # 100 W / 50 tok/s = 2 J/token: 2e6 J = 0.5556 kWh a Mtok at 0.2.
     electricity = 2e6 / 3.6e6 * 0.2
     per_day = 1000 / (2 * 365.25)
-    r = data["result"]
+    r = {name: f["value"] for name, f in data["result"].items()}
     assert r["electricity_per_mtok"] == pytest.approx(electricity)
     assert r["break_even_daily_tokens"] == pytest.approx(per_day / (5 - electricity) * 1e6)
     assert r["months_to_break_even"] == pytest.approx(
         1000 / (volume / 1e6 * (5 - electricity)) / (365.25 / 12))
     assert r["local_per_mtok"] == pytest.approx(electricity + per_day / (volume / 1e6))
-    assert not r["owning_wins"] and data["verdict"].startswith("stay in the cloud")
+    # Flags and the ledger's measured volume: nothing estimated, nothing defaulted.
+    assert {f["source"] for f in data["result"].values()} == {"flag"}
+    assert not data["owning_wins"] and data["verdict"].startswith("stay in the cloud")
     assert data["defaults"] == []
     zero = run_json(home, "cost", *flags, "--daily-tokens", "0")["data"]
-    assert zero["result"]["local_per_mtok"] is None
-    assert zero["result"]["months_to_break_even"] is None
+    assert zero["result"]["local_per_mtok"] == {"value": None, "source": "flag",
+                                                "basis": "from watts, tokens_per_s, tariff, "
+                                                "hardware_price, lifetime_years, daily_tokens"}
+    assert zero["result"]["months_to_break_even"]["value"] is None
     assert "no daily volume" in zero["verdict"]
     text = run(home, "cost", *flags, "--daily-tokens", "5e6")
     assert text.returncode == 0 and "verdict: own:" in text.stdout
@@ -305,14 +322,12 @@ def test_blackout_with_frontier_routes(tmp_path: Path) -> None:
 [providers.named]
 base_url = "https://frontier.example.org/v1"
 api_key_env = "SOVCTL_TEST_UNSET_KEY"
-input_per_mtok = 1.0
-output_per_mtok = 1.0
+models = { m = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }
 
 [providers.literal]
 base_url = "https://203.0.113.5/v1"
 api_key_env = "SOVCTL_TEST_UNSET_KEY"
-input_per_mtok = 1.0
-output_per_mtok = 1.0
+models = { m = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }
 """)
     doc = run_json(home, "audit", "blackout", "--chat", "tiny")
     checks = {c["id"]: c for c in doc["data"]["checks"]}
@@ -321,7 +336,7 @@ output_per_mtok = 1.0
     assert c8["name"] == "exception routes"
     probes = {p["what"]: p for p in c8["details"]["probes"]}
     for name in ("named", "literal"):
-        p = probes[f"frontier/{name}/sovctl-audit-probe"]
+        p = probes[f"frontier/{name}/m"]  # the provider's first listed model
         assert p["status"] == 502 and p["seconds"] < 5
     assert probes["tiny"]["status"] == 200
     assert "placeholder" in c8["evidence"]

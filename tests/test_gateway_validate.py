@@ -41,6 +41,14 @@ def chat(*messages: dict[str, Any], **fields: Any) -> dict[str, Any]:
     return {"messages": list(messages) or [{"role": "user", "content": "hi"}], **fields}
 
 
+def deep(levels: int) -> dict[str, Any]:
+    """A JSON schema `levels` objects deep."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels - 1):
+        schema = {"not": schema}
+    return schema
+
+
 def user(content: Any) -> dict[str, Any]:
     return {"role": "user", "content": content}
 
@@ -79,6 +87,10 @@ VALID = [
                 response_format={"type": "json_object", "schema": {"type": "object"}})),
     (CHAT, chat(response_format={"type": "json_schema",
                                  "json_schema": {"name": "answer", "schema": {}}})),
+    # schemas as deep as the bound
+    (CHAT, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": deep(32)}}],
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "answer", "schema": deep(32)}})),
     (COMP, {"prompt": ""}),
     (COMP, {"prompt": ["Once", "upon"], "max_tokens": 8, "logprobs": 5, "echo": True,
             "suffix": "end", "best_of": 1}),
@@ -188,6 +200,11 @@ INVALID = [
     (CHAT, chat(response_format={"type": "xml"}), "response_format.type", "invalid_value"),
     (CHAT, chat(response_format={"type": "json_schema"}), "response_format.json_schema",
      "missing_required_parameter"),
+    (CHAT, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": deep(33)}}]),
+     "tools[0].function.parameters", "nesting_too_deep"),
+    (CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": deep(33)}}), "response_format.json_schema.schema",
+     "nesting_too_deep"),
     (COMP, {}, "prompt", "missing_required_parameter"),
     (COMP, {"prompt": 5}, "prompt", "invalid_type"),
     (COMP, {"prompt": []}, "prompt", "empty_array"),

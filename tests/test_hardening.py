@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,6 +76,23 @@ def test_refused_start_off_loopback_writes_no_secret(tmp_path: Path) -> None:
     r = run(home, "serve", "--chat", "tiny", "--host", "0.0.0.0", "--detach")
     assert r.returncode == 5
     assert not (home / "secrets").exists()
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.usefixtures("models")
+def test_plan_and_dry_run_write_nothing(tmp_path: Path) -> None:
+    # Not even the GGUF facts cache, which pull fills and planning only reads.
+    home = tmp_path / "home"
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    shutil.rmtree(home / "store" / "facts")
+    before = _tree(home)
+    assert run(home, "plan", "tiny").returncode == 0
+    assert run(home, "serve", "--chat", "tiny", "--dry-run").returncode == 0
+    assert _tree(home) == before
 
 
 # -- a taken port is an error, never a success --------------------------------------------------
@@ -239,3 +257,29 @@ def test_missing_models_fail_only_the_tests_that_use_them(tmp_path: Path) -> Non
 def test_models_probe(models: Path) -> None:
     """Run by the test above with the models folder missing: it must fail there, not skip."""
     assert (models / TINY_MODEL.name).is_file()
+
+
+@pytest.mark.usefixtures("models")
+def test_refused_up_off_loopback_writes_no_secret(tmp_path: Path, other_server: int) -> None:
+    # up starts through the same sequence as serve: every refusal before the key.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "sovctl.toml").write_text(f"""
+[serve]
+runtime = "llama-server"
+host = "0.0.0.0"
+port = {other_server}
+n_ctx = 256
+parallel = 1
+
+[pull.tiny]
+ref = "{TINY_MODEL}"
+
+[models.tiny]
+role = "completion"
+""")
+    r = run(home, "up")
+    assert r.returncode == 9, r.stderr
+    assert "already in use" in r.stderr or "held" in r.stderr, r.stderr
+    assert not (home / "secrets").exists()
+    assert not (home / "run" / "state.json").exists()

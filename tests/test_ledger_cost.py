@@ -19,11 +19,12 @@ from sovctl import config
 from sovctl.bench import costs
 from sovctl.errors import ConfigError, UsageError
 from sovctl.gateway.accounting import StreamTally, ask_usage
-from sovctl.gateway.frontier import Frontier
+from sovctl.gateway.frontier import Frontier, redact
 from sovctl.home import Home
 from sovctl.ledger import cost as ledger_cost
 from sovctl.ledger import report as ledger_report
 from sovctl.ledger import store
+from sovctl.ledger.figures import Amount
 from sovctl.runtime.documents import PROVIDER, Limits, Price, Provider, Route, RoutesTable
 
 DAY = 86400.0
@@ -141,10 +142,11 @@ def test_local_price_from_the_latest_bench_of_that_model() -> None:
 
 # -- the ledger's store and report ---------------------------------------------------------------
 
-def put_rows(path: Path, rows: list[store.Row]) -> None:
-    w = store.Writer(path)
+def put_rows(path: Path, rows: list[tuple[Any, ...]], max_rows: int = store.MAX_ROWS) -> None:
+    """Writes records as the gateway does; one given without its sources is measured."""
+    w = store.Writer(path, max_rows)
     for r in rows:
-        w.put(r)
+        w.put(r if len(r) == 11 else (*r, "measured", None if r[8] is None else "measured"))
     w.close()
 
 
@@ -159,12 +161,16 @@ def test_writer_batches_and_reads_back(tmp_path: Path) -> None:
         (now - 6, "-", "-", "/v1/chat/completions", 401, 0, 0, 0.0, 0.0),
         (now - 500 * DAY, "local", "tiny", "/v1/embeddings", 200, 1, 0, 0.1, 0.0),
     ])
-    assert len(store.groups(path, 0, now)) == 4  # the old one among them, until a reopen
+    assert len(store.groups(path, 0, now)) == 5  # the old one among them, until a reopen
     groups = store.groups(path, now - DAY, now)
-    assert {(g.route, g.requests) for g in groups} == {("local", 2), ("acme", 2), ("-", 1)}
-    local = next(g for g in groups if g.route == "local")
-    assert (local.tokens_in, local.tokens_out, local.cost) == (30, 10, pytest.approx(0.001))
-    assert (local.unpriced_in, local.unpriced_out) == (20, 5)
+    # Grouped by route and model, and apart by source: the priced local request and the
+    # unpriced one.
+    assert {(g.route, g.cost_source, g.requests) for g in groups} == {
+        ("local", "measured", 1), ("local", None, 1), ("acme", "measured", 2), ("-", "measured", 1)}
+    priced, unpriced = (next(g for g in groups if g.route == "local" and g.priced is p)
+                        for p in (True, False))
+    assert (priced.tokens_in, priced.tokens_out, priced.cost) == (10, 5, pytest.approx(0.001))
+    assert (unpriced.tokens_in, unpriced.tokens_out, unpriced.cost) == (20, 5, 0)
     assert store.spent_since(path, now - 60) == {"acme": pytest.approx(0.02)}
     assert [(r.route, r.status) for r in store.routed(path)] == [("acme", 200), ("acme", 403)]
     # Another writer opening the file drops what is older than the retention.
@@ -178,9 +184,88 @@ def test_writer_put_never_blocks() -> None:
     w = store.Writer(Path("/proc/no-ledger-here/ledger.sqlite3"))  # cannot be created
     t0 = time.perf_counter()
     for _ in range(10000):
-        w.put((0.0, "local", "m", "/v1/embeddings", 200, 1, 0, 0.0, 0.0))
+        w.put((0.0, "local", "m", "/v1/embeddings", 200, 1, 0, 0.0, 0.0, "measured", "measured"))
     assert time.perf_counter() - t0 < 0.5
     w.close()
+
+
+def test_a_ledger_of_schema_1_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as conn:  # as the previous version wrote it
+        conn.execute("CREATE TABLE requests (time REAL NOT NULL, route TEXT NOT NULL, model TEXT "
+                     "NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL, tokens_in "
+                     "INTEGER NOT NULL, tokens_out INTEGER NOT NULL, latency_s REAL NOT NULL, "
+                     "cost REAL)")
+        conn.execute("INSERT INTO requests VALUES (?, 'acme', 'frontier/acme/m', "
+                     "'/v1/chat/completions', 200, 10, 5, 0.1, 0.02)", (time.time() - 5,))
+        conn.execute("PRAGMA user_version=1")
+    conn.close()
+    # A reader migrates it (as the gateway would); its records count as measured, as they
+    # were presented then.
+    [group] = store.groups(path, 0, time.time())
+    assert (group.tokens_source, group.cost_source, group.cost) == (
+        "measured", "measured", pytest.approx(0.02))
+    put_rows(path, [(time.time(), "acme", "frontier/acme/m", "/v1/chat/completions", 499, 7, 3,
+                     0.1, 0.01, "estimated", "estimated")])
+    assert {g.tokens_source for g in store.groups(path, 0, time.time())} == {
+        "measured", "estimated"}
+
+
+def test_text_columns_are_cut(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    put_rows(path, [(time.time(), "r" * 100, "m" * 10_000, "/" + "e" * 1000, 404, 0, 0, 0.0,
+                     0.0)])
+    with sqlite3.connect(path) as conn:
+        route, model, endpoint = conn.execute(
+            "SELECT route, model, endpoint FROM requests").fetchone()
+    assert (len(route), len(model), len(endpoint)) == (64, 256, 64)
+
+
+def test_the_oldest_records_fold_into_daily_totals(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    now = time.time()
+    served = [(now - 2 * DAY + i, "acme", "frontier/acme/m", "/v1/chat/completions", 200, 10, 5,
+               0.1, 0.02) for i in range(30)]
+    refused = [(now - DAY + i, "acme", f"frontier/acme/x{i}", "/v1/chat/completions", 403, 0,
+                0, 0.0, 0.0) for i in range(30)]
+    estimated = [(now - 60 + i, "acme", "frontier/acme/m", "/v1/chat/completions", 499, 14, 3,
+                  0.1, 0.01, "estimated", "estimated") for i in range(5)]
+    put_rows(path, served + refused + estimated, max_rows=20)
+    with sqlite3.connect(path) as conn:
+        kept = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+        names = {m for (m,) in conn.execute("SELECT model FROM daily")}
+    assert kept == 20
+    assert names == {"frontier/acme/m", "-"}  # refused names folded under "-"
+    # The totals are those of every record, with their sources.
+    groups = store.groups(path, 0, now + 1)
+    assert sum(g.requests for g in groups) == 65
+    assert sum(g.tokens_in for g in groups if g.tokens_source == "measured") == 300
+    assert sum(g.tokens_in for g in groups if g.tokens_source == "estimated") == 70
+    assert store.spent_since(path, now - 3 * DAY) == {"acme": pytest.approx(0.65)}
+    # Another writer opening the file counts what is there: nothing more to fold.
+    put_rows(path, [], max_rows=20)
+    assert len(store.groups(path, 0, now + 1)) == len(groups)
+
+
+def test_redact() -> None:
+    assert redact("quoted key-of-ours-123 back", "key-of-ours-123") == "quoted [redacted] back"
+    for secret in ("sk-proj-AbC123dEf456", "sk-ant-api03-xyz_ABC-987", "sk-****abcd",
+                   "hf_aBcDeFgHiJkLmN", "Bearer abc.def", "bearer xyz",
+                   "Zx8Qp2Lm9Rt4Vb6Nc1Kd7Hs3Jf5Gw0Ay"):
+        assert redact(f"got {secret}, refused", None) == "got [redacted], refused", secret
+    # Long runs that are not random, and short ones, stay.
+    for kept in ("model gpt-4o-mini-2024-07-18 not found",
+                 "internationalization_and_localization_module", "org-AbCd1234 limit",
+                 "ab" * 20 + "12"):
+        assert redact(kept, "x") == kept
+
+
+def test_stream_tally_counts_text_for_an_estimate() -> None:
+    t = StreamTally(keep_usage=True, count_text=True)
+    t.feed(b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+           b'data: {"choices":[{"delta":{"content":"Hello"}}]}\n\ndata: {"choi')
+    t.feed(b'ces":[{"delta":{"tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}\n\n')
+    assert (t.events, t.text_events, t.chars, t.usage) == (3, 2, 8, None)
 
 
 def test_since_spans_and_dates() -> None:
@@ -212,15 +297,19 @@ def test_ledger_report_figures(tmp_path: Path) -> None:
         (now - 40, "-", "-", "/v1/chat/completions", 401, 0, 0, 0.0, 0.0),
     ])
     r = ledger_report.report(home, settings, since="7d", by="route", now=now)
-    assert r.requests == 4 and r.tokens == 1_000_000
-    assert r.local_tokens == 900_000 and r.routed_tokens == 100_000
-    assert r.local_share == pytest.approx(0.9)
-    assert r.spend == {"acme": pytest.approx(0.75)}
-    assert r.local_cost == pytest.approx(0.5) and r.local_unpriced_tokens == 100_000
+    measured = "measured"
+    assert r.requests == 4 and r.tokens == Amount(1_000_000, measured)
+    assert r.local_tokens == Amount(900_000, measured)
+    assert r.routed_tokens == Amount(100_000, measured)
+    assert r.local_share == Amount(pytest.approx(0.9), measured)
+    assert r.spend == {"acme": Amount(pytest.approx(0.75), measured)}
+    assert r.local_cost == Amount(pytest.approx(0.5), measured)
+    assert r.local_unpriced_tokens == Amount(100_000, measured)
     # (600k + 100k) prompt tokens at 2.0, 200k generated at 8.0, per million.
-    assert r.local_at_cloud_price == pytest.approx(0.7 * 2.0 + 0.2 * 8.0)
+    assert r.local_at_cloud_price == Amount(pytest.approx(0.7 * 2.0 + 0.2 * 8.0), "configured")
+    assert r.estimated == ledger_report.Estimates(0, 0)
     assert {row.key: row.requests for row in r.rows} == {"-": 1, "acme": 1, "local": 2}
-    assert len(r.days) == 8 and sum(d.local_tokens for d in r.days) == 900_000
+    assert len(r.days) == 8 and sum(d.local_tokens.value or 0 for d in r.days) == 900_000
     by_model = ledger_report.report(home, settings, since="1d", by="model", now=now)
     assert [row.key for row in by_model.rows] == ["-", "frontier/acme/x", "mini"]
     with pytest.raises(UsageError):
@@ -235,15 +324,21 @@ def test_cost_answers_with_defaults_and_no_history(tmp_path: Path) -> None:
     assert a.ledger is None and not a.bursty
     assert set(a.defaults) == {"hardware_price", "lifetime_years", "tariff", "watts",
                                "tokens_per_s", "daily_tokens", "cloud_per_mtok"}
-    assert a.inputs["tokens_per_s"].value == ledger_cost.DEFAULT_TOKENS_PER_S
-    assert a.inputs["watts"].value == 65.0 and a.inputs["daily_tokens"].value == 0
-    assert a.result.local_per_mtok is None
+    assert a.inputs["tokens_per_s"] == ledger_cost.Figure(
+        ledger_cost.DEFAULT_TOKENS_PER_S, "defaulted", "built-in default; no bench run")
+    assert a.inputs["watts"] == ledger_cost.Figure(
+        65.0, "defaulted", "bench.cpu_watts (default); no bench run")
+    assert a.inputs["daily_tokens"].value == 0
+    assert a.result["local_per_mtok"] == ledger_cost.Figure(
+        None, "defaulted", "from watts, tokens_per_s, tariff, hardware_price, lifetime_years, "
+        "daily_tokens")
+    assert {f.source for f in a.result.values()} == {"defaulted"}
     assert a.verdict.startswith("stay in the cloud: there is no daily volume")
 
 
 def test_cost_from_bench_and_ledger(tmp_path: Path) -> None:
     home = Home(tmp_path / "home")
-    settings = settings_for(home, "[cost]\nhardware_price = 1000.0\n")
+    settings = settings_for(home, "[cost]\nhardware_price = 1000.0\nelectricity_per_kwh = 0.15\n")
     hist = home.root / "bench" / "history.jsonl"
     hist.parent.mkdir(parents=True)
     hist.write_text(json.dumps(bench_record("r1", "a" * 64)) + "\n")
@@ -256,18 +351,28 @@ def test_cost_from_bench_and_ledger(tmp_path: Path) -> None:
     a = ledger_cost.answer(home, settings, {}, now=now)
     assert a.ledger is not None and a.ledger.days == 2 and a.ledger.active_days == 2
     assert a.inputs["daily_tokens"].value == pytest.approx(2_000_000)
-    assert a.inputs["hardware_price"].source == "config"
+    assert a.inputs["hardware_price"] == ledger_cost.Figure(1000.0, "configured",
+                                                           "cost.hardware_price (config)")
+    assert a.inputs["daily_tokens"].source == "measured"
     # Prompt share 0.75: seconds a token 0.75/1000 + 0.25/100, joules 0.75 x 0.1 + 0.25 x 1.
     seconds, joules = 0.75 / 1000 + 0.25 / 100, 0.75 * 0.1 + 0.25 * 1.0
     assert a.inputs["tokens_per_s"].value == pytest.approx(1 / seconds)
     assert a.inputs["watts"].value == pytest.approx(joules / seconds)
     assert a.inputs["cloud_per_mtok"].value == pytest.approx(0.75 * 2.5 + 0.25 * 10.0)
-    assert "bench r1 of tiny" in a.inputs["watts"].source
-    assert a.result.electricity_per_mtok == pytest.approx(joules * 1e6 / 3.6e6 * 0.15)
+    # The bench's energy was estimated (no power meter): so are the power and what uses it.
+    assert a.inputs["watts"].source == "estimated" and a.inputs["tokens_per_s"].source == \
+        "measured"
+    assert "bench r1 of tiny, energy estimated" in a.inputs["watts"].basis
+    assert a.result["electricity_per_mtok"] == ledger_cost.Figure(
+        pytest.approx(joules * 1e6 / 3.6e6 * 0.15), "estimated", "from watts, tokens_per_s, tariff")
+    # The lifetime is the built-in default: what rests on it says so.
+    assert a.result["hardware_per_day"].source == "defaulted"
     flagged = ledger_cost.answer(home, settings, {"daily_tokens": 0.0, "cloud_per_mtok": 1.0},
                                  now=now)
     assert flagged.inputs["daily_tokens"].source == "flag"
-    assert flagged.result.cloud_per_mtok == 1.0 and flagged.result.local_per_mtok is None
+    assert flagged.result["cloud_per_mtok"] == ledger_cost.Figure(1.0, "flag",
+                                                                  "from cloud_per_mtok")
+    assert flagged.result["local_per_mtok"].value is None
 
 
 # -- stream usage --------------------------------------------------------------------------------
@@ -299,35 +404,59 @@ def test_ask_usage_keeps_the_clients_options() -> None:
 # -- provider configuration and the routing table ------------------------------------------------
 
 GOOD = ('[providers.acme]\nbase_url = "https://api.acme.example/v1"\n'
-        'api_key_env = "ACME_KEY"\ninput_per_mtok = 2.5\noutput_per_mtok = 10\n')
+        'api_key_env = "ACME_KEY"\n'
+        'models = { "gpt-4o-mini" = { input_per_mtok = 2.5, output_per_mtok = 10 } }\n')
 
 
 def test_providers_config(tmp_path: Path) -> None:
     home = Home(tmp_path / "home")
     cfg = settings_for(home, GOOD + "daily_cap = 5\n")
-    assert cfg.providers["acme"]["base_url"] == "https://api.acme.example/v1"
+    acme = cfg.providers["acme"]
+    assert acme["base_url"] == "https://api.acme.example/v1"
+    assert acme["models"] == {"gpt-4o-mini": {"input_per_mtok": 2.5, "output_per_mtok": 10}}
+    assert (acme["max_concurrent"], acme["max_tokens"]) == (4, 4096)  # the defaults
+    # The same as tables, one a model; a model's name as its provider spells it.
+    tables = settings_for(home, GOOD.split("models =")[0] + "max_tokens = 512\n"
+                          '[providers.acme.models."meta-llama/Llama-3-70b"]\n'
+                          "input_per_mtok = 0.5\noutput_per_mtok = 0.75\n")
+    assert tables.providers["acme"]["models"] == {
+        "meta-llama/Llama-3-70b": {"input_per_mtok": 0.5, "output_per_mtok": 0.75}}
+    assert tables.providers["acme"]["max_tokens"] == 512
     assert settings_for(home, "").providers == {}
     bad = {
         "ending in /v1": GOOD.replace("/v1", "/v2"),
         "http(s)": GOOD.replace("https://", "ftp://"),
         "clear text": GOOD.replace("https://", "http://"),
         "environment variable": GOOD.replace('"ACME_KEY"', '"sk-123 secret"'),
-        "negative": GOOD.replace("2.5", "-1"),
-        "lacks": GOOD.replace('api_key_env = "ACME_KEY"\n', ""),
+        "not negative": GOOD.replace("2.5", "-1"),
+        "lacks api_key_env": GOOD.replace('api_key_env = "ACME_KEY"\n', ""),
+        "lacks models": GOOD.split("models =")[0],
+        "models is empty": GOOD.split("models =")[0] + "models = {}\n",
+        "lacks output_per_mtok": GOOD.replace(", output_per_mtok = 10", ""),
+        "printable characters, no spaces": GOOD.replace('"gpt-4o-mini"', '"gpt 4o"'),
+        "not a model setting": GOOD.replace("output_per_mtok = 10", "output_per_mtok = 10, x = 1"),
         "not a provider setting": GOOD + 'api_key = "sk-123"\n',
         "not \"local\"": GOOD.replace("providers.acme", "providers.local"),
+        "must be at least 1": GOOD + "max_concurrent = 0\n",
+        "ledger.max_rows must be at least 1": "[ledger]\nmax_rows = 0\n",
     }
     for why, text in bad.items():
         with pytest.raises(ConfigError, match=re.escape(why)):
             settings_for(home, text)
+    # One price for the whole provider (before models had a price each): how to move it.
+    with pytest.raises(ConfigError, match="prices are per model now") as old:
+        settings_for(home, GOOD + "input_per_mtok = 2.5\n")
+    assert '[providers.acme.models."MODEL"]' in (old.value.hint or "")
     # Plain http is for a provider on this machine only.
     assert settings_for(home, GOOD.replace("https://api.acme.example", "http://127.0.0.1:9"))
 
 
 def provider_route(name: str, url: str, cap: float | None = None) -> Route:
     return Route(model=f"frontier/{name}", role="chat", kind=PROVIDER, process="", upstream=url,
-                 runtime="", parallel=0, key_file=None, price=Price(1000.0, 2000.0, "test"),
-                 provider=Provider(name, f"{name.upper()}_KEY", cap))
+                 runtime="", parallel=0, key_file=None,
+                 provider=Provider(name, f"{name.upper()}_KEY", cap,
+                                   models={"m": Price(1000.0, 2000.0, "test")},
+                                   max_concurrent=4, max_tokens=100))
 
 
 def test_routes_table_round_trip_holds_no_key(tmp_path: Path) -> None:
@@ -343,7 +472,7 @@ def test_routes_table_round_trip_holds_no_key(tmp_path: Path) -> None:
 # -- the gateway's frontier policy, without a provider --------------------------------------------
 
 def serve(frontier: Frontier, model: str, headers: list[tuple[bytes, bytes]] | None = None,
-          endpoint: str = "/v1/chat/completions") -> Any:
+          endpoint: str = "/v1/chat/completions", **fields: Any) -> Any:
     async def receive() -> dict[str, Any]:
         await asyncio.sleep(3600)
         return {"type": "http.disconnect"}
@@ -353,8 +482,8 @@ def serve(frontier: Frontier, model: str, headers: list[tuple[bytes, bytes]] | N
 
     async def go() -> Any:
         try:
-            return await frontier.serve(endpoint, model, {"model": model, "messages": []},
-                                        headers or [], receive, send)
+            return await frontier.serve(endpoint, model, {"model": model, "messages": [],
+                                                          **fields}, headers or [], receive, send)
         finally:
             await frontier.aclose()
 
@@ -383,6 +512,12 @@ def test_frontier_policy(tmp_path: Path) -> None:
     assert answer("frontier/nobody/m").status == 404
     assert answer("frontier/acme/").status == 400
     assert answer("frontier/acme/m", endpoint="/v1/embeddings").status == 400
+    unlisted = answer("frontier/acme/gpt-dearer")
+    assert (unlisted.status, unlisted.refusal.code, unlisted.refusal.param) == (
+        403, "model_not_allowed", "model")
+    assert "allowed: frontier/acme/m " in unlisted.refusal.message
+    above = answer("frontier/acme/m", max_tokens=101)
+    assert (above.status, above.refusal.param) == (400, "max_tokens")
     nokey = answer("frontier/acme/m", env={})
     assert nokey.status == 503 and "$ACME_KEY" in nokey.refusal.message
     t0 = time.perf_counter()

@@ -757,7 +757,7 @@ def test_mirror_serves_what_the_box_pinned(cli: Cli, sovctl_home: Path, tmp_path
         assert mirror.doc["ok"] and mirror.doc["command"] == "mirror serve"
         assert mirror.doc["data"]["repos"] == [REPO]
         assert mirror.doc["data"]["files"] == 1
-        assert mirror.doc["data"]["api_key_required"] is False
+        assert mirror.doc["data"]["token_required"] is False
 
         # Another machine of the operator: sovctl with --endpoint...
         other = tmp_path / "other-home"
@@ -834,7 +834,7 @@ def test_a_replica_pulls_another_boxs_lock_from_its_mirror(cli: Cli, sovctl_home
         assert mirror.stop() == 0
 
 
-def test_mirror_on_a_network_address_requires_the_api_key(
+def test_mirror_on_a_network_address_requires_its_token(
     cli: Cli, sovctl_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from huggingface_hub import hf_hub_download
@@ -843,10 +843,12 @@ def test_mirror_on_a_network_address_requires_the_api_key(
         assert cli("pull", "--endpoint", hub.url, TINY_HF).exit_code == 0
     mirror = MirrorProcess(sovctl_home, "--host", "0.0.0.0")
     try:
-        assert mirror.doc["data"]["api_key_required"] is True
-        key_file = sovctl_home / "secrets" / "api_key"
+        assert mirror.doc["data"]["token_required"] is True
+        key_file = sovctl_home / "secrets" / "mirror_token"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         key = key_file.read_text().strip()
+        # Its own token: the gateway's API key is not made for it, nor would open it.
+        assert not (sovctl_home / "secrets" / "api_key").exists()
 
         with httpx.Client(base_url=mirror.url) as client:
             r = client.get(f"/api/models/{REPO}")
@@ -858,14 +860,19 @@ def test_mirror_on_a_network_address_requires_the_api_key(
 
         other = tmp_path / "other-home"
         r = cli("--home", str(other), "pull", "--endpoint", mirror.url, TINY_HF)
-        assert_error(r, ExitCode.NETWORK, "401", "HF_TOKEN")
+        assert_error(r, ExitCode.NETWORK, "401", "SOVCTL_MIRROR_TOKEN")
         assert_nothing_stored(other)
         path = hf_hub_download(REPO, TINY_MODEL.name, endpoint=mirror.url, token=key,
                                cache_dir=tmp_path / "hf-cache")
         assert Path(path).read_bytes() == TINY_MODEL.read_bytes()
 
+        # HF_TOKEN, the Hub's, goes to the Hub alone: never to a mirror, even one it opens.
         monkeypatch.setenv("HF_TOKEN", key)
-        # HF_TOKEN goes to the hub endpoint only, never to a plain URL...
+        r = cli("--home", str(other), "pull", "--endpoint", mirror.url, TINY_HF)
+        assert_error(r, ExitCode.NETWORK, "401", "SOVCTL_MIRROR_TOKEN")
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setenv("SOVCTL_MIRROR_TOKEN", key)
+        # The mirror's token goes to a mirror endpoint only, never to a plain URL...
         url = f"{mirror.url}/{REPO}/resolve/main/{TINY_MODEL.name}"
         r = cli("--home", str(other), "pull", url, "--sha256", TINY_SHA)
         assert_error(r, ExitCode.NETWORK, "401")

@@ -81,6 +81,9 @@ def test_ssh_argv(sovctl_home: Path, tmp_path: Path) -> None:
               "StrictHostKeyChecking=yes", f'UserKnownHostsFile="{known_hosts}"',
               "GlobalKnownHostsFile=/dev/null", "BatchMode=yes", "IdentitiesOnly=yes"):
         assert o in options
+    # The host's confirmation of the remote forward is logged, by an ssh that knows how.
+    assert options.index("IgnoreUnknown=LogVerbose") < options.index(
+        "LogVerbose=ssh.c:ssh_confirm_remote_forward():*")
     assert not [o for o in options if o.startswith("StrictHostKeyChecking=") and o.endswith("no")]
     assert ssh[1] == "-N" and ssh[ssh.index("-F") + 1] == "/dev/null"
     assert ssh[ssh.index("-i") + 1] == str(key) and ssh[ssh.index("-p") + 1] == "2222"
@@ -132,8 +135,6 @@ Host key verification failed.
     ("No ED25519 host key is known for [h]:2222 and you have requested strict checking.\n"
      "Host key verification failed.\n", True, "no host key of [h]:2222 is pinned"),
     ("u@h: Permission denied (publickey).\n", True, "refused the login"),
-    ("channel 1: open failed: administratively prohibited: open failed\n", True,
-     'permitopen'),
     ("Error: remote port forwarding failed for listen port 8088\n", False, "listen on port 8088"),
     ("ssh: connect to host h port 2222: Connection refused\n", False,
      "ssh: connect to host h port 2222: Connection refused"),
@@ -147,6 +148,29 @@ def test_diagnose(sovctl_home: Path, output: str, fatal: bool, words: str) -> No
     changed = tunnel.diagnose(t, CHANGED)
     assert changed is not None and "SHA256:B/7Ba9O+0bXLJj+Xjz1Na/32MGdkwleqJ7uMTPDNlgU" \
         in changed.message and changed.error().exit_code == 5
+
+
+PROBE_REFUSED = "channel 2: open failed: administratively prohibited: open failed\n"
+# As ssh 9.2 logs it through LogVerbose.
+CONFIRMED = ("debug1: ssh.c:ssh_confirm_remote_forward():1827 (pid=7718): remote forward "
+             "success for: listen 8443, connect 127.0.0.1:8088\n")
+
+
+def test_a_refused_probe_is_no_failure(sovctl_home: Path) -> None:
+    """A hardened host (AllowTcpForwarding remote) refuses the probe's -L: that says why the
+    probe is skipped, naming the sshd option, and is never given as the reason ssh stopped."""
+    t = _tunnel(sovctl_home, via="u@h:2222", remote_port=8443)
+    why = tunnel.probe_refused(t, CONFIRMED + PROBE_REFUSED)
+    assert why is not None and "AllowTcpForwarding" in why and "127.0.0.1:8443" in why
+    assert tunnel.probe_refused(t, CONFIRMED) is None
+    assert tunnel.diagnose(t, PROBE_REFUSED) is None
+    gone = tunnel.diagnose(t, PROBE_REFUSED + "Connection to h closed by remote host.\n"
+                           + PROBE_REFUSED)
+    assert gone is not None and not gone.fatal and "closed by remote host" in gone.message
+    assert tunnel.forward_confirmed(t, CONFIRMED)
+    assert tunnel.forward_confirmed(t, CONFIRMED.replace("listen 8443", "listen 10.0.0.5:8443"))
+    assert not tunnel.forward_confirmed(t, CONFIRMED.replace("success", "failure"))
+    assert not tunnel.forward_confirmed(t, CONFIRMED.replace("8443", "18443"))
 
 
 def test_tunnel_refused_without_a_stack(cli) -> None:
@@ -205,7 +229,7 @@ def test_plan_with_a_tunnel_requires_the_key_and_a_pinned_host(sovctl_home: Path
 class PublicHost:
     """An OpenSSH server on a free loopback port, with the tunnel's restricted key."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, allow_tcp_forwarding: str = "yes") -> None:
         root.mkdir()
         self.root, self.port, self.remote_port = root, free_port(), free_port()
         self.user = getpass.getuser()
@@ -224,7 +248,8 @@ class PublicHost:
             f"PidFile {root / 'sshd.pid'}", "UsePAM no", "StrictModes no",
             "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password", f"AllowUsers {self.user}",
-            "GatewayPorts no", "ClientAliveInterval 2", "ClientAliveCountMax 2",
+            f"AllowTcpForwarding {allow_tcp_forwarding}", "GatewayPorts no",
+            "ClientAliveInterval 2", "ClientAliveCountMax 2",
             "LogLevel VERBOSE", ""]))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -381,6 +406,9 @@ def test_public_side_needs_the_key(tunnelled: Tunnelled) -> None:
     procs = processes(home)
     assert procs["tunnel"]["status"] == "up" and procs["tunnel"]["kind"] == "tunnel"
     assert str(procs["tunnel"]["pid"]) in added.stdout
+    assert "end-to-end probe: a request through the public host reaches the gateway" \
+        in added.stdout
+    assert not procs["tunnel"]["probe_skipped"]
     assert psutil.Process(procs["tunnel"]["pid"]).name() == "ssh"
     # Through the public host's port: the key is required there, /health stays open.
     r = httpx.get(tunnelled.public + "/v1/models", headers={"Authorization": f"Bearer {key}"})
@@ -438,3 +466,39 @@ def test_changed_host_key_stops_the_tunnel(tunnelled: Tunnelled) -> None:
     assert again.returncode == 5, again.stderr
     assert "the host key of" in again.stderr and "changed" in again.stderr
     assert "ssh-keygen -R" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("models")
+def test_a_hardened_host_without_the_probe(tmp_path: Path) -> None:
+    """sshd with AllowTcpForwarding remote, the least a reverse tunnel needs, refuses the
+    probe's local forward: the tunnel starts all the same, its public port carries requests to
+    the gateway, and everything that reports on it says why the probe is skipped."""
+    host = PublicHost(tmp_path / "public-host", allow_tcp_forwarding="remote")
+    home = tmp_path / "home"
+    host.start()
+    try:
+        run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+        served = run(home, "serve", "--chat", "tiny", "-d", "--port", str(free_port()), env=FAST)
+        assert served.returncode == 0, served.stderr
+        added = run_json(home, *tunnel_args(host), env=FAST)
+        assert added["ok"], added["_stderr"]
+        why = added["data"]["probe_skipped"]
+        assert "AllowTcpForwarding" in why and "refuses the local forward" in why
+        tunnel_proc = processes(home)["tunnel"]
+        assert tunnel_proc["status"] == "up" and tunnel_proc["probe_skipped"] == why
+        assert "end-to-end probe skipped" in run(home, "logs").stdout
+        table = run(home, "status").stdout
+        assert "tunnel: end-to-end probe skipped:" in table and "AllowTcpForwarding" in table
+        again = run(home, *tunnel_args(host), env=FAST)
+        assert again.returncode == 0 and "already up" in again.stdout
+        assert "end-to-end probe: skipped:" in again.stdout
+        # Through the public host's port: the remote forward the host confirmed is there.
+        key = (home / "secrets" / "api_key").read_text().strip()
+        public = f"http://127.0.0.1:{host.remote_port}/v1/models"
+        r = httpx.get(public, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["tiny"]
+        assert httpx.get(public).status_code == 401
+    finally:
+        run(home, "stop")
+        host.stop()

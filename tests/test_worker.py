@@ -1,4 +1,5 @@
-"""RPC workers and the [cluster]: address rules, argv, and a fleet simulated in namespaces."""
+"""RPC workers and the [cluster]: address rules, argv, a worker lost while idle (on loopback),
+and a fleet simulated in namespaces."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from tests.conftest import CHAT_MODEL
-from tests.helpers import SOVCTL, run, wait_for
+from tests.helpers import SOVCTL, processes, run, wait_for
 
 from sovctl import config
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 from sovctl.runtime import cluster, plan
+from sovctl.runtime.documents import Status
 
 NO_WG: set[str] = set()
 
@@ -132,6 +137,122 @@ def test_probe_worker_reads_memory_and_reports_a_dead_one(tmp_path: Path) -> Non
         proc.wait()
     dead = cluster.probe_worker(f"127.0.0.1:{port}", 2)
     assert not dead.ok and dead.reason
+
+
+def test_connected_workers_sees_the_far_side_close() -> None:
+    """What the supervisor watches: a process's connection to a worker's endpoint, established,
+    then closed by the far side, as a dying worker's kernel closes it. Here the process is this
+    one, and the worker a plain listener."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        endpoint, named = f"127.0.0.1:{port}", f"worker.lan:{port}"
+        unused = f"127.0.0.1:{plan.free_port()}"
+        client = socket.create_connection(("127.0.0.1", port))
+        far, _ = server.accept()
+        try:
+            assert cluster.connected_workers(os.getpid(), [endpoint, unused]) == {endpoint}
+            assert cluster.connected_workers(os.getpid(), [named],
+                                             resolve=lambda h: ["127.0.0.1"]) == {named}
+            far.close()
+            wait_for(lambda: cluster.connected_workers(os.getpid(), [endpoint]) == set(),
+                     timeout=5, what="the closed connection no longer counted")
+        finally:
+            client.close()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert cluster.connected_workers(gone.pid, [endpoint]) is None
+
+
+@pytest.mark.parametrize("status", [Status.STARTING, Status.BACKOFF, Status.FAILED])
+def test_the_gateway_waits_for_a_restart_within_its_bound(tmp_path: Path,
+                                                          status: Status) -> None:
+    """A runtime starting or restarting is waited for, up to the queue timeout, and one given
+    up on is not; either way a runtime never up gets its 503 with the status in words. (The
+    end-to-end test below has the wait end in a 200.)"""
+    import asyncio
+
+    from sovctl.gateway.app import create_app
+    from sovctl.runtime.documents import Limits, ProcessState, Route, RoutesTable, StackState
+
+    state = tmp_path / "state.json"
+    StackState(supervisor_pid=0, started_at=0.0, updated_at=0.0, url="", host="127.0.0.1",
+               port=0, api_key_required=False, stopping=False, final=False, events=(),
+               processes=(ProcessState(name="smol", kind="runtime", role="chat", model="smol",
+                                       sha256="", runtime="llama-server", port=0, pid=None,
+                                       status=status, restarts=1, up_since=None,
+                                       last_exit=""),)).write(state)
+    table = RoutesTable(
+        host="127.0.0.1", port=0, auth_required=False, key_file="", state_file=str(state),
+        limits=Limits(queue_limit=8, queue_timeout=1, max_body_bytes=1 << 20),
+        routes=(Route(model="smol", role="chat", kind="local", process="smol",
+                      upstream=f"http://127.0.0.1:{plan.free_port()}", runtime="llama-server",
+                      parallel=1, key_file=None),))
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(table))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.post("/v1/chat/completions", json={
+                "model": "smol", "messages": [{"role": "user", "content": "Hi"}]})
+
+    r = asyncio.run(ask())
+    assert r.status_code == 503 and f"runtime for 'smol' is {status}" in r.text
+    assert ("keeps crashing" in r.text) == (status == Status.FAILED)
+
+
+def _state(home: Path) -> dict[str, dict[str, object]]:
+    """The supervisor's state file as it is now: cheaper to poll than `sovctl status`."""
+    doc = json.loads((home / "run" / "state.json").read_text())
+    return {p["name"]: p for p in doc["processes"]}
+
+
+@pytest.mark.slow
+def test_a_worker_lost_while_idle(tmp_path: Path, models: Path) -> None:
+    """Two ggml-rpc-server workers on loopback, each under its own `sovctl worker`; one dies
+    while the head's runtime is idle. The supervisor sees the runtime's connection to it close
+    and restarts the runtime without it at once, and a request that arrives during that
+    restart waits for it instead of getting a 503."""
+    head, workers = tmp_path / "head", [tmp_path / "w1", tmp_path / "w2"]
+    ports = [plan.free_port(), plan.free_port()]
+    endpoints = [f"127.0.0.1:{p}" for p in ports]
+    fast = {"SOVCTL_SERVE__HEALTH_INTERVAL": "0.5", "SOVCTL_SERVE__STOP_TIMEOUT": "5"}
+    run(head, "pull", str(CHAT_MODEL), "--name", "smol", check=True)
+    (head / "sovctl.toml").write_text(
+        "[models.smol]\nrole = \"chat\"\nparallel = 1\nn_ctx = 512\nn_threads = 1\n"
+        f"[cluster]\nworkers = {json.dumps(endpoints)}\n")
+    port = plan.free_port()
+    try:
+        for home, worker_port in zip(workers, ports, strict=True):
+            run(home, "worker", "--port", str(worker_port), "--threads", "1", "--detach",
+                check=True)
+        run(head, "serve", "--detach", "--port", str(port), env=fast, check=True)
+        assert not _ask(port).startswith("HTTP"), "the fleet answers"
+        before = processes(head)["smol"]
+        assert [w["status"] for w in before["workers"]] == ["in use", "in use"]
+
+        # The second worker's box dies: its supervisor SIGKILLed, the worker with it.
+        os.kill(json.loads((workers[1] / "run" / "state.json").read_text())["supervisor_pid"],
+                signal.SIGKILL)
+        restarting = wait_for(lambda: (s := _state(head)["smol"])["restarts"]
+                              > before["restarts"] and s, timeout=10, interval=0.05,
+                              what="the runtime restarted without the lost worker")
+        assert restarting["status"] != "up"
+        sent = time.time()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                       json={"model": "smol", "max_tokens": 8,
+                             "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200, r.text
+        smol = processes(head)["smol"]
+        # Sent before the runtime was up again: the gateway waited for it.
+        assert smol["status"] == "up" and smol["up_since"] > sent
+        assert smol["last_exit"].startswith(f"degraded: started without worker {endpoints[1]}")
+        workers_now = {w["endpoint"]: w for w in smol["workers"]}
+        assert workers_now[endpoints[0]]["status"] == "in use"
+        assert workers_now[endpoints[1]]["status"] == "lost"
+        events = (head / "logs" / "supervisor.log").read_text()
+        assert f"worker {endpoints[1]} lost: the runtime's connection to it closed" in events
+    finally:
+        for home in (head, *workers):
+            run(home, "stop")
 
 
 # -- the fleet, on one machine -----------------------------------------------------------------

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
+from sovctl.ledger.store import MAX_ROWS
 from sovctl.net import ip_literal
 
 # Each key's default also fixes its type: environment strings are converted to it.
@@ -41,6 +42,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "queue_limit": 16,  # requests waiting per runtime before the gateway answers 429
         "queue_timeout": 120.0,  # seconds a request may wait for its runtime before 503
         "max_body_bytes": 8 * 1024 * 1024,
+        # What one request may make a runtime decode: image parts, and each image's bytes and
+        # pixels (read from its header; a small file may declare a huge canvas).
+        "max_images": 8,
+        "max_image_bytes": 10 * 1024 * 1024,
+        "max_image_pixels": 4096 * 4096,
+        # Connections the gateway holds at once (open, idle or waiting); beyond, 503.
+        "max_connections": 256,
+        "header_timeout": 10.0,  # seconds a client may take to send a request's headers
+        # Who may drive a gateway that needs no key: Host names besides loopback and
+        # localhost (DNS rebinding sends any other), and web pages by Origin (a browser sends
+        # one on every cross-site request). Both empty: no web page, loopback names only.
+        "allowed_hosts": [],
+        "allowed_origins": [],
         "health_interval": 2.0,
         "health_timeout": 5.0,
         "health_failures": 3,  # consecutive failed probes before a live runtime counts as hung
@@ -79,6 +93,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "workers": [],  # ["HOST:PORT", ...]; SOVCTL_CLUSTER__WORKERS takes them comma-separated
         "model": "",  # the chat model that uses them; "" = the first chat model
     },
+    # The request ledger (HOME/ledger/ledger.sqlite3), which any client of the gateway adds to.
+    "ledger": {
+        # Records kept one by one; beyond, the oldest fold into per-day totals (which the
+        # reports still count), so the file stays under 1 GB.
+        "max_rows": MAX_ROWS,
+    },
 }
 
 # Keys of a served model's section ([models.NAME]).
@@ -106,15 +126,25 @@ PULL_KEYS: dict[str, Any] = {
 }
 
 # Keys of a frontier API a request may be routed to by exception ([providers.NAME]); the
-# request opts in by naming it, model "frontier/NAME/MODEL". Only daily_cap is optional.
+# request opts in by naming it, model "frontier/NAME/MODEL", MODEL one of its `models`.
 PROVIDER_KEYS: dict[str, Any] = {
     "base_url": str,  # OpenAI-compatible, ending in /v1: requests go to base_url/chat/completions
     "api_key_env": str,  # the environment variable holding the key; the key is in no file
-    "input_per_mtok": (int, float),  # price of a million prompt tokens, in cost.currency
-    "output_per_mtok": (int, float),  # price of a million generated tokens
+    "models": dict,  # {"MODEL": {input_per_mtok, output_per_mtok}}: the only models sent there
     "daily_cap": (int, float),  # money a day (UTC); once spent, its requests get 429
+    "max_concurrent": int,  # requests in flight at once; beyond, 429
+    "max_tokens": int,  # the most a request may generate; applied when it asks for no limit
 }
+PROVIDER_REQUIRED = ("base_url", "api_key_env", "models")
+# What bounds a provider's spend beyond its cap, unless its table says: the requests in
+# flight together, each reserving its worst case.
+PROVIDER_DEFAULTS: dict[str, int] = {"max_concurrent": 4, "max_tokens": 4096}
+# A model's price, in cost.currency: a million prompt tokens, a million generated ones.
+PRICE_KEYS = ("input_per_mtok", "output_per_mtok")
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A provider's model name as its API takes it ("gpt-4o-mini", "meta-llama/Llama-3-70b"):
+# printable, no spaces, as long as the ledger keeps a model's name with its prefix.
+PROVIDER_MODEL = re.compile(r"[!-~]{1,180}")
 ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Keys of a profile's [hardware] section: the machine class it is written for. It describes the
@@ -361,13 +391,26 @@ def _check_provider(name: str, body: Any, origin: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ConfigError(f"{origin}: [providers.{name}] must be a table")
     for k, v in body.items():
+        if k in PRICE_KEYS:
+            # One price for every model let a client pick a dearer model than the price said.
+            raise ConfigError(f"{where}.{k}: prices are per model now, and only the models "
+                              "listed may be sent", hint=f"move the prices to a table per "
+                              f"model: [providers.{name}.models.\"MODEL\"] with input_per_mtok "
+                              "and output_per_mtok, one for each model a request may name")
         if k not in PROVIDER_KEYS:
             raise ConfigError(f"{where}.{k} is not a provider setting",
                               hint=f"known: {', '.join(sorted(PROVIDER_KEYS))}")
         if not isinstance(v, PROVIDER_KEYS[k]) or isinstance(v, bool):
             raise ConfigError(f"{where}.{k} has the wrong type: {v!r}")
-        if isinstance(v, int | float) and v < 0:
-            raise ConfigError(f"{where}.{k} must not be negative, got {v!r}")
+        lowest = 1 if k in PROVIDER_DEFAULTS else 0
+        if isinstance(v, int | float) and v < lowest:
+            raise ConfigError(f"{where}.{k} must be at least {lowest}, got {v!r}")
+    for model, price in body.get("models", {}).items():
+        _check_price(f"{where}.models.{model!r}", model, price)
+    if body.get("models") == {}:
+        raise ConfigError(f"{where}.models is empty: no request could be sent",
+                          hint=f"add [providers.{name}.models.\"MODEL\"] with input_per_mtok and "
+                          "output_per_mtok")
     if "base_url" in body:
         url = urlsplit(body["base_url"])
         if url.scheme not in ("http", "https") or not url.hostname \
@@ -389,6 +432,25 @@ def _check_provider(name: str, body: Any, origin: str) -> dict[str, Any]:
     return dict(body)
 
 
+def _check_price(where: str, model: str, price: Any) -> None:
+    if not PROVIDER_MODEL.fullmatch(model):
+        raise ConfigError(f"{where}: a model's name is 1 to 180 printable characters, no spaces",
+                          hint="as the provider's API names it, e.g. \"gpt-4o-mini\"")
+    if not isinstance(price, dict):
+        raise ConfigError(f"{where} must be a table: {{ input_per_mtok = .., "
+                          "output_per_mtok = .. }")
+    for k, v in price.items():
+        if k not in PRICE_KEYS:
+            raise ConfigError(f"{where}.{k} is not a model setting",
+                              hint=f"known: {', '.join(PRICE_KEYS)}")
+        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{where}.{k} must be a number, not negative, got {v!r}")
+    lacking = [k for k in PRICE_KEYS if k not in price]
+    if lacking:
+        raise ConfigError(f"{where} lacks {', '.join(lacking)}",
+                          hint="a model needs both prices, per million tokens")
+
+
 def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ConfigError(f"{origin}: [hardware] must be a table")
@@ -402,6 +464,39 @@ def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
         raise ConfigError(f"{origin}: hardware.accelerator must be one of "
                           f"{', '.join(ACCELERATORS)}, got {body['accelerator']!r}")
     return dict(body)
+
+
+# The lowest value each numeric gateway limit takes ([serve]); max_images 0 refuses images.
+GATEWAY_MINIMUMS: dict[str, float] = {
+    "max_images": 0, "max_image_bytes": 1, "max_image_pixels": 1, "max_connections": 1,
+    "header_timeout": 0.1,
+}
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?", re.IGNORECASE)
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", re.IGNORECASE)
+
+
+def _check_gateway_limits(values: dict[str, Any], sources: dict[str, str]) -> None:
+    for name, lowest in GATEWAY_MINIMUMS.items():
+        key = f"serve.{name}"
+        if values[key] < lowest:
+            raise ConfigError(f"{key} must be at least {lowest:g}, got {values[key]!r} "
+                              f"(from {sources[key]})")
+    for host in values["serve.allowed_hosts"]:
+        # A name or an address as a client writes it in Host, without the port: the port is
+        # the gateway's own.
+        if not isinstance(host, str) or not (_HOST_NAME.fullmatch(host)
+                                             or ip_literal(host) is not None):
+            raise ConfigError(f"serve.allowed_hosts: {host!r} is not a host name or address "
+                              f"(from {sources['serve.allowed_hosts']})",
+                              hint='write names without scheme or port: ["box.lan"]')
+    for origin in values["serve.allowed_origins"]:
+        # Exactly what a browser sends: scheme://host[:port], no path. "*" and "null" (every
+        # sandboxed page and file shares it) would let any page in.
+        if not isinstance(origin, str) or not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"serve.allowed_origins: {origin!r} is not an origin "
+                              f"(from {sources['serve.allowed_origins']})",
+                              hint='write each web page\'s origin as its browser sends it, '
+                              'e.g. ["http://localhost:3000"]; there is no wildcard')
 
 
 RUNTIME_CHOICES = ("auto", "llama-server", "llama-cpp-python")
@@ -470,11 +565,14 @@ def load(
             raise ConfigError(f"[pull.{pname}] has no ref",
                               hint="add ref = \"hf://ORG/REPO/FILE.gguf\" (or a path)")
     for pname, pbody in providers.items():
-        lacking = [k for k in PROVIDER_KEYS if k != "daily_cap" and k not in pbody]
+        lacking = [k for k in PROVIDER_REQUIRED if k not in pbody]
         if lacking:
             raise ConfigError(f"[providers.{pname}] lacks {', '.join(lacking)}",
-                              hint="a provider needs base_url, api_key_env, input_per_mtok "
-                              "and output_per_mtok")
+                              hint="a provider needs base_url, api_key_env and models "
+                              f"([providers.{pname}.models.\"MODEL\"] with input_per_mtok and "
+                              "output_per_mtok)")
+        for k, v in PROVIDER_DEFAULTS.items():
+            pbody.setdefault(k, v)
 
     for key in list(values):
         for name in (*ENV_ALIASES.get(key, ()), env_name(key)):  # lowest rank first
@@ -491,5 +589,9 @@ def load(
         parse_endpoint(worker, f"cluster.workers (from {sources['cluster.workers']})")
     if values["serve.parallel"] < 1:
         raise ConfigError(f"serve.parallel must be at least 1 (from {sources['serve.parallel']})")
+    if values["ledger.max_rows"] < 1:
+        raise ConfigError(f"ledger.max_rows must be at least 1 (from "
+                          f"{sources['ledger.max_rows']})")
+    _check_gateway_limits(values, sources)
     return Settings(values=values, sources=sources, models=models, profile=profile,
                     pulls=pulls, hardware=hardware, providers=providers)

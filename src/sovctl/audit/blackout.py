@@ -59,7 +59,6 @@ def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
     `only` limits which models get a baseline written (all models always get the requests, so
     each runtime sees the same sequence as in the blackout)."""
     from sovctl import config
-    from sovctl.runtime import control
 
     t0 = time.perf_counter()
     cfg = config.load(home, flags=flags)
@@ -67,11 +66,9 @@ def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
     for attempt in (1, 2):
         stack.fresh_run_dir(run_home)
         _, plan = stack.plans(home, run_home, cfg, chat, embedding)
-        if attempt == 1:
-            control.check_weights(home, plan, full=full_verify)
         progress(f"starting {', '.join(m.name for m in plan.models)} for the baseline")
         try:
-            stack.start(run_home, plan)
+            stack.start(run_home, plan, full_verify=full_verify and attempt == 1)
             break
         except RuntimeStartError:
             # Outside a namespace the ports are shared with the whole machine: another

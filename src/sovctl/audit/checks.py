@@ -19,7 +19,7 @@ from sovctl.home import Home
 from sovctl.ledger import store as ledger
 from sovctl.net import ip_literal
 from sovctl.runtime import egress
-from sovctl.runtime.documents import LOCAL, RoutesTable
+from sovctl.runtime.documents import LOCAL, Route, RoutesTable
 from sovctl.runtime.plan import OFFLINE_ENV, Plan, ProcessSpec, ServedModel, routes_table
 
 if TYPE_CHECKING:
@@ -674,7 +674,13 @@ def _worker_exposure(configured: Plan) -> tuple[list[str], list[str]]:
 
 # A frontier request in the blackout must fail within this: its connect has no route to take.
 FAIL_FAST_S = 5.0
-PROBE_MODEL = "sovctl-audit-probe"
+
+
+def probe_model(route: Route) -> str:
+    """The model a probe names on a provider route: its first allowed one (any other is
+    refused before the gateway tries to reach the provider)."""
+    assert route.provider is not None
+    return f"{route.model}/{next(iter(route.provider.models))}"
 
 
 @dataclass(frozen=True)
@@ -704,7 +710,7 @@ def probe_routes(base: str, headers: Mapping[str, str], plan: Plan) -> list[Prob
     the routed ones must fail fast, and the local one must still be answered."""
     probes = []
     for r in plan.frontier:
-        model = f"{r.model}/{PROBE_MODEL}"
+        model = probe_model(r)
         probes.append(_post(base, headers, "/v1/chat/completions", {
             "model": model, "max_tokens": 1,
             "messages": [{"role": "user", "content": "ping"}]}, model))
@@ -727,7 +733,7 @@ def exception_routes(plan: Plan, probes: Sequence[Probe], placeholder_keys: Sequ
         return result(8, True, "no frontier provider configured: no request can be routed out",
                       0.0)
     problems, parts = [], []
-    routed = {f"{r.model}/{PROBE_MODEL}" for r in plan.frontier}
+    routed = {probe_model(r) for r in plan.frontier}
     for p in probes:
         if p.what in routed:
             if p.status == 502 and p.seconds <= FAIL_FAST_S:

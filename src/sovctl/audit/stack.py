@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovctl.apikey import ensure_api_key, read_api_key
+from sovctl.apikey import read_api_key
 from sovctl.config import Settings
 from sovctl.errors import BusyError
 from sovctl.home import Home
@@ -133,14 +133,11 @@ def wait_ready(base: str, headers: dict[str, str], timeout: float = 15.0) -> Rea
         time.sleep(0.1)
 
 
-def start(home: RunHome, plan: Plan) -> Any:
-    """Exactly what `serve --detach` does after planning: weights, then the supervisor."""
+def start(home: RunHome, plan: Plan, *, full_verify: bool = False) -> Any:
+    """Exactly what `serve --detach` does after planning: the one start sequence."""
     from sovctl.runtime import control
 
-    control.check_weights(home, plan, full=False)
-    if plan.api_key_required:
-        ensure_api_key(home)
-    return control.start_detached(home, plan)
+    return control.start(home, plan, full_verify=full_verify)[1]
 
 
 def stop(home: RunHome) -> None:

@@ -128,8 +128,13 @@ class BenchFigures:
     pp: PhaseFigures | None
     tg: PhaseFigures | None
 
+    @property
+    def estimated(self) -> bool:
+        """Its energy was estimated (bench.cpu_watts; no power meter ran)."""
+        return any(p.estimated for p in (self.pp, self.tg) if p)
+
     def describe(self) -> str:
-        est = ", energy estimated" if any(p.estimated for p in (self.pp, self.tg) if p) else ""
+        est = ", energy estimated" if self.estimated else ""
         return f"bench {self.run_id} of {self.model}{est}"
 
 
@@ -166,6 +171,7 @@ def local_price(bench: BenchFigures, cfg: CostConfig) -> Price:
         output_per_mtok=derive(tg.tokens_per_s, tg.joules_per_token, tg.estimated, cfg,
                                prompt=False).local_per_mtok,
         source=bench.describe(),
+        estimated=bench.estimated,
     )
 
 

@@ -66,33 +66,46 @@ def render(c: Console, a: CostAnswer) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    money = f"{{:,.4f}} {a.currency}".format
+    from sovctl.ledger.cost import Figure
+    from sovctl.ledger.figures import MARKS, mark
+
+    def money(f: Figure) -> str:
+        return mark(f.source, f"{f.value:,.4f}") + f" {a.currency}"
+
     t = Table(box=None, pad_edge=False, title="inputs", title_justify="left")
-    for col in ("INPUT", "VALUE", "FROM"):
+    for col in ("INPUT", "VALUE", "SOURCE", "FROM"):
         t.add_column(col, no_wrap=col != "FROM", justify="right" if col == "VALUE" else "left")
     for name, f in a.inputs.items():
+        assert f.value is not None
         value = f"{f.value:,.0f}" if f.value >= 1000 else f"{f.value:.6g}"
-        t.add_row(LABELS[name], value, escape(f.source))
+        t.add_row(LABELS[name], value, f.source, escape(f.basis))
     c.print(t)
     c.print()
-    b = a.result
-    if b.local_per_mtok is None:
-        local = "- (no volume to spread the hardware over)"
+    r = a.result
+    local, electricity = r["local_per_mtok"], r["electricity_per_mtok"]
+    if local.value is None:
+        local_text = "- (no volume to spread the hardware over)"
     else:
-        local = (f"{money(b.local_per_mtok)} (electricity {money(b.electricity_per_mtok)} + "
-                 f"hardware {money(b.local_per_mtok - b.electricity_per_mtok)})")
+        assert electricity.value is not None
+        local_text = (f"{money(local)} (electricity {money(electricity)} + hardware "
+                      f"{local.value - electricity.value:,.4f} {a.currency})")
+    volume, months = r["break_even_daily_tokens"], r["months_to_break_even"]
+    capacity = r["capacity_daily_tokens"]
     lines = [
-        f"per million tokens: local {local}, cloud {money(b.cloud_per_mtok)}",
-        f"a day: local {money(b.local_per_day)} (hardware {money(b.hardware_per_day)} of it), "
-        f"cloud {money(b.cloud_per_day)}",
+        f"per million tokens: local {local_text}, cloud {money(r['cloud_per_mtok'])}",
+        f"a day: local {money(r['local_per_day'])} (hardware {money(r['hardware_per_day'])} "
+        f"of it), cloud {money(r['cloud_per_day'])}",
         "owning wins above: " + ("never (the cloud costs less than the electricity)"
-                                 if b.break_even_daily_tokens is None
-                                 else f"{b.break_even_daily_tokens:,.0f} tokens a day")
-        + f"; one box makes at most {b.capacity_daily_tokens:,.0f}",
-        "months to break even: " + ("never at this volume" if b.months_to_break_even is None
-                                    else f"{b.months_to_break_even:.1f}"),
+                                 if volume.value is None
+                                 else mark(volume.source, f"{volume.value:,.0f}")
+                                 + " tokens a day")
+        + f"; one box makes at most {mark(capacity.source, f'{capacity.value:,.0f}')}",
+        "months to break even: " + ("never at this volume" if months.value is None
+                                    else mark(months.source, f"{months.value:.1f}")),
         f"verdict: {a.verdict}",
     ]
+    shown = {f.source for f in a.result.values() if f.value is not None}
+    lines += [explained for source, explained in MARKS.items() if source in shown]
     if a.defaults:
         lines.append(f"built-in defaults used for: {', '.join(LABELS[d] for d in a.defaults)} "
                      "(set them by flag, or in sovctl.toml [cost] and [bench])")

@@ -11,6 +11,7 @@ from sovctl.cli._common import JsonOpt, begin, emit
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from sovctl.ledger.figures import Amount
     from sovctl.ledger.report import LedgerReport
 
 BAR = 40  # characters of the longest day's bar
@@ -43,42 +44,74 @@ def _tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _mark(a: Amount, text: str) -> str:
+    from sovctl.ledger.figures import mark
+
+    return mark(a.source, text)
+
+
+def _t(a: Amount) -> str:
+    return _mark(a, _tokens(a.value or 0))
+
+
 def render(c: Console, r: LedgerReport) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    money = f"{{:,.4f}} {r.currency}".format
+    from sovctl.ledger.figures import DEFAULTED, Amount, weakest
+
+    def money(a: Amount) -> str:
+        return _mark(a, f"{a.value or 0:,.4f} {r.currency}")
+
     c.print(f"ledger {r.path}, {r.since} to {r.until}", highlight=False, markup=False)
     if not r.requests:
         c.print("no requests recorded in this period")
         return
-    share = "-" if r.local_share is None else f"{r.local_share:.1%}"
-    c.print(f"{r.requests} requests, {_tokens(r.tokens)} tokens: local share {share} "
-            f"({_tokens(r.local_tokens)} local, {_tokens(r.routed_tokens)} routed out)",
+    share = "-" if r.local_share.value is None else _mark(r.local_share,
+                                                          f"{r.local_share.value:.1%}")
+    c.print(f"{r.requests} requests, {_t(r.tokens)} tokens: local share {share} "
+            f"({_t(r.local_tokens)} local, {_t(r.routed_tokens)} routed out)",
             highlight=False, markup=False)
     spend = ", ".join(f"{name} {money(v)}" for name, v in r.spend.items()) or "nothing"
     c.print(f"spend by provider: {spend}", highlight=False, markup=False)
-    unpriced = (f" (+ {_tokens(r.local_unpriced_tokens)} tokens of models never benched, "
-                "not priced: run 'sovctl bench MODEL')" if r.local_unpriced_tokens else "")
+    unpriced = (f" (+ {_t(r.local_unpriced_tokens)} tokens of models never benched, "
+                "not priced: run 'sovctl bench MODEL')" if r.local_unpriced_tokens.value else "")
+    prices = (f"{_mark(r.cloud_input_per_mtok, f'{r.cloud_input_per_mtok.value:g}')} in / "
+              f"{_mark(r.cloud_output_per_mtok, f'{r.cloud_output_per_mtok.value:g}')} out")
     c.print(f"local cost {money(r.local_cost)}{unpriced}; the same volume at the reference "
-            f"cloud price ({r.cloud_input_per_mtok:g} in / {r.cloud_output_per_mtok:g} out per "
-            f"Mtok) {money(r.local_at_cloud_price)}", highlight=False, markup=False)
+            f"cloud price ({prices} per Mtok) {money(r.local_at_cloud_price)}",
+            highlight=False, markup=False)
     c.print()
     t = Table(box=None, pad_edge=False, title=f"by {r.by}", title_justify="left")
     for col in (r.by.upper(), "REQUESTS", "TOKENS IN", "TOKENS OUT", "LOCAL", "ROUTED",
                 "COST"):
         t.add_column(col, no_wrap=True, justify="left" if col == r.by.upper() else "right")
     for row in r.rows:
-        t.add_row(escape(row.key), str(row.requests), _tokens(row.tokens_in),
-                  _tokens(row.tokens_out), _tokens(row.local_tokens), _tokens(row.routed_tokens),
-                  money(row.cost))
+        t.add_row(escape(row.key), str(row.requests), _t(row.tokens_in), _t(row.tokens_out),
+                  _t(row.local_tokens), _t(row.routed_tokens), money(row.cost))
     c.print(t)
     c.print()
     # A bar a day: '#' local tokens, '>' routed out, scaled to the busiest day.
-    busiest = max((d.local_tokens + d.routed_tokens for d in r.days), default=0) or 1
+    busiest = max(((d.local_tokens.value or 0) + (d.routed_tokens.value or 0)
+                   for d in r.days), default=0) or 1
     c.print("tokens a day ('#' local, '>' routed out)", markup=False)
     for d in r.days:
-        local = round(d.local_tokens / busiest * BAR)
-        out = round(d.routed_tokens / busiest * BAR)
-        c.print(f"{d.day} {'#' * local}{'>' * out} {_tokens(d.local_tokens + d.routed_tokens)}",
+        local, routed = d.local_tokens.value or 0, d.routed_tokens.value or 0
+        day_total = Amount(local + routed, weakest(d.local_tokens.source,
+                                                   d.routed_tokens.source))
+        c.print(f"{d.day} {'#' * round(local / busiest * BAR)}"
+                f"{'>' * round(routed / busiest * BAR)} {_t(day_total)}",
                 highlight=False, markup=False)
+    notes = []
+    if r.estimated.tokens or r.estimated.cost:
+        notes.append(f"~ partly estimated: {_tokens(r.estimated.tokens)} tokens counted from "
+                     "answers that reported no usage (a client that hung up, a cut stream), "
+                     f"{r.estimated.cost:,.4f} {r.currency} of cost priced from them or from a "
+                     "bench's estimated energy (no power meter)")
+    if DEFAULTED in (r.cloud_input_per_mtok.source, r.cloud_output_per_mtok.source):
+        notes.append("* a built-in default: set cost.cloud_input_price_per_mtok and "
+                     "cost.cloud_price_per_mtok in sovctl.toml")
+    if notes:
+        c.print()
+    for note in notes:
+        c.print(note, highlight=False, markup=False)

@@ -53,7 +53,6 @@ def serve(
     json_out: JsonOpt = False,
 ) -> None:
     """Serve the configured models behind one OpenAI-compatible gateway, supervised."""
-    from sovctl.apikey import ensure_api_key
     from sovctl.runtime import control
     from sovctl.runtime.plan import build
 
@@ -78,18 +77,14 @@ def serve(
         emit({"url": plan.url, "processes": procs, "notes": plan.notes,
               "api_key_required": plan.api_key_required}, render_dry)
         return
-    checks = control.check_weights(home, plan, full=verify)
-    # Every refusal (a running stack, a taken port, an unpinned host key) comes before the key.
-    control.prepare(home, plan)
+    admitted = control.admit(home, plan, full_verify=verify)
+    checks = list(admitted.weights)
     key_note = ""
-    new_key: str | None = None  # in the JSON document too: it is shown once, either way
-    if plan.api_key_required:
-        # Created here, once, after every check that could refuse the start: a dry run or a
-        # refused start leaves no secret behind.
-        key, created = ensure_api_key(home)
-        new_key = key if created else None
-        key_note = (f"API key (shown once; read it again with: cat {home.secrets / 'api_key'}): "
-                    f"{key}" if created else f"API key required: cat {home.secrets / 'api_key'}")
+    # In the JSON document too: it is shown once, either way.
+    new_key = admitted.api_key if admitted.api_key_created else None
+    if admitted.api_key_file is not None:
+        key_note = (f"API key (shown once; read it again with: cat {admitted.api_key_file}): "
+                    f"{new_key}" if new_key else f"API key required: cat {admitted.api_key_file}")
     if detach:
         st = control.start_detached(home, plan)
 
@@ -161,6 +156,9 @@ def _status_table(c: Console, processes: Sequence[ProcessState],
     for p in processes:
         if p.last_exit and (p.status != Status.UP or p.last_exit.startswith("degraded")):
             c.print(f"{p.name}: {p.last_exit}", highlight=False)
+        if p.probe_skipped:
+            c.print(f"{p.name}: end-to-end probe skipped: {p.probe_skipped}", highlight=False,
+                    markup=False)
 
 
 def _workers_table(c: Console, processes: Sequence[ProcessState]) -> None:
@@ -288,20 +286,35 @@ def _tail(path: Path, lines: int, out: Any) -> None:
 
 
 def _follow(path: Path, out: Any) -> None:
-    with path.open("rb") as f:
-        f.seek(0, 2)
-        try:
-            while True:
-                chunk = f.read()
-                if chunk:
-                    out.write(chunk.decode(errors="replace"))
-                    out.flush()
-                else:
-                    if path.exists() and path.stat().st_size < f.tell():
-                        f.seek(0)  # rotated or truncated
-                    time.sleep(0.25)
-        except KeyboardInterrupt:
-            pass
+    import os
+
+    f = path.open("rb")
+    f.seek(0, 2)
+    try:
+        while True:
+            chunk = f.read()
+            if chunk:
+                out.write(chunk.decode(errors="replace"))
+                out.flush()
+                continue
+            try:
+                now = path.stat()
+            except FileNotFoundError:  # between a rotation's rename and the new file
+                now = None
+            if now is not None and now.st_ino != os.fstat(f.fileno()).st_ino:
+                # Rotated while running (the supervisor renames it to NAME.log.1): what was
+                # written to the old file since the last read, then the new one from its start.
+                out.write(f.read().decode(errors="replace"))
+                f.close()
+                f = path.open("rb")
+            elif now is not None and now.st_size < f.tell():
+                f.seek(0)  # truncated in place
+            else:
+                time.sleep(0.25)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        f.close()
 
 
 def service_install(

@@ -244,42 +244,44 @@ def rm(
 def mirror_serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(
-        metavar="HOST", help="Address to bind; other than loopback, clients need the API key.")]
+        metavar="HOST", help="Address to bind; other than loopback, clients need the mirror's "
+        "token.")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(metavar="PORT", help="Port to bind; 0 picks a free one.")]
     = 8089,
     json_out: JsonOpt = False,
 ) -> None:
     """Serve the store read-only as a Hugging Face compatible endpoint (Ctrl-C stops)."""
-    from sovctl.apikey import ensure_api_key
+    from sovctl.apikey import MIRROR_TOKEN, ensure_mirror_token
     from sovctl.net import is_loopback
+    from sovctl.store.hub import MIRROR_TOKEN_ENV
     from sovctl.store.mirror import Catalog, make_server
 
     state = begin(ctx, json_out)
     catalog = Catalog.from_store(state.home)
-    key = None
+    token = None
     created = False
     if not is_loopback(host):
-        key, created = ensure_api_key(state.home)
+        token, created = ensure_mirror_token(state.home)
     try:
-        server = make_server(catalog, host, port, api_key=key)
+        server = make_server(catalog, host, port, token=token)
     except OSError as e:
         raise RuntimeStartError(f"cannot bind {host}:{port}: {e.strerror}",
                                 hint="choose another --port or --host") from None
     shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
     bound = f"http://{shown_host}:{server.server_address[1]}"
     info = {"url": bound, "repos": sorted(catalog.repos()), "files": len(catalog.files),
-            "api_key_required": key is not None}
+            "token_required": token is not None}
 
     def render(c: Console) -> None:
         c.print(f"mirror serving {len(catalog.files)} file(s) from {len(catalog.repos())} "
                 f"repo(s) at {bound} (read-only; Ctrl-C stops)")
         c.print(f"  clients: sovctl pull --endpoint {bound} hf://ORG/REPO/FILE.gguf  "
                 f"or  HF_ENDPOINT={bound}")
-        if key:
-            c.print("  clients must send the API key (HF_TOKEN=<key>)"
-                    + (f"; new key, shown once: {key}" if created else
-                       f"; read it with: cat {state.home.secrets / 'api_key'}"))
+        if token:
+            c.print(f"  clients must send the mirror's token ({MIRROR_TOKEN_ENV}=<token>)"
+                    + (f"; new token, shown once: {token}" if created else
+                       f"; read it with: cat {state.home.secrets / MIRROR_TOKEN}"))
 
     emit(info, render)
     import sys

@@ -85,6 +85,10 @@ def tunnel(
         _pinned_lines(c, added.pinned)
         _say(c, f"tunnel {'up' if added.restarted else 'already up'} over {added.via} (ssh pid "
                 f"{added.pid}): {added.public} -> the gateway at {added.gateway}")
+        if added.probe_skipped:
+            _say(c, f"end-to-end probe: skipped: {added.probe_skipped}")
+        else:
+            _say(c, "end-to-end probe: a request through the public host reaches the gateway")
         if added.api_key_created:
             _say(c, "the gateway now requires the API key (shown once; read it again with: "
                     f"cat {added.api_key_file}): {added.api_key_created}")

@@ -64,7 +64,7 @@ def worker(
         emit(doc, render_dry)
         return
     if detach:
-        st = control.start_detached(home, plan)
+        _, st = control.start(home, plan)
 
         def render_detached(c: Console) -> None:
             notes(c)
@@ -90,5 +90,6 @@ def worker(
     if not STATE.json:
         notes(_common.err_console)
         _common.console.print(f"RPC worker at [bold]{endpoint}[/] ({scope}; Ctrl-C stops)")
+    control.admit(home, plan)
     control.run_foreground(home, plan, on_change)
     emit({**doc, "stopped": True}, lambda c: c.print("stopped"))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
-from sovctl.gateway.app import create_app
+from sovctl.gateway.server import config
 from sovctl.runtime.documents import RoutesTable
 
 
@@ -15,13 +17,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="sovctl.gateway")
     parser.add_argument("--routes", required=True, help="the routing table written by serve")
     args = parser.parse_args()
-    table = RoutesTable.read(Path(args.routes))
-    app = create_app(table)
-    # Named, not "auto": without uvloop and httptools the gateway would silently be slower.
-    # No proxy headers: clients reach the gateway directly, and it never uses their address.
-    uvicorn.run(app, host=table.host, port=table.port, loop="uvloop", http="httptools",
-                lifespan="on", proxy_headers=False, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config(RoutesTable.read(Path(args.routes))))
+    server.run()
+    if not server.started:
+        # As uvicorn.run does: the port could not be bound, or the application not started.
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

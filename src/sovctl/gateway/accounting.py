@@ -4,6 +4,8 @@ its record in the ledger.
 Tokens come from the usage object of each answer. A stream reports usage only when asked
 (`stream_options.include_usage`), so the gateway asks for it on every stream, reads it from the
 stream's usage event, and passes that event on only to a client that asked for it itself.
+A stream that ends without one (the client hung up, the stream broke off, a runtime that
+reports none) is counted from what passed, and its record is marked estimated.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sovctl.ledger.store import UNROUTED, Writer
+from sovctl.ledger.store import ESTIMATED, MEASURED, UNROUTED, Writer
 from sovctl.runtime.documents import LOCAL, RoutesTable
 
 
@@ -38,13 +40,38 @@ def ask_usage(payload: dict[str, Any]) -> bool:
     return wanted
 
 
+def answer_chars(doc: Any, part: str) -> int:
+    """Characters an answer (`part` "message") or a stream event (`part` "delta") carries:
+    its text, its reasoning and its tool calls' arguments, what a provider bills as generated
+    tokens."""
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    total = 0
+    for choice in choices if isinstance(choices, list) else ():
+        said = choice.get(part) if isinstance(choice, dict) else None
+        if not isinstance(said, dict):
+            continue
+        texts = [said.get("content"), said.get("reasoning_content"), said.get("refusal")]
+        calls = said.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                texts += [function.get("name"), function.get("arguments")]
+        total += sum(len(t) for t in texts if isinstance(t, str))
+    return total
+
+
 class StreamTally:
     """Follows a server-sent event stream as it passes: counts its data events, reads the
-    usage event, and holds that event back from a client that did not ask for it."""
+    usage event, and holds that event back from a client that did not ask for it. With
+    `count_text`, it also counts the characters the events carry (each event parsed: the
+    frontier path only, where an estimate may have to stand for a bill)."""
 
-    def __init__(self, keep_usage: bool) -> None:
+    def __init__(self, keep_usage: bool, count_text: bool = False) -> None:
         self.keep_usage = keep_usage
+        self.count_text = count_text
         self.events = 0
+        self.chars = 0  # with count_text: the characters of text the events carried
+        self.text_events = 0  # and the events that carried any
         self.usage: tuple[int, int] | None = None
         self._partial = b""  # an event whose end has not arrived yet
 
@@ -59,6 +86,11 @@ class StreamTally:
             return data if self.keep_usage else b""
         complete, self._partial = buffer[:cut], buffer[cut:]
         self.events += complete.count(b"data: {")
+        if self.count_text:
+            for event in complete.split(b"\n\n"):
+                chars = self._chars(event)
+                self.chars += chars
+                self.text_events += chars > 0
         if b'"usage"' not in complete:
             return data if self.keep_usage else complete
         kept = [e for e in complete.split(b"\n\n") if not self._is_usage(e)]
@@ -68,6 +100,16 @@ class StreamTally:
         """What is left to pass on when the stream ends."""
         rest, self._partial = self._partial, b""
         return b"" if self.keep_usage else rest
+
+    @staticmethod
+    def _chars(event: bytes) -> int:
+        start = event.find(b"{")
+        if start < 0:
+            return 0
+        try:
+            return answer_chars(json.loads(event[start:]), "delta")
+        except ValueError:
+            return 0
 
     def _is_usage(self, event: bytes) -> bool:
         """Reads the usage of an event that has one; true when the event is only usage."""
@@ -90,27 +132,38 @@ class Ledger:
     so recording costs the request path one queue put."""
 
     def __init__(self, table: RoutesTable) -> None:
-        self.writer = Writer(Path(table.ledger)) if table.ledger else None
+        self.writer = (Writer(Path(table.ledger), table.ledger_max_rows) if table.ledger
+                       else None)
         self.prices = {r.model: r.price for r in table.routes if r.kind == LOCAL}
 
     def local(self, model: str, endpoint: str, status: int, seconds: float, tokens_in: int,
-              tokens_out: int) -> None:
-        """A request served, or refused, here; `model` "-" when it was never routed."""
+              tokens_out: int, *, estimated: bool = False) -> None:
+        """A request served, or refused, here; `model` "-" when it was never routed.
+        `estimated`: the tokens were counted from the stream, not reported."""
         if self.writer is None:
             return
+        tokens = ESTIMATED if estimated else MEASURED
+        cost_source: str | None = tokens
         if model in self.prices:
             price = self.prices[model]
             route, cost = LOCAL, price.cost(tokens_in, tokens_out) if price else None
+            if price is None:
+                cost_source = None
+            elif price.estimated:
+                cost_source = ESTIMATED
         else:
             route, cost = UNROUTED, 0.0
         self.writer.put((time.time() - seconds, route, model, endpoint, status, tokens_in,
-                         tokens_out, seconds, cost))
+                         tokens_out, seconds, cost, tokens, cost_source))
 
     def routed(self, provider: str, model: str, endpoint: str, status: int, seconds: float,
-               tokens_in: int, tokens_out: int, cost: float) -> None:
+               tokens_in: int, tokens_out: int, cost: float, *, estimated: bool = False
+               ) -> None:
+        """`estimated`: the answer reported no usage; tokens and cost are estimates."""
         if self.writer is not None:
+            source = ESTIMATED if estimated else MEASURED
             self.writer.put((time.time() - seconds, provider, model, endpoint, status,
-                             tokens_in, tokens_out, seconds, cost))
+                             tokens_in, tokens_out, seconds, cost, source, source))
 
     def close(self) -> None:
         if self.writer is not None:

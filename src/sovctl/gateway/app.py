@@ -4,6 +4,7 @@ The proxied POST endpoints are the gateway's whole overhead, so they run as a ra
 over the gateway's own HTTP/1.1 client (`upstream`): Starlette's Request/Response objects
 and httpx cost over a millisecond of CPU a request there, as much as a small embedding takes.
 The rest (health, readiness, models, metrics, the 404 and 405 answers) stays on Starlette.
+Both pass the same Host and Origin guard (`guard`) first.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sovctl.errors import ConfigError
 from sovctl.gateway import tools, validate
 from sovctl.gateway.accounting import Ledger, StreamTally, ask_usage
 from sovctl.gateway.frontier import Frontier
+from sovctl.gateway.guard import Access, preflight_headers, with_cors
 from sovctl.gateway.metrics import Metrics
 from sovctl.gateway.upstream import PROPS_TIMEOUT_S, Connection, Upstream, UpstreamError
 from sovctl.ledger.store import UNROUTED
@@ -168,9 +170,11 @@ class Gateway:
         self.routes = {r.model: RouteState(r) for r in table.routes if r.kind == LOCAL}
         self.frontier = Frontier(table.routes, table.ledger)
         self.ledger = Ledger(table)
+        self.limits = table.limits
         self.queue_limit = table.limits.queue_limit
         self.queue_timeout = table.limits.queue_timeout
         self.max_body = table.limits.max_body_bytes
+        self.access = Access(table.limits, table.auth_required)
         self.key: bytes | None = None
         if table.auth_required:
             self.key = Path(table.key_file).read_text().strip().encode()
@@ -193,9 +197,45 @@ class Gateway:
         return self._authorised(request.headers.get("authorization", "").encode("latin-1"))
 
     def _unauthorised(self) -> JSONResponse:
+        # Counted, never recorded in the ledger: whoever reaches the port could fill the disk.
+        self.metrics.refuse("auth")
         return error(401, "missing or wrong API key: send Authorization: Bearer <key>",
                      "invalid_request_error", "invalid_api_key",
                      headers={"WWW-Authenticate": "Bearer"})
+
+    def _refused(self, host: bytes | None, origin: bytes | None) -> JSONResponse | None:
+        """The 403 for a request the Host and Origin guard refuses; None when it passes."""
+        refusal = self.access.refusal(host, origin)
+        if refusal is None:
+            return None
+        self.metrics.refuse(refusal.reason)
+        return error(403, refusal.message, "permission_denied", refusal.code)
+
+    async def guarded(self, scope: Scope, receive: Receive, send: Send, app: Starlette
+                      ) -> None:
+        """An HTTP request for a Starlette route, past the guard; a CORS preflight of an
+        allowed origin is answered here."""
+        host = origin = asked_method = asked_headers = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"access-control-request-method":
+                asked_method = value
+            elif name == b"access-control-request-headers":
+                asked_headers = value
+        refused = self._refused(host, origin)
+        if refused is not None:
+            await refused(scope, receive, send)
+        elif origin is None:
+            await app(scope, receive, send)
+        elif scope["method"] == "OPTIONS" and asked_method is not None:
+            await send({"type": "http.response.start", "status": 204,
+                        "headers": preflight_headers(origin, asked_headers)})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await app(scope, receive, with_cors(send, origin))
 
     def _too_large(self) -> JSONResponse:
         return error(413, f"request body over {self.max_body} bytes", "invalid_request_error",
@@ -306,8 +346,28 @@ class Gateway:
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = scope["path"]
         started = time.perf_counter()
+        auth, declared, host, origin = b"", None, None, None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value
+            elif name == b"content-length":
+                declared = value
+            elif name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+        refused = self._refused(host, origin)
+        if refused is None:
+            if origin is not None:
+                # An allowed page reads every answer, a 401 for a key it lacks included.
+                send = with_cors(send, origin)
+            if not self._authorised(auth):
+                refused = self._unauthorised()
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
         try:
-            answer = await self._proxy(scope, receive, send, endpoint, started)
+            answer = await self._proxy(scope, receive, send, endpoint, started, declared)
         except _ClientGone:
             return
         if answer is not None:
@@ -318,17 +378,9 @@ class Gateway:
             self.ledger.local(model, endpoint, response.status_code, seconds, 0, 0)
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
-                     started: float) -> tuple[str, Response] | None:
+                     started: float, declared: bytes | None) -> tuple[str, Response] | None:
         """Serves the request; returns what is left to send (an error) with the model to
         count it under, or None when the answer went out already."""
-        auth, declared = b"", None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                auth = value
-            elif name == b"content-length":
-                declared = value
-        if not self._authorised(auth):
-            return "-", self._unauthorised()
         body = await self._read_body(declared, receive)
         if isinstance(body, Response):
             return "-", body
@@ -337,10 +389,18 @@ class Gateway:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return "-", error(400, f"request body is not valid JSON: {e}",
                               "invalid_request_error", "invalid_json")
+        except RecursionError:
+            return "-", _too_deep()
         if not isinstance(payload, dict):
             return "-", error(400, "request body must be a JSON object", "invalid_request_error",
                               "invalid_json")
+        if validate.too_deep(body):
+            return "-", _too_deep()
         model = payload.get("model")
+        invalid = validate.model_name(model)
+        if invalid is not None:
+            return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
+                              param=invalid.param)
         if isinstance(model, str) and model.startswith(FRONTIER_PREFIX):
             return await self._frontier(scope, receive, send, endpoint, model, payload, started)
         route = self._pick(endpoint, model)
@@ -353,6 +413,8 @@ class Gateway:
             # Without a projector llama-server answers an image with a 500: say instead what
             # would read it.
             invalid = validate.without_projector(route.model, payload)
+        if invalid is None and route.vision:
+            invalid = self._images(payload)
         if invalid is not None:
             return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
                               param=invalid.param)
@@ -360,6 +422,14 @@ class Gateway:
             payload["model"] = route.model
             body = json.dumps(payload).encode()
         status = self.status.status(route.process)
+        if status in ("pending", "starting", "backoff"):
+            # A quick restart (a crash, a lost or returning worker) is waited out, up to the
+            # queue's bound, rather than answered with 503; the state file is read at most
+            # every 0.2 s however many requests wait. A runtime given up on is not waited for.
+            deadline = time.monotonic() + self.queue_timeout
+            while status in ("pending", "starting", "backoff") and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+                status = self.status.status(route.process)
         if status != "up":
             wait = "30" if status == "failed" else "2"
             return route.model, error(
@@ -420,6 +490,11 @@ class Gateway:
             return error(400, forced.message, "invalid_request_error", forced.code,
                          param=forced.param)
         return forced
+
+    def _images(self, payload: dict[str, Any]) -> validate.Invalid | None:
+        limits = self.limits
+        return validate.images(payload, limits.max_images, limits.max_image_bytes,
+                               limits.max_image_pixels)
 
     def _unanswered(self, route: RouteState, e: UpstreamError) -> tuple[str, Response]:
         return route.model, error(503, f"runtime for {route.model!r} did not answer: {e}",
@@ -496,6 +571,8 @@ class Gateway:
                         ) -> tuple[str, Response] | None:
         """A request that names a provider: served there, or refused; never locally."""
         invalid = validate.check(endpoint, payload)
+        if invalid is None and endpoint == CHAT:
+            invalid = self._images(payload)
         if invalid is not None:
             return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
                               param=invalid.param)
@@ -503,15 +580,15 @@ class Gateway:
                                         send)
         if out.refusal is not None:
             r = out.refusal
-            await error(r.status, r.message, r.type, r.code, headers=r.headers or None)(
-                scope, receive, send)
+            await error(r.status, r.message, r.type, r.code, headers=r.headers or None,
+                        param=r.param)(scope, receive, send)
         seconds = time.perf_counter() - started
         # Metrics by provider: the model part is the client's to choose, without bound.
         label = FRONTIER_PREFIX + out.route if out.route != UNROUTED else "-"
         self.metrics.count_tokens(label, out.tokens_in, out.tokens_out)
         self.metrics.request(label, endpoint, out.status, seconds)
         self.ledger.routed(out.route, model, endpoint, out.status, seconds, out.tokens_in,
-                           out.tokens_out, out.cost)
+                           out.tokens_out, out.cost, estimated=out.estimated)
         return None
 
     async def _stream(self, route: RouteState, endpoint: str, body: bytes, keep_usage: bool,
@@ -578,7 +655,13 @@ class Gateway:
                 seconds = time.perf_counter() - started
                 self.metrics.count_tokens(route.model, *tokens)
                 self.metrics.request(route.model, endpoint, code, seconds)
-                self.ledger.local(route.model, endpoint, code, seconds, *tokens)
+                self.ledger.local(route.model, endpoint, code, seconds, *tokens,
+                                  estimated=tally.usage is None)
+
+
+def _too_deep() -> JSONResponse:
+    return error(400, f"request body nests deeper than {validate.MAX_DEPTH} levels of objects "
+                 "and lists", "invalid_request_error", "nesting_too_deep")
 
 
 class _ClientGone(Exception):
@@ -603,18 +686,20 @@ class _Proxy:
 
 class GatewayApp:
     """The ASGI entry point: a proxied request goes straight to the gateway, skipping
-    Starlette's middleware and routing; everything else, lifespan included, to Starlette."""
+    Starlette's middleware and routing; every other request to Starlette past the guard, and
+    the lifespan to Starlette."""
 
     def __init__(self, gateway: Gateway, starlette: Starlette) -> None:
         self.gateway = gateway
         self.starlette = starlette
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["method"] == "POST"
-                and scope["path"] in ENDPOINT_ROLES):
+        if scope["type"] != "http":
+            await self.starlette(scope, receive, send)
+        elif scope["method"] == "POST" and scope["path"] in ENDPOINT_ROLES:
             await self.gateway.proxy(scope, receive, send)
         else:
-            await self.starlette(scope, receive, send)
+            await self.gateway.guarded(scope, receive, send, self.starlette)
 
 
 def create_app(table: RoutesTable) -> GatewayApp:

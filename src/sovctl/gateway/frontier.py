@@ -5,23 +5,38 @@ request is sent to the provider's base_url + /chat/completions as model MODEL, w
 from the environment variable the provider's `api_key_env` names (the gateway inherits
 `sovctl serve`'s environment; no file sovctl writes holds a key). Policy, in this order:
 - a request marked `X-Sovctl-Private` (any value but 0/false/no) is never routed out: 403;
-- once a provider's `daily_cap` is spent (by the ledger's costs, UTC day), 429 until midnight;
+- MODEL must be one of the provider's `models`, each with its price: else 403, naming them;
+- it may ask to generate at most the provider's `max_tokens` (400 beyond); one that asks for
+  no limit gets that one;
+- at most `max_concurrent` requests are in flight to a provider: beyond, 429;
+- the `daily_cap` (money a UTC day) holds the day's spend (the ledger's, on a restart) plus a
+  reservation for each request in flight: its worst case, the prompt's estimated tokens and
+  all it may generate, at its model's prices. A request whose worst case does not fit gets a
+  429, so requests in flight together cannot take the day past the cap (by more than the
+  prompts' estimates fall short). When a request ends, its reservation gives way to its cost;
 - a provider that cannot be reached gets its request a 502, fast: the connect, name lookup
   included, is bounded by CONNECT_TIMEOUT_S, so in a blackout it fails at once.
 Tokens come from the usage each answer reports (a stream is asked for it), priced at the
-provider's prices; the spend counts towards the cap as soon as the answer ends. The cap is
-checked before a request is sent, so requests in flight when it is reached may end above it.
+model's prices. An answer without usage (the client hung up mid-stream, which stops the
+generation; the stream broke off; a provider that reports none) is still billed by the
+provider: it is recorded as an estimate, the prompt's estimated tokens and the tokens of what
+was received, and counts towards the cap. A provider's error message reaches the client with
+anything that looks like a credential replaced by [redacted].
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
+import re
 import sqlite3
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +46,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from sovctl.errors import ConfigError
-from sovctl.gateway.accounting import StreamTally, ask_usage, reported_usage
+from sovctl.gateway.accounting import StreamTally, answer_chars, ask_usage, reported_usage
 from sovctl.ledger.store import UNROUTED, spent_since
-from sovctl.runtime.documents import FRONTIER_PREFIX, PROVIDER, Route
+from sovctl.runtime.documents import FRONTIER_PREFIX, PROVIDER, Price, Route
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -46,6 +61,21 @@ CONNECT_TIMEOUT_S = 2.0
 # A long answer may take minutes, but no provider goes this long between two bytes of it.
 READ_TIMEOUT_S = 300.0
 MAX_MESSAGE = 500
+# Characters a token holds in English text, about, for the tokenizers of the big providers:
+# how a prompt's tokens are estimated before it is sent, and a stream's when no usage came.
+CHARS_PER_TOKEN = 4
+# The request fields that bound how much it generates; OpenAI's newer models take only the
+# second. A request with neither gets the first, the one every OpenAI-compatible API knows.
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+CAP_RETRY_S = 5  # a request that waits on others' reservations: they end within seconds
+BUSY_RETRY_S = 1
+REDACTED = "[redacted]"
+# Credentials by their shape: OpenAI and Anthropic (sk-ant-...) keys, masked ones too
+# (sk-proj-****abcd), Hugging Face tokens, and the token after a Bearer scheme (RFC 6750).
+_CREDENTIAL = re.compile(r"\bsk-[\w\-*.]{4,}|\bhf_\w{4,}|\b[Bb]earer\s+[\w\-.~+/]+=*")
+# Long runs of token characters: a key of any other provider, when they look random.
+_LONG_RUN = re.compile(r"[A-Za-z0-9+/=_\-]{32,}")
+MIN_KEY_CHARS = 8  # a configured key shorter than this is not searched for in a message
 log = logging.getLogger("sovctl.gateway.frontier")
 STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -60,6 +90,7 @@ class Refusal:
     type: str
     code: str
     headers: dict[str, str] = field(default_factory=dict)
+    param: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +101,17 @@ class Outcome:
     tokens_out: int = 0
     cost: float = 0.0
     refusal: Refusal | None = None  # still to be sent; None: the answer went out
+    estimated: bool = False  # no usage came back: tokens and cost are estimates
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request admitted to a provider, as it is sent."""
+
+    price: Price  # its model's
+    body: dict[str, Any]  # the client's, the provider's model name, its generation bounded
+    prompt_tokens: int  # estimated from the prompt's size
+    worst: float  # what it costs if it generates all it may: reserved while it is in flight
 
 
 def _today() -> dt.date:
@@ -80,19 +122,62 @@ def _midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), dt.UTC)
 
 
+def _until_midnight() -> str:
+    now = dt.datetime.now(dt.UTC)
+    wait = _midnight(now.date() + dt.timedelta(days=1)) - now
+    return str(int(wait.total_seconds()) + 1)
+
+
+def prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The prompt's tokens, estimated from its characters (the messages and tools as JSON,
+    which overcounts the markup a little: an estimate that errs high reserves enough)."""
+    text = json.dumps([body.get("messages"), body.get("tools")], ensure_ascii=False)
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def generated_tokens(chars: int, events: int = 0) -> int:
+    """Tokens of what was received without a usage: a provider streams one token an event,
+    or several, so the larger of the events and the characters' estimate."""
+    return max(events, math.ceil(chars / CHARS_PER_TOKEN))
+
+
+def _random_looking(run: str) -> bool:
+    """Whether a long run of token characters reads as a secret: letters and digits mixed,
+    with the spread of a random string (a long identifier or word has neither)."""
+    if not (any(c.isdigit() for c in run) and any(c.isalpha() for c in run)):
+        return False
+    counts = Counter(run).values()
+    entropy = -sum(n / len(run) * math.log2(n / len(run)) for n in counts)
+    return entropy >= 3.5
+
+
+def redact(text: str, key: str | None) -> str:
+    """`text` with the configured key's value and anything shaped like a credential replaced
+    by [redacted]: a provider's error may quote what it was sent."""
+    if key and len(key) >= MIN_KEY_CHARS:
+        text = text.replace(key, REDACTED)
+    text = _CREDENTIAL.sub(REDACTED, text)
+    return _LONG_RUN.sub(lambda m: REDACTED if _random_looking(m[0]) else m[0], text)
+
+
 class ProviderState:
     def __init__(self, route: Route, spent: float, environ: Mapping[str, str]) -> None:
-        assert route.provider is not None and route.price is not None
-        self.name = route.provider.name
+        assert route.provider is not None
+        provider = route.provider
+        self.name = provider.name
         self.url = route.upstream + "/chat/completions"
         parts = urlsplit(route.upstream)
         self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-        self.price = route.price
-        self.cap = route.provider.daily_cap
-        self.key_env = route.provider.api_key_env
+        self.models = provider.models
+        self.cap = provider.daily_cap
+        self.max_concurrent = provider.max_concurrent
+        self.max_tokens = provider.max_tokens
+        self.key_env = provider.api_key_env
         self.key = environ.get(self.key_env) or None
         self.day = _today()
         self.spent = spent
+        self.in_flight = 0
+        self.reserved = 0.0  # the worst cases of the requests in flight, held against the cap
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
             # Only what is configured: no proxy or certificate setting from the environment
@@ -116,14 +201,18 @@ class ProviderState:
                 # A stream must pass as it comes, not wait on a decompressor's buffer.
                 "accept-encoding": "identity"}
 
+    def allowed(self) -> str:
+        return ", ".join(f"{FRONTIER_PREFIX}{self.name}/{m}" for m in self.models)
+
 
 def _private(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(name == PRIVATE_HEADER and value.strip().lower() not in NOT_PRIVATE
                for name, value in headers)
 
 
-def _their_message(content: bytes) -> str:
-    """The provider's own error message, short and on one line, or nothing."""
+def _their_message(content: bytes, key: str | None) -> str:
+    """The provider's own error message, short, on one line and with no credential in it,
+    or nothing."""
     try:
         doc = json.loads(content)
     except ValueError:
@@ -132,7 +221,8 @@ def _their_message(content: bytes) -> str:
     msg = err.get("message") if isinstance(err, dict) else err
     if not isinstance(msg, str):
         return ""
-    return " ".join(msg.split())[:MAX_MESSAGE]
+    # Redacted before it is cut: a key cut in two would no longer be recognised.
+    return redact(" ".join(msg.split()), key)[:MAX_MESSAGE]
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -165,12 +255,12 @@ class Frontier:
             await p.client.aclose()
 
     def _refuse(self, route: str, status: int, message: str, etype: str, code: str,
-                headers: dict[str, str] | None = None) -> Outcome:
+                headers: dict[str, str] | None = None, param: str | None = None) -> Outcome:
         return Outcome(route, status, refusal=Refusal(status, message, etype, code,
-                                                      headers or {}))
+                                                      headers or {}, param))
 
-    def _check(self, endpoint: str, model: str, headers: Sequence[tuple[bytes, bytes]]
-               ) -> tuple[ProviderState, str] | Outcome:
+    def _check(self, endpoint: str, model: str, payload: Mapping[str, Any],
+               headers: Sequence[tuple[bytes, bytes]]) -> tuple[ProviderState, Admission] | Outcome:
         name, _, upstream_model = model.removeprefix(FRONTIER_PREFIX).partition("/")
         p = self.providers.get(name)
         if p is None:
@@ -180,8 +270,8 @@ class Frontier:
                                 "invalid_request_error", "provider_not_found")
         if not upstream_model:
             return self._refuse(p.name, 400, f"model {model!r} names no model of {name}: "
-                                f"use frontier/{name}/MODEL", "invalid_request_error",
-                                "model_not_found")
+                                f"use one of {p.allowed()}", "invalid_request_error",
+                                "model_not_found", param="model")
         if endpoint != ENDPOINT:
             return self._refuse(p.name, 400, f"a frontier route serves {ENDPOINT} only, not "
                                 f"{endpoint}", "invalid_request_error", "endpoint_not_routed")
@@ -190,60 +280,126 @@ class Frontier:
                                 f"(X-Sovctl-Private), and {model!r} would leave this machine: "
                                 f"it is never routed out", "permission_denied",
                                 "private_request")
-        if p.cap is not None and p.spent_today() >= p.cap:
-            now = dt.datetime.now(dt.UTC)
-            wait = _midnight(now.date() + dt.timedelta(days=1)) - now
-            return self._refuse(p.name, 429, f"provider {name}'s daily cap of {p.cap:g} is "
-                                f"spent ({p.spent:.4g}); requests resume at 00:00 UTC",
-                                "rate_limit_exceeded", "daily_cap_reached",
-                                {"Retry-After": str(int(wait.total_seconds()) + 1)})
+        price = p.models.get(upstream_model)
+        if price is None:
+            return self._refuse(p.name, 403, f"model {upstream_model!r} is not one of provider "
+                                f"{name}'s models; allowed: {p.allowed()} "
+                                f"([providers.{name}.models] in sovctl.toml)",
+                                "permission_denied", "model_not_allowed", param="model")
+        body = {**payload, "model": upstream_model}
+        asked = {k: v for k in MAX_TOKENS_FIELDS if isinstance(v := body.get(k), int)}
+        for k, v in asked.items():
+            if v > p.max_tokens:
+                return self._refuse(p.name, 400, f"{k} {v} is above provider {name}'s limit "
+                                    f"of {p.max_tokens} (providers.{name}.max_tokens)",
+                                    "invalid_request_error", "max_tokens_above_limit", param=k)
+        if not asked:
+            body["max_tokens"] = p.max_tokens
+        prompt = prompt_tokens(body)
+        bound = min(asked.values(), default=p.max_tokens)
+        worst = price.cost(prompt, bound)
         if p.key is None:
             return self._refuse(p.name, 503, f"provider {name} has no key: ${p.key_env} is not "
                                 "set in the environment of 'sovctl serve'", "service_unavailable",
                                 "provider_key_missing")
-        return p, upstream_model
+        if p.in_flight >= p.max_concurrent:
+            return self._refuse(p.name, 429, f"provider {name} has {p.in_flight} requests in "
+                                f"flight, its limit (providers.{name}.max_concurrent)",
+                                "rate_limit_exceeded", "provider_busy",
+                                {"Retry-After": str(BUSY_RETRY_S)})
+        if p.cap is not None:
+            spent = p.spent_today()
+            left = p.cap - spent
+            if spent >= p.cap:
+                return self._refuse(p.name, 429, f"provider {name}'s daily cap of {p.cap:g} is "
+                                    f"spent ({spent:.4g}); requests resume at 00:00 UTC",
+                                    "rate_limit_exceeded", "daily_cap_reached",
+                                    {"Retry-After": _until_midnight()})
+            if worst > left:
+                return self._refuse(p.name, 429, f"this request may cost up to {worst:.4g} "
+                                    f"(about {prompt} prompt tokens and {bound} generated, at "
+                                    f"{upstream_model}'s prices), more than the {left:.4g} left "
+                                    f"of provider {name}'s daily cap of {p.cap:g}: ask for "
+                                    "fewer max_tokens, or wait for 00:00 UTC",
+                                    "rate_limit_exceeded", "daily_cap_reached",
+                                    {"Retry-After": _until_midnight()})
+            if worst > left - p.reserved:
+                return self._refuse(p.name, 429, f"the {p.in_flight} requests in flight to "
+                                    f"provider {name} hold {p.reserved:.4g} of the {left:.4g} "
+                                    f"left of its daily cap; this one may cost up to "
+                                    f"{worst:.4g}: retry when they end", "rate_limit_exceeded",
+                                    "daily_cap_reserved", {"Retry-After": str(CAP_RETRY_S)})
+        return p, Admission(price, body, prompt, worst)
 
     async def serve(self, endpoint: str, model: str, payload: dict[str, Any],
                     headers: Sequence[tuple[bytes, bytes]], receive: Receive, send: Send
                     ) -> Outcome:
-        checked = self._check(endpoint, model, headers)
+        checked = self._check(endpoint, model, payload, headers)
         if isinstance(checked, Outcome):
             return checked
-        p, upstream_model = checked
-        body = {**payload, "model": upstream_model}
-        stream = bool(body.get("stream"))
-        keep_usage = ask_usage(body) if stream else True
-        request = p.client.build_request("POST", p.url, content=json.dumps(body).encode(),
+        p, admitted = checked
+        # Admitted and reserved with no await in between: concurrent requests see each other.
+        p.in_flight += 1
+        p.reserved += admitted.worst
+        try:
+            out = await self._send(p, admitted, receive, send)
+            p.charge(out.cost)
+            return out
+        finally:
+            p.in_flight -= 1
+            # Back to an exact 0 when nothing is in flight: no rounding left over holds the cap.
+            p.reserved = p.reserved - admitted.worst if p.in_flight else 0.0
+
+    async def _send(self, p: ProviderState, a: Admission, receive: Receive, send: Send
+                    ) -> Outcome:
+        stream = bool(a.body.get("stream"))
+        keep_usage = ask_usage(a.body) if stream else True
+        request = p.client.build_request("POST", p.url, content=json.dumps(a.body).encode(),
                                          headers=p.headers(stream))
         try:
             response = await p.client.send(request, stream=True)
-        except httpx.TimeoutException as e:
-            return self._unreachable(p, f"no answer in time ({type(e).__name__})")
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+            return self._unreachable(p, type(e).__name__)  # nothing was sent: nothing billed
         except httpx.HTTPError as e:
-            return self._unreachable(p, type(e).__name__)
+            # Sent, and no answer: the provider may bill the prompt at least.
+            why = ("no answer in time" if isinstance(e, httpx.TimeoutException)
+                   else "no answer") + f" ({type(e).__name__})"
+            return self._billed(self._unreachable(p, why), a, 0)
         try:
             if not 200 <= response.status_code < 300:
                 return self._their_error(p, response.status_code, response.headers,
                                          await response.aread())
             if stream:
-                return await self._stream(p, response, keep_usage, receive, send)
+                return await self._stream(p, a, response, keep_usage, receive, send)
             content = await response.aread()
         except httpx.HTTPError as e:
-            return self._unreachable(p, f"the answer broke off ({type(e).__name__})")
+            return self._billed(self._unreachable(
+                p, f"the answer broke off ({type(e).__name__})"), a, 0)
         finally:
             await response.aclose()
         try:
-            tokens = reported_usage(json.loads(content)) or (0, 0)
+            doc = json.loads(content)
         except ValueError:
-            tokens = (0, 0)
-        cost = p.price.cost(*tokens)
-        p.charge(cost)
+            doc = None
+        usage = reported_usage(doc)
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": [(b"content-type", response.headers.get(
                         "content-type", "application/json").encode("latin-1")),
                         (b"content-length", b"%d" % len(content))]})
         await send({"type": "http.response.body", "body": content})
-        return Outcome(p.name, response.status_code, *tokens, cost)
+        out = Outcome(p.name, response.status_code)
+        if usage is None:
+            return self._billed(out, a, generated_tokens(answer_chars(doc, "message")))
+        return dataclasses.replace(out, tokens_in=usage[0], tokens_out=usage[1],
+                                   cost=a.price.cost(*usage))
+
+    @staticmethod
+    def _billed(out: Outcome, a: Admission, generated: int) -> Outcome:
+        """`out` with an estimate of what the provider bills for a request whose answer
+        reported no usage: the prompt's estimated tokens and `generated`."""
+        return dataclasses.replace(out, tokens_in=a.prompt_tokens, tokens_out=generated,
+                                   cost=a.price.cost(a.prompt_tokens, generated),
+                                   estimated=True)
 
     def _unreachable(self, p: ProviderState, why: str) -> Outcome:
         return self._refuse(p.name, 502, f"provider {p.name} ({p.address}) is unreachable: "
@@ -252,7 +408,7 @@ class Frontier:
 
     def _their_error(self, p: ProviderState, status: int, headers: httpx.Headers,
                      content: bytes) -> Outcome:
-        theirs = _their_message(content)
+        theirs = _their_message(content, p.key)
         said = f": {theirs}" if theirs else ""
         if status in (401, 403):
             # The client's key is the gateway's, not this one: a 401 would send it looking
@@ -269,9 +425,9 @@ class Frontier:
                             if status != 429 else "rate_limit_exceeded",
                             "provider_rejected", retry)
 
-    async def _stream(self, p: ProviderState, response: httpx.Response, keep_usage: bool,
-                      receive: Receive, send: Send) -> Outcome:
-        tally = StreamTally(keep_usage)
+    async def _stream(self, p: ProviderState, a: Admission, response: httpx.Response,
+                      keep_usage: bool, receive: Receive, send: Send) -> Outcome:
+        tally = StreamTally(keep_usage, count_text=True)
         await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
         status = 200
 
@@ -310,8 +466,9 @@ class Frontier:
         gone = pumping.cancelled()
         if not gone:
             pumping.result()
-        tokens = tally.usage or (0, 0)
-        cost = p.price.cost(*tokens)
-        p.charge(cost)
         # 499: the client hung up mid-stream (nginx's code; HTTP has none).
-        return Outcome(p.name, 499 if gone else status, *tokens, cost)
+        out = Outcome(p.name, 499 if gone else status)
+        if tally.usage is None:
+            return self._billed(out, a, generated_tokens(tally.chars, tally.text_events))
+        return dataclasses.replace(out, tokens_in=tally.usage[0], tokens_out=tally.usage[1],
+                                   cost=a.price.cost(*tally.usage))

@@ -36,10 +36,16 @@ class Metrics:
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.latency: dict[tuple[str, str], Histogram] = defaultdict(Histogram)
         self.ttft: dict[str, Histogram] = defaultdict(Histogram)
+        # Requests and connections turned away before any work, by reason: kept here and out
+        # of the ledger, which must not grow at the will of a client without the key.
+        self.refused: dict[str, int] = defaultdict(int)
 
     def request(self, model: str, endpoint: str, code: int, seconds: float) -> None:
         self.requests[(model, endpoint, str(code))] += 1
         self.latency[(model, endpoint)].observe(seconds)
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         self.tokens[(model, "in")] += prompt
@@ -53,6 +59,12 @@ class Metrics:
         for (model, ep, code), n in sorted(self.requests.items()):
             labels = _labels([("model", model), ("endpoint", ep), ("code", code)])
             out.append(f"sovctl_requests_total{labels} {n}")
+        out += ["# HELP sovctl_gateway_refused_total Requests refused before any work (auth: "
+                "no key; host, origin: the browser guard; connections: over max_connections) "
+                "and connections closed (header_timeout, headers_too_large).",
+                "# TYPE sovctl_gateway_refused_total counter"]
+        for reason, n in sorted(self.refused.items()):
+            out.append(f"sovctl_gateway_refused_total{_labels([('reason', reason)])} {n}")
         out += ["# HELP sovctl_tokens_total Tokens in (prompt) and out (completion).",
                 "# TYPE sovctl_tokens_total counter"]
         for (model, direction), n in sorted(self.tokens.items()):

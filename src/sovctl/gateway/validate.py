@@ -8,10 +8,14 @@ through untouched. An optional field set to null counts as absent, as it does fo
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, NoReturn
+
+from sovctl.gateway.images import ImageError, dimensions
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -35,6 +39,12 @@ TOOL_MODES = ("none", "auto", "required")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_STOP = 4
 MAX_INPUTS = 2048
+# Levels of nesting a request body may have (objects and lists), and a JSON schema in it (a
+# tool's parameters, a response format): no OpenAI request needs more, and every parser on the
+# way (the gateway's, the runtime's, its schema-to-grammar converter) recurses per level.
+MAX_DEPTH = 64
+MAX_SCHEMA_DEPTH = 32
+MAX_MODEL_NAME = 256  # characters: a model's name is recorded, and echoed in errors
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,39 @@ def check(endpoint: str, payload: dict[str, Any]) -> Invalid | None:
     except _Bad as e:
         return Invalid(str(e), e.param, e.code)
     return None
+
+
+# -- the body as a whole ------------------------------------------------------------------------
+# Each bracket a step up (+1) or down (-1, as a signed byte); every other byte deleted.
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def too_deep(body: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON document `body` (already parsed, so valid) nests deeper than `limit`.
+
+    Measured on the bytes at C speed, for the request path: a body with no more brackets than
+    the limit cannot be deeper; otherwise, strings cut out (their brackets are text), the
+    highest point of the running sum of the brackets' steps.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    # Backslashes appear in strings only. With escaped backslashes gone, a quote after a
+    # backslash is an escaped one; with those gone too, every other piece between quotes is a
+    # string.
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    steps = memoryview(b"".join(unescaped.split(b'"')[::2]).translate(_STEPS, _NOT_BRACKETS))
+    return max(accumulate(steps.cast("b")), default=0) > limit
+
+
+def model_name(model: Any) -> Invalid | None:
+    """A `model` that is not a name: every route has a short one."""
+    if model is None or (isinstance(model, str) and len(model) <= MAX_MODEL_NAME):
+        return None
+    if not isinstance(model, str):
+        return Invalid(f"'model' must be a string, got {_kind(model)}", "model", "invalid_type")
+    return Invalid(f"'model' must be at most {MAX_MODEL_NAME} characters; got {len(model)}",
+                   "model", "string_above_max_length")
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -223,6 +266,7 @@ def _chat(p: dict[str, Any]) -> None:
         if fmt["type"] == "json_schema":
             schema = _required_object(fmt, "json_schema", "response_format.")
             _string(schema, "name", "response_format.json_schema.", required=True)
+            _schema(schema, "schema", "response_format.json_schema.")
 
 
 def _message(m: Any, at: str) -> None:
@@ -307,8 +351,28 @@ def _tool(tool: Any, at: str) -> None:
     if not TOOL_NAME.fullmatch(function["name"]):
         _fail(at + ".function.name", "must be 1 to 64 letters, digits, '_' or '-'")
     _string(function, "description", at + ".function.")
-    _object(function, "parameters", at + ".function.")
+    _schema(function, "parameters", at + ".function.")
     _boolean(function, "strict", at + ".function.")
+
+
+def _schema(obj: dict[str, Any], key: str, at: str) -> None:
+    """A JSON schema: an object, nested no deeper than MAX_SCHEMA_DEPTH."""
+    value = _object(obj, key, at)
+    if value is not None and _deeper_than(value, MAX_SCHEMA_DEPTH):
+        _fail(at + key, f"must nest at most {MAX_SCHEMA_DEPTH} levels of objects and lists",
+              "nesting_too_deep")
+
+
+def _deeper_than(value: dict[str, Any] | list[Any], limit: int) -> bool:
+    # A stack, not recursion: the value may be as deep as the body's limit.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _tool_choice(choice: Any) -> None:
@@ -399,6 +463,49 @@ def beyond_fallback(model: str, payload: dict[str, Any]) -> Invalid | None:
     if image is not None:
         return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which cannot "
                        f"read images; {how}", image, "unsupported_value")
+    return None
+
+
+def images(payload: dict[str, Any], max_images: int, max_bytes: int, max_pixels: int
+           ) -> Invalid | None:
+    """What the image parts of a chat request (one `check` passed) would cost a runtime to
+    decode, against the limits: how many there are, and each one's bytes and pixels as its
+    header declares them."""
+    count = 0
+    for i, m in enumerate(payload.get("messages") or ()):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not (isinstance(part, dict) and part.get("type") == "image_url"):
+                continue
+            at = f"messages[{i}].content[{j}].image_url.url"
+            count += 1
+            if count > max_images:
+                return Invalid(f"a request may carry at most {max_images} images ([serve] "
+                               f"max_images); '{at}' is image {count}", at, "too_many_images")
+            problem = _image_cost(part["image_url"]["url"], max_bytes, max_pixels)
+            if problem is not None:
+                return Invalid(f"'{at}' {problem[0]}", at, problem[1])
+    return None
+
+
+def _image_cost(url: str, max_bytes: int, max_pixels: int) -> tuple[str, str] | None:
+    """Why an image data URL is refused, and the error code; None when it is within bounds."""
+    try:
+        data = base64.b64decode(url[url.index(",") + 1:])
+    except ValueError:  # binascii.Error, or a character beyond ASCII
+        return "is not valid base64", "invalid_image"
+    if len(data) > max_bytes:
+        return (f"holds {len(data)} bytes; an image may hold at most {max_bytes} ([serve] "
+                "max_image_bytes)", "image_too_large")
+    try:
+        kind, width, height = dimensions(data)
+    except ImageError as e:
+        return f"cannot be read: {e}", "invalid_image"
+    if width == 0 or height == 0:
+        return f"is a {kind} image of {width}x{height} pixels: empty", "invalid_image"
+    if width * height > max_pixels:
+        return (f"is a {kind} image of {width}x{height} pixels; an image may have at most "
+                f"{max_pixels} pixels ([serve] max_image_pixels)", "image_too_large")
     return None
 
 

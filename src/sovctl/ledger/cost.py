@@ -5,7 +5,8 @@ as one: hardware price, lifetime and tariff from [cost]; power and tokens per se
 latest bench (its generation phase, blended with its prompt phase by the ledger's mix of
 prompt and generated tokens); daily volume from the ledger's last 30 days; the cloud price
 from [cost]'s output and input prices, blended by the same mix. The math is
-`sovctl.bench.costs.break_even`.
+`sovctl.bench.costs.break_even`. Every input and result says its source
+(`sovctl.ledger.figures`): a result takes the least certain source of the inputs it uses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from sovctl.bench import costs
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.ledger import store
+from sovctl.ledger.figures import (
+    DEFAULTED,
+    ESTIMATED,
+    FLAG,
+    MEASURED,
+    setting_source,
+    weakest,
+)
 
 WINDOW_DAYS = 30
 # Tokens a second assumed when no bench was run and no flag given: one stream of a 7-8B model
@@ -29,9 +38,25 @@ DEFAULT_TOKENS_PER_S = 50.0
 
 @dataclass(frozen=True)
 class Figure:
-    value: float
-    source: str  # "flag", "config", "bench RUN ...", "ledger ...", "default ..."
-    default: bool  # a built-in default, not a measurement or a choice of the operator's
+    value: float | None  # None: the math gives none (no volume to divide by)
+    source: str  # measured | flag | configured | estimated | defaulted
+    basis: str  # where it comes from, in words: "bench RUN of MODEL", "cost.tariff", ...
+
+
+# The inputs each result of costs.break_even is computed from.
+_ELECTRICITY = ("watts", "tokens_per_s", "tariff")
+_HARDWARE = ("hardware_price", "lifetime_years")
+RESULT_INPUTS: dict[str, tuple[str, ...]] = {
+    "electricity_per_mtok": _ELECTRICITY,
+    "hardware_per_day": _HARDWARE,
+    "capacity_daily_tokens": ("tokens_per_s",),
+    "local_per_mtok": (*_ELECTRICITY, *_HARDWARE, "daily_tokens"),
+    "cloud_per_mtok": ("cloud_per_mtok",),
+    "local_per_day": (*_ELECTRICITY, *_HARDWARE, "daily_tokens"),
+    "cloud_per_day": ("daily_tokens", "cloud_per_mtok"),
+    "break_even_daily_tokens": (*_ELECTRICITY, *_HARDWARE, "cloud_per_mtok"),
+    "months_to_break_even": (*_ELECTRICITY, "hardware_price", "daily_tokens", "cloud_per_mtok"),
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +65,7 @@ class Volume:
 
     tokens_in: int
     tokens_out: int
+    estimated_tokens: int  # of those, counted from answers that reported no usage
     active_days: int
     days: int  # looked at: from the first record in the window to today, in UTC days
 
@@ -48,7 +74,8 @@ class Volume:
 class CostAnswer:
     currency: str
     inputs: dict[str, Figure]
-    result: costs.BreakEven
+    result: dict[str, Figure]  # each figure of costs.BreakEven, from the inputs it rests on
+    owning_wins: bool
     verdict: str
     defaults: tuple[str, ...]  # the inputs that are built-in defaults
     ledger: Volume | None
@@ -66,14 +93,20 @@ def volume(home: Home, now: float, days: int = WINDOW_DAYS) -> Volume | None:
     first = dt.date.fromisoformat(served[0].day)  # groups come ordered by day
     return Volume(tokens_in=sum(g.tokens_in for g in served),
                   tokens_out=sum(g.tokens_out for g in served),
+                  estimated_tokens=sum(g.tokens_in + g.tokens_out for g in served
+                                       if g.tokens_source == ESTIMATED),
                   active_days=len({g.day for g in served}),
                   days=(today - first).days + 1)
 
 
 def _config(settings: Any, key: str) -> Figure:
-    source = settings.source(key)
-    return Figure(float(settings.get(key)), "default" if source == "default" else source,
-                  source == "default")
+    return Figure(float(settings.get(key)), setting_source(settings, key),
+                  f"{key} ({settings.source(key)})")
+
+
+def _given(f: Figure) -> float:
+    assert f.value is not None  # every input has a value; only a result may have none
+    return f.value
 
 
 def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
@@ -106,40 +139,45 @@ def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
         joules = s * pp.joules_per_token + (1 - s) * tg.joules_per_token
         how = bench.describe() + (f", prompt and generation by {mix}" if s else
                                   ", generation phase")
-        inputs["watts"] = Figure(joules / seconds, how, False)
-        inputs["tokens_per_s"] = Figure(1 / seconds, how, False)
+        inputs["watts"] = Figure(joules / seconds, ESTIMATED if bench.estimated else MEASURED,
+                                 how)
+        inputs["tokens_per_s"] = Figure(1 / seconds, MEASURED, how)
     else:
         watts = _config(settings, "bench.cpu_watts")
-        inputs["watts"] = Figure(watts.value, f"bench.cpu_watts ({watts.source}); no bench run",
-                                 watts.default)
-        inputs["tokens_per_s"] = Figure(DEFAULT_TOKENS_PER_S, "default; no bench run", True)
+        inputs["watts"] = Figure(watts.value, watts.source, f"{watts.basis}; no bench run")
+        inputs["tokens_per_s"] = Figure(DEFAULT_TOKENS_PER_S, DEFAULTED,
+                                        "built-in default; no bench run")
     if seen is not None:
-        inputs["daily_tokens"] = Figure(total / seen.days, f"ledger, the last {seen.days} "
-                                        f"day{'s' if seen.days > 1 else ''}", False)
+        inputs["daily_tokens"] = Figure(
+            total / seen.days, ESTIMATED if seen.estimated_tokens else MEASURED,
+            f"ledger, the last {seen.days} day{'s' if seen.days > 1 else ''}")
     else:
-        inputs["daily_tokens"] = Figure(0.0, "default; nothing in the ledger", True)
+        inputs["daily_tokens"] = Figure(0.0, DEFAULTED, "built-in default; nothing in the ledger")
     out = _config(settings, "cost.cloud_price_per_mtok")
     if share_in is not None:
         cin = _config(settings, "cost.cloud_input_price_per_mtok")
         inputs["cloud_per_mtok"] = Figure(
-            share_in * cin.value + (1 - share_in) * out.value,
-            f"cost.cloud_input_price_per_mtok and cost.cloud_price_per_mtok by {mix}",
-            cin.default and out.default)
+            share_in * float(settings.get("cost.cloud_input_price_per_mtok"))
+            + (1 - share_in) * float(settings.get("cost.cloud_price_per_mtok")),
+            weakest(cin.source, out.source),
+            f"cost.cloud_input_price_per_mtok and cost.cloud_price_per_mtok by {mix}")
     else:
-        inputs["cloud_per_mtok"] = Figure(out.value, f"cost.cloud_price_per_mtok ({out.source})",
-                                          out.default)
+        inputs["cloud_per_mtok"] = out
     for name, value in flags.items():
         if value is not None:
-            inputs[name] = Figure(float(value), "flag", False)
+            inputs[name] = Figure(float(value), FLAG, "flag")
 
-    given = costs.BreakEvenInputs(**{k: f.value for k, f in inputs.items()})
-    result = costs.break_even(given)
+    given = costs.BreakEvenInputs(**{k: _given(f) for k, f in inputs.items()})
+    math = costs.break_even(given)
+    result = {name: Figure(getattr(math, name), weakest(*(inputs[i].source for i in used)),
+                           "from " + ", ".join(used))
+              for name, used in RESULT_INPUTS.items()}
     # Burstiness is the ledger's to tell: a volume given by flag says nothing of its spread.
     traffic = (costs.Traffic(seen.active_days, seen.days)
-               if seen is not None and inputs["daily_tokens"].source != "flag" else None)
+               if seen is not None and inputs["daily_tokens"].source != FLAG else None)
     currency = str(settings.get("cost.currency"))
     return CostAnswer(
-        currency=currency, inputs=inputs, result=result,
-        verdict=costs.verdict(given, result, currency, traffic),
-        defaults=tuple(k for k, f in inputs.items() if f.default), ledger=seen,
+        currency=currency, inputs=inputs, result=result, owning_wins=math.owning_wins,
+        verdict=costs.verdict(given, math, currency, traffic),
+        defaults=tuple(k for k, f in inputs.items() if f.source == DEFAULTED), ledger=seen,
         bursty=traffic is not None and traffic.bursty)

@@ -7,6 +7,8 @@
 - at cloud price    = local tokens in x cost.cloud_input_price_per_mtok
                       + local tokens out x cost.cloud_price_per_mtok: what the meter would
                       have charged for the volume served at home
+Each figure comes with its source (`sovctl.ledger.figures`): a sum is estimated when any
+record in it was (tokens counted from a stream without usage, a cost from estimated energy).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from sovctl.errors import UsageError
 from sovctl.home import Home
 from sovctl.ledger import store
+from sovctl.ledger.figures import Amount, Sums, setting_source, weakest
 
 BY = ("day", "model", "route")
 _SPAN = re.compile(r"(\d+(?:\.\d+)?)([mhdw])")
@@ -46,20 +49,28 @@ class Row:
 
     key: str
     requests: int
-    tokens_in: int
-    tokens_out: int
-    local_tokens: int
-    routed_tokens: int
-    cost: float
-    unpriced_tokens: int
+    tokens_in: Amount
+    tokens_out: Amount
+    local_tokens: Amount
+    routed_tokens: Amount
+    cost: Amount
+    unpriced_tokens: Amount
 
 
 @dataclass(frozen=True)
 class Day:
     day: str
-    local_tokens: int
-    routed_tokens: int
-    cost: float
+    local_tokens: Amount
+    routed_tokens: Amount
+    cost: Amount
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """How much of the period's figures rests on estimates."""
+
+    tokens: int  # counted from streams that reported no usage, or a prompt's size
+    cost: float  # priced from those tokens, or from a bench's estimated energy
 
 
 @dataclass(frozen=True)
@@ -70,16 +81,17 @@ class LedgerReport:
     currency: str
     path: str
     requests: int
-    tokens: int
-    local_tokens: int
-    routed_tokens: int
-    local_share: float | None  # None when no tokens were recorded
-    spend: dict[str, float]  # provider -> money
-    local_cost: float
-    local_unpriced_tokens: int  # local tokens of models with no bench: not in local_cost
-    local_at_cloud_price: float
-    cloud_input_per_mtok: float
-    cloud_output_per_mtok: float
+    tokens: Amount
+    local_tokens: Amount
+    routed_tokens: Amount
+    local_share: Amount  # value None when no tokens were recorded
+    spend: dict[str, Amount]  # provider -> money
+    local_cost: Amount
+    local_unpriced_tokens: Amount  # local tokens of models with no bench: not in local_cost
+    local_at_cloud_price: Amount
+    cloud_input_per_mtok: Amount
+    cloud_output_per_mtok: Amount
+    estimated: Estimates
     rows: tuple[Row, ...]
     days: tuple[Day, ...]  # every day of the period, oldest first
 
@@ -92,6 +104,21 @@ def _is_routed(g: store.Group) -> bool:
     return g.route not in ("local", store.UNROUTED)
 
 
+def _sum(groups: Iterable[store.Group]) -> Sums:
+    """The figures of a row (or a day, or the period) over its groups."""
+    s = Sums()
+    for g in groups:
+        est_tokens = g.tokens_source == store.ESTIMATED
+        tokens = g.tokens_in + g.tokens_out
+        s.add("tokens_in", g.tokens_in, est_tokens)
+        s.add("tokens_out", g.tokens_out, est_tokens)
+        s.add("local_tokens", tokens if _is_local(g) else 0, est_tokens)
+        s.add("routed_tokens", tokens if _is_routed(g) else 0, est_tokens)
+        s.add("cost", g.cost, g.cost_source == store.ESTIMATED)
+        s.add("unpriced_tokens", 0 if g.priced else tokens, est_tokens)
+    return s
+
+
 def report(home: Home, settings: Any, since: str = "7d", by: str = "day",
            now: float | None = None) -> LedgerReport:
     if by not in BY:
@@ -102,43 +129,47 @@ def report(home: Home, settings: Any, since: str = "7d", by: str = "day",
         raise UsageError(f"--since {since!r} is not in the past")
     path = store.ledger_path(home)
     found = store.groups(path, start, until)
-    cloud_in = float(settings.get("cost.cloud_input_price_per_mtok"))
-    cloud_out = float(settings.get("cost.cloud_price_per_mtok"))
+    cin = float(settings.get("cost.cloud_input_price_per_mtok"))
+    cout = float(settings.get("cost.cloud_price_per_mtok"))
+    cloud_in = Amount(cin, setting_source(settings, "cost.cloud_input_price_per_mtok"))
+    cloud_out = Amount(cout, setting_source(settings, "cost.cloud_price_per_mtok"))
 
-    local = [g for g in found if _is_local(g)]
-    routed = [g for g in found if _is_routed(g)]
-    local_tokens = sum(g.tokens_in + g.tokens_out for g in local)
-    routed_tokens = sum(g.tokens_in + g.tokens_out for g in routed)
-    total = local_tokens + routed_tokens
-    spend: dict[str, float] = {}
-    for g in routed:
-        spend[g.route] = spend.get(g.route, 0.0) + g.cost
+    everything = _sum(found)
+    local = _sum(g for g in found if _is_local(g))
+    spend = {route: _sum(g for g in found if g.route == route).get("cost")
+             for route in sorted({g.route for g in found if _is_routed(g)})}
+    local_tokens, routed_tokens = everything.get("local_tokens"), everything.get("routed_tokens")
+    total = everything.value("local_tokens") + everything.value("routed_tokens")
+    share = Amount(everything.value("local_tokens") / total if total else None,
+                   weakest(local_tokens.source, routed_tokens.source))
+    at_cloud = Amount(sum(g.tokens_in * cin + g.tokens_out * cout
+                          for g in found if _is_local(g)) / 1e6,
+                      weakest(local_tokens.source, cloud_in.source, cloud_out.source))
 
     key: Callable[[store.Group], str] = {
         "day": lambda g: g.day, "model": lambda g: g.model, "route": lambda g: g.route}[by]
-    rows: dict[str, Row] = {}
-    for g in found:
-        k = key(g)
-        r = rows.get(k) or Row(k, 0, 0, 0, 0, 0, 0.0, 0)
-        tokens = g.tokens_in + g.tokens_out
-        rows[k] = Row(k, r.requests + g.requests, r.tokens_in + g.tokens_in,
-                      r.tokens_out + g.tokens_out,
-                      r.local_tokens + (tokens if _is_local(g) else 0),
-                      r.routed_tokens + (tokens if _is_routed(g) else 0),
-                      r.cost + g.cost, r.unpriced_tokens + g.unpriced_in + g.unpriced_out)
+    rows = []
+    for k in sorted({key(g) for g in found}):
+        mine = [g for g in found if key(g) == k]
+        s = _sum(mine)
+        rows.append(Row(k, sum(g.requests for g in mine), s.get("tokens_in"), s.get("tokens_out"),
+                        s.get("local_tokens"), s.get("routed_tokens"), s.get("cost"),
+                        s.get("unpriced_tokens")))
 
     return LedgerReport(
         since=_iso(start), until=_iso(until), by=by,
         currency=str(settings.get("cost.currency")), path=str(path),
-        requests=sum(g.requests for g in found), tokens=total, local_tokens=local_tokens,
-        routed_tokens=routed_tokens, local_share=local_tokens / total if total else None,
-        spend=dict(sorted(spend.items())),
-        local_cost=sum(g.cost for g in local),
-        local_unpriced_tokens=sum(g.unpriced_in + g.unpriced_out for g in local),
-        local_at_cloud_price=sum(g.tokens_in * cloud_in + g.tokens_out * cloud_out
-                                 for g in local) / 1e6,
+        requests=sum(g.requests for g in found),
+        tokens=Amount(total, weakest(local_tokens.source, routed_tokens.source)),
+        local_tokens=local_tokens, routed_tokens=routed_tokens, local_share=share,
+        spend=spend, local_cost=local.get("cost"),
+        local_unpriced_tokens=local.get("unpriced_tokens"), local_at_cloud_price=at_cloud,
         cloud_input_per_mtok=cloud_in, cloud_output_per_mtok=cloud_out,
-        rows=tuple(sorted(rows.values(), key=lambda r: r.key)),
+        estimated=Estimates(
+            tokens=sum(g.tokens_in + g.tokens_out for g in found
+                       if g.tokens_source == store.ESTIMATED),
+            cost=sum(g.cost for g in found if g.cost_source == store.ESTIMATED)),
+        rows=tuple(rows),
         days=_days(found, start, until),
     )
 
@@ -151,13 +182,9 @@ def _iso(t: float) -> str:
 def _days(found: list[store.Group], start: float, until: float) -> tuple[Day, ...]:
     first = dt.datetime.fromtimestamp(start, dt.UTC).date()
     last = dt.datetime.fromtimestamp(until, dt.UTC).date()
-    days = {(first + dt.timedelta(n)).isoformat(): Day((first + dt.timedelta(n)).isoformat(),
-                                                       0, 0, 0.0)
-            for n in range((last - first).days + 1)}
-    for g in found:
-        d = days[g.day]
-        tokens = g.tokens_in + g.tokens_out
-        days[g.day] = Day(d.day, d.local_tokens + (tokens if _is_local(g) else 0),
-                          d.routed_tokens + (tokens if _is_routed(g) else 0), d.cost + g.cost)
-    return tuple(days.values())
-
+    days = []
+    for n in range((last - first).days + 1):
+        day = (first + dt.timedelta(n)).isoformat()
+        s = _sum(g for g in found if g.day == day)
+        days.append(Day(day, s.get("local_tokens"), s.get("routed_tokens"), s.get("cost")))
+    return tuple(days)

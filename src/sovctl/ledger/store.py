@@ -4,6 +4,16 @@ The gateway must not wait on a disk: a request only puts its record on a queue (
 blocking), and a thread writes what has queued up every FLUSH_S seconds in one transaction.
 SQLite in WAL mode lets `sovctl ledger` read while the gateway writes. Records older than
 RETENTION_DAYS are deleted when a writer opens the file.
+
+The file is bounded: any client that reaches the gateway adds records, and no disk should
+fill up with them. Beyond `max_rows` records (`[ledger] max_rows`), the writer folds the
+oldest into per-day totals (table `daily`, one row per day, route, model and source) and
+deletes them, so `sovctl ledger` and `sovctl cost` still count them. Text columns are cut to
+a fixed length, so a record has a bounded size too.
+
+Every token count and cost says how it was obtained: `measured` (the usage the answer
+reported; a bench with a power meter) or `estimated` (a stream that ended without usage, whose
+events or characters were counted; a bench whose energy came from bench.cpu_watts).
 """
 
 from __future__ import annotations
@@ -21,10 +31,19 @@ from pathlib import Path
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 
-SCHEMA_VERSION = 1
+# /2: tokens_source and cost_source; the daily totals of folded records.
+SCHEMA_VERSION = 2
 RETENTION_DAYS = 400
 FLUSH_S = 0.5
+# The default of [ledger] max_rows: about 300 MB of typical records (140 bytes each, measured),
+# under 1 GB with every text at its longest (475 bytes).
+MAX_ROWS = 2_000_000
+# Folding runs again only after this share of max_rows more records: not at every batch.
+FOLD_SLACK = 0.01
+MAX_MODEL_CHARS = 256
+MAX_TEXT_CHARS = 64  # route and endpoint: a provider's name is at most 64 characters
 UNROUTED = "-"  # the route of a request refused before it was routed (bad key, bad JSON, ...)
+MEASURED, ESTIMATED = "measured", "estimated"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -36,13 +55,54 @@ CREATE TABLE IF NOT EXISTS requests (
     tokens_in INTEGER NOT NULL,
     tokens_out INTEGER NOT NULL,
     latency_s REAL NOT NULL,
-    cost REAL                  -- in [cost] currency; NULL when unknown (a model never benched)
+    cost REAL,                 -- in [cost] currency; NULL when unknown (a model never benched)
+    tokens_source TEXT NOT NULL DEFAULT 'measured',  -- measured | estimated
+    cost_source TEXT           -- measured | estimated; NULL with cost
 );
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
+CREATE TABLE IF NOT EXISTS daily (  -- records folded away by the size bound, summed
+    day TEXT NOT NULL,         -- YYYY-MM-DD, UTC
+    route TEXT NOT NULL,
+    model TEXT NOT NULL,       -- "-" for refused requests that used nothing
+    tokens_source TEXT NOT NULL,
+    cost_source TEXT NOT NULL, -- "" for records without a cost
+    requests INTEGER NOT NULL,
+    tokens_in INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    PRIMARY KEY (day, route, model, tokens_source, cost_source)
+);
 """
 
-# time, route, model, endpoint, status, tokens_in, tokens_out, latency_s, cost
-Row = tuple[float, str, str, str, int, int, int, float, float | None]
+# Schema 1 had neither source: its records count as measured, as it presented them.
+_MIGRATE_1 = (
+    "ALTER TABLE requests ADD COLUMN tokens_source TEXT NOT NULL DEFAULT 'measured'",
+    "ALTER TABLE requests ADD COLUMN cost_source TEXT",
+    "UPDATE requests SET cost_source = 'measured' WHERE cost IS NOT NULL",
+)
+
+# A refused request that used nothing is folded under model "-": the names a client sends
+# are without number, the models that answer are not, and the totals stay bounded.
+_FOLD = """
+INSERT INTO daily (day, route, model, tokens_source, cost_source, requests, tokens_in,
+                   tokens_out, cost)
+SELECT date(time, 'unixepoch'), route,
+       CASE WHEN status < 400 OR tokens_in + tokens_out > 0 OR coalesce(cost, 0) > 0
+            THEN model ELSE '-' END,
+       tokens_source, coalesce(cost_source, ''), count(*), sum(tokens_in), sum(tokens_out),
+       coalesce(sum(cost), 0)
+FROM requests WHERE time <= ? GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT (day, route, model, tokens_source, cost_source) DO UPDATE SET
+    requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in,
+    tokens_out = tokens_out + excluded.tokens_out, cost = cost + excluded.cost
+"""
+
+_INSERT = ("INSERT INTO requests (time, route, model, endpoint, status, tokens_in, tokens_out, "
+           "latency_s, cost, tokens_source, cost_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+# time, route, model, endpoint, status, tokens_in, tokens_out, latency_s, cost,
+# tokens_source, cost_source
+Row = tuple[float, str, str, str, int, int, int, float, float | None, str, str | None]
 
 log = logging.getLogger("sovctl.ledger")
 
@@ -52,26 +112,43 @@ def ledger_path(home: Home) -> Path:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    """The ledger for writing, created (with its schema) when missing."""
+    """The ledger for writing, created (with its schema) when missing, migrated when older."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commit
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, SCHEMA_VERSION):
+    if version not in (0, 1, SCHEMA_VERSION):
         conn.close()
         raise ConfigError(f"{path} is a ledger of schema {version}, not {SCHEMA_VERSION}",
                           hint="it was written by another sovctl version: move it aside")
+    if version == 1:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            # Read again under the write lock: another process may have migrated it meanwhile.
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+                for statement in _MIGRATE_1:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.executescript(_SCHEMA)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return conn
 
 
-class Writer:
-    """Appends rows off the request path: `put` queues, a thread writes in batches."""
+def _bounded(row: Row) -> Row:
+    """The row with its text cut to the columns' bounds: a record's size is bounded."""
+    return (row[0], row[1][:MAX_TEXT_CHARS], row[2][:MAX_MODEL_CHARS],
+            row[3][:MAX_TEXT_CHARS], *row[4:])
 
-    def __init__(self, path: Path) -> None:
+
+class Writer:
+    """Appends rows off the request path: `put` queues, a thread writes in batches and keeps
+    the file within `max_rows` records."""
+
+    def __init__(self, path: Path, max_rows: int = MAX_ROWS) -> None:
         self.path = path
+        self.max_rows = max_rows
+        self._rows = 0  # records in the file, counted once at open, then kept up to date
         self._queue: queue.SimpleQueue[Row] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sovctl-ledger", daemon=True)
@@ -96,8 +173,11 @@ class Writer:
     def _run(self) -> None:
         try:
             conn = _open(self.path)
-            conn.execute("DELETE FROM requests WHERE time < ?",
-                         (time.time() - RETENTION_DAYS * 86400,))
+            oldest = time.time() - RETENTION_DAYS * 86400
+            conn.execute("DELETE FROM requests WHERE time < ?", (oldest,))
+            conn.execute("DELETE FROM daily WHERE day < date(?, 'unixepoch')", (oldest,))
+            self._rows = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+            self._bound(conn)
         except (sqlite3.Error, OSError, ConfigError) as e:
             # Serving goes on without a ledger; the gateway's log says why.
             log.warning("ledger %s not opened, requests are not recorded: %s", self.path, e)
@@ -115,22 +195,52 @@ class Writer:
         try:
             with conn:
                 conn.execute("BEGIN")
-                conn.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                conn.executemany(_INSERT, [_bounded(r) for r in rows])
         except sqlite3.Error as e:
             log.warning("ledger %s: %d records not written: %s", self.path, len(rows), e)
+            return
+        self._rows += len(rows)
+        try:
+            self._bound(conn)
+        except sqlite3.Error as e:
+            log.warning("ledger %s: the oldest records not folded, tried again at the next "
+                        "batch: %s", self.path, e)
+
+    def _bound(self, conn: sqlite3.Connection) -> None:
+        """Beyond max_rows, fold the oldest records into their days' totals and delete them,
+        with FOLD_SLACK of room left so that the next batches do not fold again at once."""
+        excess = self._rows - self.max_rows
+        if excess <= 0:
+            return
+        n = min(excess + int(self.max_rows * FOLD_SLACK), self._rows)
+        with conn:
+            conn.execute("BEGIN")
+            edge = conn.execute("SELECT time FROM requests ORDER BY time LIMIT 1 OFFSET ?",
+                                (n - 1,)).fetchone()[0]
+            conn.execute(_FOLD, (edge,))
+            folded = conn.execute("DELETE FROM requests WHERE time <= ?", (edge,)).rowcount
+        self._rows -= folded
+        log.info("ledger %s: over %d records, the %d oldest folded into daily totals",
+                 self.path, self.max_rows, folded)
 
 
 # -- reading ------------------------------------------------------------------------------------
 
 @contextmanager
 def reading(path: Path) -> Iterator[sqlite3.Connection | None]:
-    """The ledger for reading; None when nothing was ever recorded."""
+    """The ledger for reading; None when nothing was ever recorded. A ledger of the previous
+    schema is migrated first (what a gateway of this version does when it opens it)."""
     if not path.exists():
         yield None
         return
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1:
+            conn.close()
+            _open(path).close()
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as e:
         raise ConfigError(f"cannot read the ledger {path}: {e}",
                           hint="move it aside; the gateway starts a new one") from e
@@ -143,41 +253,59 @@ def reading(path: Path) -> Iterator[sqlite3.Connection | None]:
 
 @dataclass(frozen=True)
 class Group:
-    """Requests of one day, route and model, summed."""
+    """Requests of one day, route and model whose tokens and cost have the same sources,
+    summed."""
 
     day: str  # YYYY-MM-DD, UTC
     route: str
     model: str
+    tokens_source: str  # MEASURED | ESTIMATED
+    cost_source: str | None  # MEASURED | ESTIMATED; None: the requests have no known cost
     requests: int
     tokens_in: int
     tokens_out: int
-    cost: float  # of the requests whose cost is known
-    unpriced_in: int  # tokens of requests with no known cost
-    unpriced_out: int
+    cost: float  # 0 when the cost is unknown
+
+    @property
+    def priced(self) -> bool:
+        return self.cost_source is not None
 
 
 def groups(path: Path, since: float, until: float) -> list[Group]:
+    """The groups of requests from `since` to `until`; days folded into totals count whole
+    when they fall in the period."""
     with reading(path) as conn:
         if conn is None:
             return []
         found = conn.execute(
-            "SELECT date(time, 'unixepoch'), route, model, count(*), sum(tokens_in), "
-            "sum(tokens_out), coalesce(sum(cost), 0), "
-            "sum(CASE WHEN cost IS NULL THEN tokens_in ELSE 0 END), "
-            "sum(CASE WHEN cost IS NULL THEN tokens_out ELSE 0 END) "
-            "FROM requests WHERE time >= ? AND time < ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-            (since, until)).fetchall()
-    return [Group(*row) for row in found]
+            "SELECT day, route, model, ts, cs, sum(n), sum(tin), sum(tout), sum(c) FROM ("
+            " SELECT date(time, 'unixepoch') AS day, route, model, tokens_source AS ts,"
+            "  coalesce(cost_source, '') AS cs, count(*) AS n, sum(tokens_in) AS tin,"
+            "  sum(tokens_out) AS tout, coalesce(sum(cost), 0) AS c"
+            " FROM requests WHERE time >= ? AND time < ? GROUP BY 1, 2, 3, 4, 5"
+            " UNION ALL"
+            " SELECT day, route, model, tokens_source, cost_source, requests, tokens_in,"
+            "  tokens_out, cost FROM daily"
+            " WHERE day >= date(?, 'unixepoch') AND day <= date(?, 'unixepoch')"
+            ") GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5",
+            (since, until, since, until)).fetchall()
+    return [Group(day, route, model, ts, cs or None, n, tin, tout, c)
+            for day, route, model, ts, cs, n, tin, tout, c in found]
 
 
 def spent_since(path: Path, since: float) -> dict[str, float]:
-    """Money spent per provider since a time (a daily cap's day, when the gateway starts)."""
+    """Money spent per provider since a time (a daily cap's day, when the gateway starts),
+    estimated costs included: the provider bills what it generated, reported or not."""
     with reading(path) as conn:
         if conn is None:
             return {}
         found = conn.execute(
-            "SELECT route, sum(cost) FROM requests WHERE time >= ? AND route NOT IN (?, ?) "
-            "AND cost IS NOT NULL GROUP BY route", (since, "local", UNROUTED)).fetchall()
+            "SELECT route, sum(c) FROM ("
+            " SELECT route, cost AS c FROM requests WHERE time >= ? AND cost IS NOT NULL"
+            " UNION ALL"
+            " SELECT route, cost FROM daily WHERE day >= date(?, 'unixepoch')"
+            ") WHERE route NOT IN (?, ?) GROUP BY route",
+            (since, since, "local", UNROUTED)).fetchall()
     return {route: float(cost) for route, cost in found}
 
 
@@ -193,6 +321,7 @@ class Routed:
 
 
 def routed(path: Path) -> list[Routed]:
+    """The routed requests still on record one by one (folded ones have no time left)."""
     with reading(path) as conn:
         if conn is None:
             return []
@@ -200,12 +329,3 @@ def routed(path: Path) -> list[Routed]:
             "SELECT route, model, status, time, time + latency_s FROM requests "
             "WHERE route NOT IN (?, ?) ORDER BY time", ("local", UNROUTED)).fetchall()
     return [Routed(*row) for row in found]
-
-
-def first_time(path: Path, since: float) -> float | None:
-    with reading(path) as conn:
-        if conn is None:
-            return None
-        value = conn.execute("SELECT min(time) FROM requests WHERE time >= ?",
-                             (since,)).fetchone()[0]
-    return float(value) if value is not None else None

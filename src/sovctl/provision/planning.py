@@ -68,10 +68,12 @@ def _remote(text: str, ref: Any, revision: str, endpoint: str, token: str | None
     if isinstance(ref, refs.Url):
         h = gguf.read_remote(ref.url, text, None)  # a plain URL: no token goes to it
         return _target(text, "url", ref.url, None, h), h
+    sent = hub.credential(endpoint, token)  # HF_TOKEN to the Hub alone, as pull sends it
     res = hub.resolve(endpoint, ref.repo, revision,
                       path=ref.path if isinstance(ref, refs.HubFile) else None,
-                      quant=ref.quant if isinstance(ref, refs.HubQuant) else None, have=have)
-    h = gguf.read_remote(res.url, f"{res.repo}/{res.path}@{res.commit[:12]}", res.size, token)
+                      quant=ref.quant if isinstance(ref, refs.HubQuant) else None, have=have,
+                      token=sent)
+    h = gguf.read_remote(res.url, f"{res.repo}/{res.path}@{res.commit[:12]}", res.size, sent)
     return _target(text, "hub", res.url, res.commit, h), h
 
 

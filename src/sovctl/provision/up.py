@@ -174,7 +174,6 @@ def up(
     facts: HostFacts | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> UpResult:
-    from sovctl.apikey import ensure_api_key
     from sovctl.runtime import control
     from sovctl.runtime.plan import build
     from sovctl.store.blobs import BlobStore
@@ -230,14 +229,12 @@ def up(
 
     plan = build(home, _fitted(cfg, fits))
     notes += plan.notes
-    control.check_weights(home, plan, full=False)
-    key, created = (ensure_api_key(home) if plan.api_key_required else (None, False))
-    started = control.start_detached(home, plan)
-    wait_ready(plan.url, key, float(cfg.get("serve.start_timeout")))
-    key_file = str(home.secrets / "api_key") if plan.api_key_required else None
+    admitted, started = control.start(home, plan)
+    wait_ready(plan.url, admitted.api_key, float(cfg.get("serve.start_timeout")))
+    key_file = str(admitted.api_key_file) if admitted.api_key_file else None
     return UpResult(
         already_running=False, url=plan.url, api_key_required=plan.api_key_required,
-        api_key_file=key_file, api_key_created=created, initialised=initialised,
+        api_key_file=key_file, api_key_created=admitted.api_key_created, initialised=initialised,
         profile=cfg.profile, pulled=tuple(pulled), fits=tuple(fits),
         processes=started.processes, notes=tuple(notes),
         examples=examples(plan.url, [(m.name, m.role) for m in plan.models], key_file),

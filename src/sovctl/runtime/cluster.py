@@ -51,18 +51,25 @@ def _scope(addr: IPAddress, wireguard: set[str]) -> str | None:
     return None
 
 
+def _addresses(host: str, resolve: Resolver) -> list[IPAddress]:
+    """What `host` means: itself when an address, else what it resolves to (none if it does
+    not)."""
+    literal = ip_literal(host)
+    if literal is not None:
+        return [literal]
+    try:
+        return [a for a in map(ip_literal, resolve(host)) if a is not None]
+    except (OSError, UnicodeError):
+        return []
+
+
 def bind_scope(host: str, allow_unauthenticated: bool = False,
                wireguard: Callable[[], set[str]] = wireguard_addresses,
                resolve: Resolver = _system_resolver) -> str:
     """Where a worker bound to `host` can be reached from: "loopback", "private" (RFC 1918,
     unique local), "wireguard" (an address of a wg* interface) or, only when the operator
     acknowledged it, "public". Anything else is refused."""
-    literal = ip_literal(host)
-    try:
-        addresses = [literal] if literal is not None else [
-            a for a in map(ip_literal, resolve(host)) if a is not None]
-    except (OSError, UnicodeError):
-        addresses = []
+    addresses = _addresses(host, resolve)
     wg = wireguard()
     scopes = {_scope(a, wg) for a in addresses}
     if addresses and None not in scopes:
@@ -190,6 +197,35 @@ def probe_worker(endpoint: str, timeout: float = 3.0) -> WorkerHealth:
         return WorkerHealth(endpoint, False, reason=e.strerror or str(e))
     return WorkerHealth(endpoint, True, sum(f for f, _ in devices), sum(t for _, t in devices),
                         devices=devices)
+
+
+def connected_workers(pid: int, endpoints: Sequence[str],
+                      resolve: Resolver = _system_resolver) -> set[str] | None:
+    """Those of `endpoints` that process `pid` (or a child: under the audit's strace the
+    runtime is one) holds an established TCP connection to; None when it is gone. llama.cpp's
+    RPC client keeps one connection per worker for the runtime's life, and the kernel closes
+    it when the worker dies: no packet is sent to the worker to find out."""
+    import psutil
+
+    wanted: dict[tuple[str, int], str] = {}
+    for endpoint in endpoints:
+        host, port = parse_endpoint(endpoint)
+        wanted.update({(str(a), port): endpoint for a in _addresses(host, resolve)})
+    try:
+        root = psutil.Process(pid)
+        conns = [c for proc in (root, *root.children(recursive=True))
+                 for c in proc.net_connections(kind="tcp")]
+    except psutil.NoSuchProcess:
+        return None
+    held = set()
+    for c in conns:
+        if c.raddr and c.status == psutil.CONN_ESTABLISHED:
+            address = ipaddress.ip_address(c.raddr.ip)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            if (str(address), c.raddr.port) in wanted:
+                held.add(wanted[(str(address), c.raddr.port)])
+    return held
 
 
 def rpc_argv(args: Sequence[str], workers: Sequence[str]) -> tuple[str, ...]:

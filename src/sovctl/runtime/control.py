@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovctl.apikey import ensure_api_key
 from sovctl.errors import BusyError, ConfigError, IntegrityError, NotFoundError, RuntimeStartError
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
@@ -45,8 +46,8 @@ def check_weights(home: Home, plan: Plan, full: bool) -> list[BlobCheck]:
 
 
 def prepare(home: Home, plan: Plan) -> None:
-    """Refuse to start (a stack running, a port taken) or make the run directory ready.
-    Safe to call again: the start functions call it themselves."""
+    """Refuse to start (a stack running, a port taken, an unpinned host key) or make the run
+    directory ready."""
     home.ensure(home.run, home.logs)
     if instance_running(home.run):
         raise BusyError("a sovctl stack is already running from this home",
@@ -68,8 +69,37 @@ def prepare(home: Home, plan: Plan) -> None:
     planning.write_routes(plan, home)
 
 
-def run_foreground(home: Home, plan: Plan, on_change: Callable[[StackState], None]) -> None:
+@dataclass(frozen=True)
+class Admitted:
+    """What a start was let through with: each served blob's check, and the API key where the
+    gateway requires one (`api_key_created`: made just now, so it is shown once)."""
+
+    weights: tuple[BlobCheck, ...]
+    api_key: str | None
+    api_key_created: bool
+    api_key_file: Path | None
+
+
+def admit(home: Home, plan: Plan, *, full_verify: bool = False) -> Admitted:
+    """The one start sequence up to the launch, in its one order: the weights, then every other
+    refusal (prepare), and only then the API key, so a refused start leaves no secret behind.
+    `serve`, `up`, the audit, `tunnel` and `worker` all start through here."""
+    weights = tuple(check_weights(home, plan, full=full_verify))
     prepare(home, plan)
+    if not plan.api_key_required:
+        return Admitted(weights, None, False, None)
+    key, created = ensure_api_key(home)
+    return Admitted(weights, key, created, home.secrets / "api_key")
+
+
+def start(home: Home, plan: Plan, *, full_verify: bool = False) -> tuple[Admitted, StackStatus]:
+    """Admit the plan, then start it detached."""
+    admitted = admit(home, plan, full_verify=full_verify)
+    return admitted, start_detached(home, plan)
+
+
+def run_foreground(home: Home, plan: Plan, on_change: Callable[[StackState], None]) -> None:
+    """Run an admitted plan in this process until it is stopped."""
     fd = acquire_instance_lock(home.run)
     try:
         run_plan(plan, on_change)
@@ -78,7 +108,7 @@ def run_foreground(home: Home, plan: Plan, on_change: Callable[[StackState], Non
 
 
 def start_detached(home: Home, plan: Plan) -> StackStatus:
-    prepare(home, plan)
+    """Start an admitted plan under a detached supervisor; returns once every process is up."""
     plan_file = home.run / "plan.json"
     atomic_write(plan_file, plan.to_json().encode())
     proc = spawn(Argv((sys.executable, "-m", "sovctl.runtime.supervisor", str(plan_file)),

@@ -15,13 +15,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
+from sovctl.config import DEFAULTS
 from sovctl.errors import ConfigError
 from sovctl.fsutil import atomic_write
+from sovctl.ledger.store import MAX_ROWS
 
 # /3: the [cluster] workers each runtime uses, with their health and memory.
 STATE_SCHEMA = "sovctl.state/3"
-# /3: provider routes (kind "provider"), prices per route, the ledger's file.
-ROUTES_SCHEMA = "sovctl.routes/3"
+# /4: a provider's allowed models with a price each, its concurrency and max_tokens bounds;
+# the ledger's row bound; the gateway's image, connection and header-time limits and the Host
+# and Origin names it admits.
+ROUTES_SCHEMA = "sovctl.routes/4"
 
 
 class Status(StrEnum):
@@ -102,6 +106,9 @@ class ProcessState:
     up_since: float | None  # wall-clock time of the first healthy check since the last start
     last_exit: str
     workers: tuple[WorkerState, ...] = ()  # a clustered runtime's workers, as configured
+    # A tunnel's end-to-end probe, when it cannot run: why (its public host refuses the probe's
+    # way in), and what its health rests on instead; "" when it runs, or for any other process.
+    probe_skipped: str = ""
 
     def uptime(self, now: float | None = None) -> float:
         """Seconds since it first answered healthy; 0 while it is not up."""
@@ -170,6 +177,9 @@ class Price:
     input_per_mtok: float
     output_per_mtok: float
     source: str  # where the figures come from, in words
+    # The figures rest on an estimate (a bench's energy from bench.cpu_watts, no power meter):
+    # every cost priced with them is recorded as estimated.
+    estimated: bool = False
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         return (tokens_in * self.input_per_mtok + tokens_out * self.output_per_mtok) / 1e6
@@ -183,6 +193,16 @@ class Provider:
     name: str
     api_key_env: str
     daily_cap: float | None  # money a day (UTC) after which its requests get 429
+    # The models a request may name ("frontier/NAME/MODEL"), each at its list price: the client
+    # picks the model, so only a priced one may be sent, or the cap would count at a wrong price.
+    models: dict[str, Price]
+    max_concurrent: int  # requests in flight at once; beyond, 429
+    max_tokens: int  # the most a request may ask to generate; applied when it asks for none
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**{**_known(cls, d),
+                      "models": {k: Price(**v) for k, v in d["models"].items()}})
 
 
 @dataclass(frozen=True)
@@ -197,7 +217,9 @@ class Route:
     key_file: str | None  # the runtime's internal key, sent upstream; None: it takes none
     # Served with a multimodal projector: it can read images.
     vision: bool = False
-    price: Price | None = None  # None: no figure (a local model never benched)
+    # None: no figure (a local model never benched); a provider's prices are per model, on
+    # its Provider
+    price: Price | None = None
     provider: Provider | None = None  # set on PROVIDER routes only
 
     @classmethod
@@ -205,14 +227,32 @@ class Route:
         price, provider = d.get("price"), d.get("provider")
         return cls(**{**_known(cls, d),
                       "price": Price(**price) if price else None,
-                      "provider": Provider(**provider) if provider else None})
+                      "provider": Provider.from_dict(provider) if provider else None})
+
+
+_SERVE = DEFAULTS["serve"]
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What the gateway admits, from [serve] (defaults as there)."""
+
     queue_limit: int
     queue_timeout: float
     max_body_bytes: int
+    max_images: int = _SERVE["max_images"]
+    max_image_bytes: int = _SERVE["max_image_bytes"]
+    max_image_pixels: int = _SERVE["max_image_pixels"]
+    max_connections: int = _SERVE["max_connections"]
+    header_timeout: float = _SERVE["header_timeout"]
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**{**_known(cls, d),
+                      "allowed_hosts": tuple(d.get("allowed_hosts", ())),
+                      "allowed_origins": tuple(d.get("allowed_origins", ()))})
 
 
 @dataclass(frozen=True)
@@ -225,6 +265,7 @@ class RoutesTable:
     state_file: str
     routes: tuple[Route, ...]
     ledger: str = ""  # the SQLite file every request is recorded in; "" records nothing
+    ledger_max_rows: int = MAX_ROWS  # [ledger] max_rows: beyond, the oldest fold into daily totals
 
     def write(self, path: Path) -> None:
         atomic_write(path, json.dumps({"schema": ROUTES_SCHEMA, **asdict(self)},
@@ -238,6 +279,6 @@ class RoutesTable:
                               hint="the gateway is started by 'sovctl serve'")
         return cls(**{
             **_known(cls, d),
-            "limits": Limits(**d["limits"]),
+            "limits": Limits.from_dict(d["limits"]),
             "routes": tuple(Route.from_dict(r) for r in d["routes"]),
         })

@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from sovctl.config import Settings
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 from sovctl.hostinfo import physical_cores
-from sovctl.ledger.store import ledger_path
+from sovctl.ledger.store import MAX_ROWS, ledger_path
 from sovctl.net import is_loopback
 from sovctl.runtime import egress
 from sovctl.runtime import tunnel as public_face
@@ -51,9 +51,26 @@ OFFLINE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
+# What a supervised process takes from the supervisor's own environment, by name (NAME* is a
+# prefix): where the system, the locale and the accelerators are, and nothing else. A secret of
+# the operator's shell (HF_TOKEN, a provider's key, SOVCTL_MIRROR_TOKEN) reaches no runtime,
+# worker or ssh, where any library it loads could send it on: a child gets this, what its plan
+# gives it (Argv.env), and the gateway the provider keys its routes name (inherited_env).
+INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR",
+                 "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_*", "NVIDIA_*", "HIP_*",
+                 "ROCR_*", "HSA_*", "GPU_DEVICE_ORDINAL", "GGML_*", "OMP_*")
+# The tunnel's ssh may need the agent holding the operator's key (one with a passphrase).
+SSH_ENV = ("SSH_AUTH_SOCK",)
+
 # Health paths that answer without waiting on a busy model: llama-server's /health is public
 # (no key) and 503 while loading; llama-cpp-python's /v1/models would take its model lock.
 HEALTH_PATH = {LLAMA_SERVER: "/health", LLAMA_CPP_PYTHON: "/docs"}
+# A clustered llama-server's log level. llama.cpp prints llama's and ggml's own info messages,
+# among them the layer split the supervisor reads ("RPC0[HOST:PORT] model buffer size = ..."),
+# at its level 4 (trace), not at its default 3; and what a request carries (its body, the
+# parsed answer, prompt tokens) at 5 (debug) alone. So 4, never 5: no prompt or completion
+# reaches a log (tests/test_privacy.py holds the pinned build to it).
+RPC_LOG_VERBOSITY = 4
 # n_gpu_layers meaning "all of them", however many the model has.
 ALL_LAYERS = 999
 
@@ -110,6 +127,7 @@ class Plan:
     notes: tuple[str, ...] = ()  # what the operator should know (a fallback taken)
     tunnel: public_face.Tunnel | None = None  # the public face, when the stack has one
     ledger: str = ""  # the file the gateway records each request in
+    ledger_max_rows: int = MAX_ROWS  # [ledger] max_rows
     frontier: tuple[Route, ...] = ()  # the provider routes of [providers.NAME], opted into
     prices: Mapping[str, Price] = field(default_factory=dict)  # local model -> its price
 
@@ -136,6 +154,26 @@ class Plan:
                    tunnel=public_face.Tunnel(**public) if public else None,
                    frontier=tuple(Route.from_dict(r) for r in d.pop("frontier", ())),
                    prices={k: Price(**v) for k, v in d.pop("prices", {}).items()}, **d)
+
+
+def _allowed(name: str, allowed: Sequence[str]) -> bool:
+    return any(name.startswith(a[:-1]) if a.endswith("*") else name == a for a in allowed)
+
+
+def inherited_env(spec: ProcessSpec, provider_keys: Sequence[str] = (),
+                  environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What `spec`'s process takes from `environ` (the supervisor's): INHERITED_ENV; besides,
+    the gateway the variables of the provider keys (`provider_keys`), the tunnel ssh's agent.
+    Its plan's own environment goes on top."""
+    env = os.environ if environ is None else environ
+    allowed = (*INHERITED_ENV, *(provider_keys if spec.kind == "gateway" else ()),
+               *(SSH_ENV if spec.kind == "tunnel" else ()))
+    return {k: v for k, v in env.items() if _allowed(k, allowed)}
+
+
+def provider_keys(plan: Plan) -> tuple[str, ...]:
+    """The variables holding the keys of the plan's provider routes: the gateway's alone."""
+    return tuple(r.provider.api_key_env for r in plan.frontier if r.provider is not None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -184,7 +222,7 @@ def _check_role(home: Home, name: str, role: str, sha256: str, blob: Path
     """Refuse a model in a role its GGUF says it cannot play; its facts when it can."""
     if not blob.exists():
         return None  # the weights check before start refuses it, with the better message
-    facts = gguf_info.facts_for(home, sha256, blob)
+    facts = gguf_info.facts_for(home, sha256, blob, write=False)
     if role in ("chat", "completion") and facts.embedding:
         raise UsageError(
             f"{name} is an embedding model ({facts.architecture}, it pools its output into one "
@@ -313,8 +351,7 @@ def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str,
     else:
         args += ["--jinja"]
     if workers:
-        # Verbosity 4 logs the layer split: which device (RPCn[HOST:PORT]) holds how much.
-        args += ["--rpc", ",".join(workers), "--log-verbosity", "4"]
+        args += ["--rpc", ",".join(workers), "--log-verbosity", str(RPC_LOG_VERBOSITY)]
     for flag, value in (("--batch-size", m.n_batch if m.role != "embedding" else None),
                         ("--mmproj", m.mmproj), ("--chat-template", m.chat_format),
                         ("--chat-template-file", m.chat_template), ("--seed", m.seed)):
@@ -368,10 +405,14 @@ def frontier_routes(cfg: Settings) -> tuple[Route, ...]:
               upstream=str(p["base_url"]).rstrip("/"), runtime="",
               parallel=0,  # the provider admits what it admits; its 429 reaches the client
               key_file=None,
-              price=Price(float(p["input_per_mtok"]), float(p["output_per_mtok"]),
-                          f"[providers.{name}] prices"),
-              provider=Provider(name=name, api_key_env=str(p["api_key_env"]),
-                                daily_cap=float(p["daily_cap"]) if "daily_cap" in p else None))
+              provider=Provider(
+                  name=name, api_key_env=str(p["api_key_env"]),
+                  daily_cap=float(p["daily_cap"]) if "daily_cap" in p else None,
+                  models={m: Price(float(price["input_per_mtok"]),
+                                   float(price["output_per_mtok"]),
+                                   f"[providers.{name}.models.{m!r}] prices")
+                          for m, price in p["models"].items()},
+                  max_concurrent=int(p["max_concurrent"]), max_tokens=int(p["max_tokens"])))
         for name, p in sorted(cfg.providers.items()))
 
 
@@ -477,6 +518,7 @@ def build(
         api_key_required=not is_loopback(host) or public is not None, supervision=supervision,
         notes=selection.notes + cluster_notes + price_notes, tunnel=public,
         ledger=str(ledger_path(home)), frontier=frontier_routes(cfg), prices=prices,
+        ledger_max_rows=int(cfg.get("ledger.max_rows")),
     )
 
 
@@ -488,8 +530,7 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
         port=plan.port,
         auth_required=plan.api_key_required,
         key_file=str(home.secrets / "api_key"),
-        limits=Limits(**{k: plan.supervision[k] for k in
-                         ("queue_limit", "queue_timeout", "max_body_bytes")}),
+        limits=Limits.from_dict({f.name: plan.supervision[f.name] for f in fields(Limits)}),
         state_file=plan.state_file,
         routes=tuple(
             Route(model=p.model, role=p.role, kind=LOCAL, process=p.name,
@@ -498,7 +539,7 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
                   vision=by_name[p.model].mmproj is not None, price=plan.prices.get(p.model))
             for p in plan.processes if p.kind == "runtime"
         ) + plan.frontier,
-        ledger=plan.ledger,
+        ledger=plan.ledger, ledger_max_rows=plan.ledger_max_rows,
     )
 
 

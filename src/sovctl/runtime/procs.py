@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sovctl.runtime.logfiles import open_log
+
 
 @dataclass(frozen=True)
 class Argv:
@@ -30,14 +32,16 @@ class Argv:
 
 
 def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | None = None,
-          ) -> subprocess.Popen[bytes]:
-    """Start `argv` as the leader of a new session, so its whole group can be signalled."""
+          out: int | None = None) -> subprocess.Popen[bytes]:
+    """Start `argv` as the leader of a new session, so its whole group can be signalled. Its
+    environment is `base_env` (default: this process's) with `argv.env` on top; its stdout and
+    stderr go to the descriptor `out` (a pipe the caller reads), else are appended to `log`
+    (a file only its owner reads), else nowhere."""
     env = dict(os.environ if base_env is None else base_env)
     env.update(argv.env)
-    out: int | None = None
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    opened: int | None = None
+    if out is None and log is not None:
+        out = opened = open_log(log)
     try:
         return subprocess.Popen(
             list(argv.args),
@@ -49,8 +53,8 @@ def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | Non
             start_new_session=True,
         )
     finally:
-        if out is not None:
-            os.close(out)
+        if opened is not None:
+            os.close(opened)
 
 
 def alive(pid: int) -> bool:

@@ -33,10 +33,11 @@ from sovctl.runtime.documents import (
     WorkerState,
     WorkerStatus,
 )
-from sovctl.runtime.plan import Plan, ProcessSpec
+from sovctl.runtime.logfiles import Pump, RotatingLog
+from sovctl.runtime.plan import Plan, ProcessSpec, inherited_env, provider_keys
 from sovctl.runtime.ports import listener, owned_by
 from sovctl.runtime.procs import Argv, spawn, stop_group
-from sovctl.runtime.tunnel import diagnose
+from sovctl.runtime.tunnel import diagnose, forward_confirmed, probe_refused
 
 
 @dataclass
@@ -53,14 +54,19 @@ class _Proc:
     next_probe: float = 0.0
     last_exit: str = ""
     probe: Future[Probe] | None = None
-    log_offset: int = 0  # where this start's output begins in its log
     workers: dict[str, WorkerState] = field(default_factory=dict)  # a clustered runtime's
     rejoin: Future[list[cluster.WorkerHealth]] | None = None  # asking its lost workers again
     next_rejoin: float = 0.0
+    watch: Future[set[str] | None] | None = None  # which workers the runtime is connected to
+    next_watch: float = 0.0
+    connected: set[str] = field(default_factory=set)  # workers seen connected since this start
+    unprobed: str = ""  # a tunnel whose public host refuses its end-to-end probe: why
 
 
 # How often a clustered runtime running without some of its workers asks them again.
 REJOIN_INTERVAL = 10.0
+# How often a clustered runtime's connections to its workers are looked at (see _watch).
+WATCH_INTERVAL = 2.0
 
 
 class Probe(Enum):
@@ -139,7 +145,11 @@ class Supervisor:
         self.started_at = time.time()
         self._probes = ThreadPoolExecutor(max_workers=max(2, len(self.procs)),
                                           thread_name_prefix="probe")
-        self._log = Path(plan.logs_dir) / "supervisor.log"
+        # Each process's log (and the supervisor's own events, "supervisor"), kept across its
+        # restarts, and what reads the output of its current start into it.
+        self._logs: dict[str, RotatingLog] = {}
+        self._pumps: dict[str, Pump] = {}
+        self._provider_keys = provider_keys(plan)
         self._last_keyed: list[tuple[Status, int, int | None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -164,43 +174,48 @@ class Supervisor:
             self._stop_all()
             self._probes.shutdown(wait=False, cancel_futures=True)
             self._write_state(final=True)
+            for pump in self._pumps.values():
+                pump.drain(timeout=2.0)  # the children's last words reach their logs
+            for log in self._logs.values():
+                log.close()
 
     def _event(self, proc: str, what: str) -> None:
         self.events.append(Event(time.time(), proc, what))
-        self._log.parent.mkdir(parents=True, exist_ok=True)
-        with self._log.open("a") as f:
-            f.write(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f" {proc}: {what}\n")
+        self._log("supervisor").write(
+            (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f" {proc}: {what}\n").encode())
 
-    def _rotate(self, log: Path) -> None:
-        try:
-            if log.stat().st_size < int(self.cfg["log_max_bytes"]):
-                return
-        except FileNotFoundError:
-            return
-        backups = int(self.cfg["log_backups"])
-        for i in range(backups - 1, 0, -1):
-            older = log.with_name(f"{log.name}.{i}")
-            if older.exists():
-                os.replace(older, log.with_name(f"{log.name}.{i + 1}"))
-        os.replace(log, log.with_name(f"{log.name}.1"))
+    def _log(self, name: str) -> RotatingLog:
+        log = self._logs.get(name)
+        if log is None:
+            log = self._logs[name] = RotatingLog(Path(self.plan.logs_dir) / f"{name}.log",
+                                                 int(self.cfg["log_max_bytes"]),
+                                                 int(self.cfg["log_backups"]))
+        return log
 
     def _start(self, p: _Proc) -> None:
-        log = Path(self.plan.logs_dir) / f"{p.spec.name}.log"
-        self._rotate(log)
-        p.log_offset = log.stat().st_size if log.exists() else 0
         argv = self._with_live_workers(p) if p.spec.workers else p.spec.argv
         env = {**argv.env, "SOVCTL_SUPERVISOR_PID": str(os.getpid())}
+        # The child writes into a pipe that the supervisor reads into its log (see logfiles):
+        # so the log can be rotated while the child runs.
+        out, into = os.pipe()
         try:
-            p.popen = spawn(Argv(argv.args, env, argv.cwd), log=log)
+            p.popen = spawn(Argv(argv.args, env, argv.cwd), out=into,
+                            base_env=inherited_env(p.spec, self._provider_keys))
         except OSError as e:
+            os.close(out)
             p.popen = None
             self._failed_start(p, f"could not start: {e.strerror}")
             return
+        finally:
+            os.close(into)
+        self._pumps[p.spec.name] = Pump(out, self._log(p.spec.name))
         p.status = Status.STARTING
         p.started_at = time.monotonic()
         p.up_since = None
         p.probe_failures = 0
         p.next_probe = p.started_at + 0.2
+        # A look at the last start's workers, still running, is of no use to this one.
+        p.watch, p.rejoin, p.connected = None, None, set()
         self._event(p.spec.name, f"started pid {p.popen.pid}")
 
     def _ask_workers(self, endpoints: tuple[str, ...]) -> list[cluster.WorkerHealth]:
@@ -246,14 +261,45 @@ class Supervisor:
                 p.workers[h.endpoint] = replace(p.workers[h.endpoint], checked_at=wall,
                                                 reason=h.reason)
         back = [h.endpoint for h in found if h.ok]
-        if back and p.popen is not None:
-            reason = f"worker {', '.join(back)} answers again: restarted to use it"
-            self._event(p.spec.name, reason)
-            stop_group(p.popen.pid, float(self.cfg["stop_timeout"]), p.popen)
-            p.popen, p.probe = None, None
-            p.restarts += 1
-            p.last_exit = reason
-            self._start(p)
+        if back:
+            self._restart_now(p, f"worker {', '.join(back)} answers again: restarted to use it")
+
+    def _watch(self, p: _Proc, now: float) -> None:
+        """Notice a worker lost while the runtime is idle. llama-server holds one TCP
+        connection to each worker and would find it closed only at its next request, which
+        would then fail; the kernel closes it when the worker dies (on a real network, only a
+        worker that dies or says so: llama.cpp sets no TCP keepalive), and the runtime is
+        restarted without that worker at once. Only a worker it was seen connected to counts:
+        a runtime that never connected to one has no connection to lose."""
+        assert p.popen is not None
+        if p.watch is None:
+            in_use = tuple(w for w, st in p.workers.items() if st.status == WorkerStatus.IN_USE)
+            if in_use and now >= p.next_watch:
+                p.watch = self._probes.submit(cluster.connected_workers, p.popen.pid, in_use)
+            return
+        if not p.watch.done():
+            return
+        held, p.watch = p.watch.result(), None
+        p.next_watch = now + WATCH_INTERVAL
+        if held is None:  # the runtime is gone: its exit is handled as a crash
+            return
+        gone = sorted(p.connected - held)
+        p.connected |= held
+        if gone:
+            self._restart_now(p, f"worker {', '.join(gone)} lost: the runtime's connection to "
+                                 "it closed; restarted without it")
+
+    def _restart_now(self, p: _Proc, reason: str) -> None:
+        """Restart a clustered runtime for a change in its workers: no backoff, and no count
+        towards a crash loop, since it did not crash. Requests in flight at that moment fail
+        loudly (5xx), never silently wrong; new ones wait for it at the gateway."""
+        assert p.popen is not None
+        self._event(p.spec.name, reason)
+        stop_group(p.popen.pid, float(self.cfg["stop_timeout"]), p.popen)
+        p.popen, p.probe = None, None
+        p.restarts += 1
+        p.last_exit = reason
+        self._start(p)
 
     def _note_worker_memory(self, p: _Proc) -> None:
         """What the runtime put on each worker, as its load log tells."""
@@ -298,21 +344,44 @@ class Supervisor:
                     if p.workers:
                         self._note_worker_memory(p)
                 p.probe_failures = 0
+            elif p.spec.kind == "tunnel" and self._probe_refused(p):
+                p.next_probe = now  # its health is the remote forward's from now on: look now
             elif p.status == Status.UP:
                 p.probe_failures += 1
                 if p.probe_failures >= int(self.cfg["health_failures"]):
                     self._crashed(p, f"hung: {p.probe_failures} health checks failed")
                     return
         if p.workers and p.status == Status.UP:
-            self._rejoin(p, now)
+            self._watch(p, now)
+            if p.popen is not None and p.status == Status.UP:
+                self._rejoin(p, now)
             if p.popen is None or p.status != Status.UP:
                 return
         if p.probe is None and now >= p.next_probe:
             url = f"http://127.0.0.1:{p.spec.port}{p.spec.health_path}"
             p.probe = self._probes.submit(_probe_listening, p.popen.pid, p.spec.port) \
                 if p.spec.kind == cluster.WORKER else \
+                self._probes.submit(self._forward_held, p) if p.unprobed else \
                 self._probes.submit(_probe, url, float(self.cfg["health_timeout"]), p.popen.pid)
             p.next_probe = now + (interval if p.status == Status.UP else 0.25)
+
+    def _probe_refused(self, p: _Proc) -> bool:
+        """Whether a tunnel's probe failed because its public host refuses the probe's way in
+        (a hardened sshd: AllowTcpForwarding remote). Its health then rests, for the rest of
+        this supervisor's life, on the host's confirmation of the remote forward: ssh exits
+        when that forward is refused or lost (ExitOnForwardFailure, keepalives)."""
+        if p.unprobed or self.plan.tunnel is None:
+            return False
+        why = probe_refused(self.plan.tunnel, self._output(p))
+        if why is None:
+            return False
+        p.unprobed = why
+        self._event(p.spec.name, f"end-to-end probe skipped: {why}")
+        return True
+
+    def _forward_held(self, p: _Proc) -> Probe:
+        assert self.plan.tunnel is not None
+        return Probe.OK if forward_confirmed(self.plan.tunnel, self._output(p)) else Probe.FAILED
 
     def _crashed(self, p: _Proc, reason: str) -> None:
         if p.popen is not None:
@@ -337,13 +406,13 @@ class Supervisor:
         self._schedule_restart(p, reason)
 
     def _output(self, p: _Proc) -> str:
-        """What the process wrote to its log since its last start."""
-        try:
-            with (Path(self.plan.logs_dir) / f"{p.spec.name}.log").open("rb") as f:
-                f.seek(p.log_offset)
-                return f.read(256 * 1024).decode(errors="replace")
-        except OSError:
+        """What the process wrote since its last start (the first logfiles.HEAD_BYTES)."""
+        pump = self._pumps.get(p.spec.name)
+        if pump is None:
             return ""
+        if p.popen is None:
+            pump.drain(timeout=2.0)  # it has exited: what it wrote last is read first
+        return pump.head()
 
     def _schedule_restart(self, p: _Proc, reason: str) -> None:
         now = time.monotonic()
@@ -397,7 +466,7 @@ class Supervisor:
                     sha256=p.spec.sha256, runtime=p.spec.runtime, port=p.spec.port,
                     pid=p.popen.pid if p.popen else None, status=p.status,
                     restarts=p.restarts, up_since=p.up_since, last_exit=p.last_exit,
-                    workers=tuple(p.workers.values()),
+                    workers=tuple(p.workers.values()), probe_skipped=p.unprobed,
                 )
                 for p in self.procs
             ),

@@ -7,6 +7,11 @@ session, enters the public host's listening port and comes back through the reve
 the gateway's /health. A tunnel therefore counts as up only when the public side reaches the
 gateway, and the probe's port is the ssh process's own, as every health probe demands.
 
+A hardened public host (sshd's `AllowTcpForwarding remote`, the least a reverse tunnel needs)
+refuses that private forward. The tunnel then runs without the end-to-end probe, and says so:
+it counts as up once ssh reports the public host's confirmation of the remote forward, whose
+refusal or loss ends ssh (ExitOnForwardFailure).
+
 The public host's key is checked against HOME/tunnel/known_hosts, written only once the
 operator has confirmed the key's fingerprint; ssh never learns a key by itself there.
 """
@@ -195,6 +200,11 @@ def gateway_target(host: str, port: int) -> str:
     return f"{_bracket(gateway_address(host))}:{port}"
 
 
+# The function of ssh that logs the public host's answer to the remote forward, at debug level:
+# "remote forward success for: listen [BIND:]PORT, connect HOST:PORT".
+_CONFIRM_FUNCTION = "ssh.c:ssh_confirm_remote_forward():*"
+
+
 def ssh_argv(t: Tunnel, ssh: str, target: tuple[str, int], probe_port: int,
              env: Mapping[str, str]) -> Argv:
     """`ssh -N -R` from the public host's port to `target`, with the probe's `-L`, started
@@ -204,6 +214,11 @@ def ssh_argv(t: Tunnel, ssh: str, target: tuple[str, int], probe_port: int,
         # Any forward that cannot be set up ends ssh, where the supervisor sees it; a silent
         # ssh without its forward would look alive.
         "ExitOnForwardFailure=yes",
+        # The host's confirmation of the remote forward, and that line alone of ssh's debug
+        # output: the proof that the public port listens, where the probe cannot enter it.
+        # IgnoreUnknown: an ssh older than 8.5 has no LogVerbose, and would refuse to start.
+        "IgnoreUnknown=LogVerbose",
+        f"LogVerbose={_CONFIRM_FUNCTION}",
         f"ServerAliveInterval={t.keepalive_interval}",
         f"ServerAliveCountMax={t.keepalive_count}",
         f"ConnectTimeout={CONNECT_TIMEOUT}",
@@ -371,17 +386,14 @@ def diagnose(t: Tunnel, output: str) -> SshFailure | None:
                           fatal=True, host_key=True,
                           hint="pin it with 'sovctl tunnel --pin-only', which shows its "
                           "fingerprint to confirm")
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    # A refused probe is no reason for ssh to stop (see probe_refused): never the one given.
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and _PROBE_REFUSED not in line]
     denied = next((line for line in lines if "Permission denied" in line), None)
     if denied:
         return SshFailure(f"{t.via} refused the login: {denied}", fatal=True,
                           hint="add the tunnel's public key to that user's authorized_keys on "
                           "the public host (see docs/commands/tunnel.md)")
-    if "administratively prohibited" in output:
-        target = f"{t.probe_host}:{t.remote_port}"
-        return SshFailure(f"{t.via} refuses to open {target} for the tunnel's health probe",
-                          fatal=True, hint="allow it in the key's authorized_keys line on the "
-                          f'public host: permitopen="{target}"')
     if "remote port forwarding failed" in output:
         return SshFailure(
             f"{t.via} did not let ssh listen on port {t.remote_port}: it is in use, or not "
@@ -391,12 +403,39 @@ def diagnose(t: Tunnel, output: str) -> SshFailure | None:
     return SshFailure(f"ssh: {lines[-1].removeprefix('ssh: ')}", fatal=False) if lines else None
 
 
+# What ssh says when the public host refuses a channel it opens: only the probe's -L opens one
+# (the public forward's channels are opened by the host).
+_PROBE_REFUSED = "administratively prohibited"
+
+
+def probe_refused(t: Tunnel, output: str) -> str | None:
+    """Why the end-to-end probe cannot run, when ssh's output since its start shows the public
+    host refusing the probe's way in; None otherwise."""
+    if _PROBE_REFUSED not in output:
+        return None
+    target = f"{t.probe_host}:{t.remote_port}"
+    return (f"{t.via} refuses the local forward to {target} that the end-to-end probe enters "
+            "by (sshd's AllowTcpForwarding is remote, or the key's permitopen leaves it out), so "
+            "the tunnel's health is ssh holding the remote forward the host confirmed; for the "
+            "end-to-end probe, set AllowTcpForwarding yes for the tunnel's user there, with "
+            f'permitopen="{target}"')
+
+
+def forward_confirmed(t: Tunnel, output: str) -> bool:
+    """Whether ssh's output since its start has the public host confirming the remote forward:
+    its port then listens. Without that, ExitOnForwardFailure ends ssh."""
+    return re.search(rf"remote forward success for: listen (?:\S+:)?{t.remote_port},",
+                     output) is not None
+
+
 # -- adding a tunnel to the running stack ----------------------------------------------------------
 
 def rehearse(home: Home, t: Tunnel, timeout: float = REHEARSAL_TIMEOUT) -> None:
     """Carry one request over a throwaway tunnel before the stack is touched: its far end is a
     stub on loopback that answers a nonce, never the gateway, so nothing is exposed while
-    the gateway may still take requests without the key. Raises ssh's reason when it fails."""
+    the gateway may still take requests without the key. On a host that refuses the probe's
+    way in, the host's confirmation of the remote forward is all there is to see, and enough.
+    Raises ssh's reason when it fails."""
     nonce = secrets.token_hex(16).encode()
 
     class Nonce(BaseHTTPRequestHandler):
@@ -415,11 +454,18 @@ def rehearse(home: Home, t: Tunnel, timeout: float = REHEARSAL_TIMEOUT) -> None:
     log = home.logs / "tunnel-check.log"
     home.ensure(home.logs)
     log.unlink(missing_ok=True)
-    proc = spawn(Argv(spec.argv.args, {"SOVCTL_SUPERVISOR_PID": str(os.getpid())}), log=log)
+    from sovctl.runtime.plan import inherited_env
+
+    # The environment it would run with under the supervisor: no credential of this shell.
+    proc = spawn(Argv(spec.argv.args, {"SOVCTL_SUPERVISOR_PID": str(os.getpid())}), log=log,
+                 base_env=inherited_env(spec))
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
             if _answers(spec.port, nonce):
+                return
+            said = log.read_text(errors="replace")
+            if probe_refused(t, said) and forward_confirmed(t, said):
                 return
             time.sleep(0.2)
     finally:
@@ -473,6 +519,7 @@ class Added:
     restarted: bool  # the stack was restarted to take the tunnel
     api_key_file: str
     api_key_created: str | None  # the new key, to be shown once
+    probe_skipped: str  # why the end-to-end probe cannot run; "" when it does
 
 
 def pin_only(home: Home, flags: Mapping[str, Any], confirm: Confirm | None) -> Pinned:
@@ -509,8 +556,9 @@ def add(home: Home, flags: Mapping[str, Any], confirm: Confirm | None) -> Added:
     live = old.tunnel if running is not None and running.status == Status.UP else None
     key_file = str(home.secrets / "api_key")
     if live == t:
+        assert running is not None
         return Added(t, t.via, t.public, f"{gateway_address(old.host)}:{old.port}",
-                     running.pid if running else None, pinned, False, key_file, None)
+                     running.pid, pinned, False, key_file, None, running.probe_skipped)
     if live is None or (live.host, live.port, live.remote_port) != (t.host, t.port,
                                                                     t.remote_port):
         # A live tunnel to the same port would hold it against the rehearsal; the start below
@@ -520,15 +568,15 @@ def add(home: Home, flags: Mapping[str, Any], confirm: Confirm | None) -> Added:
     key, created = ensure_api_key(home)
     control.stop(home)
     try:
-        up = control.start_detached(home, new)
+        _, up = control.start(home, new)
     except RuntimeStartError as e:
         last = control.status(home)
         why = next((p.last_exit for p in last.processes if p.kind == "tunnel" and p.last_exit),
                    e.message)
-        control.start_detached(home, old)
+        control.start(home, old)
         raise RuntimeStartError(f"the tunnel through {t.via} did not come up ({why}); the "
                                 "stack was restarted as it was", hint="see 'sovctl logs tunnel'"
                                 ) from e
-    pid = next((p.pid for p in up.processes if p.kind == "tunnel"), None)
-    return Added(t, t.via, t.public, f"{gateway_address(new.host)}:{new.port}", pid, pinned,
-                 True, key_file, key if created else None)
+    ssh = next(p for p in up.processes if p.kind == "tunnel")
+    return Added(t, t.via, t.public, f"{gateway_address(new.host)}:{new.port}", ssh.pid, pinned,
+                 True, key_file, key if created else None, ssh.probe_skipped)

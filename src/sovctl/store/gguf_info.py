@@ -81,13 +81,16 @@ def remember(home: Home, sha256: str, facts: GgufFacts) -> None:
     atomic_write(_cache_path(home, sha256), json.dumps(asdict(facts)).encode())
 
 
-def facts_for(home: Home, sha256: str, blob: Path) -> GgufFacts:
+def facts_for(home: Home, sha256: str, blob: Path, *, write: bool = True) -> GgufFacts:
+    """The blob's facts from the cache, else from its header; `write=False` for the paths
+    that promise to write nothing (planning a stack, `sovctl plan`)."""
     cache = _cache_path(home, sha256)
     try:
         return GgufFacts(**json.loads(cache.read_text()))
     except (FileNotFoundError, json.JSONDecodeError, TypeError):
         facts = read_facts(blob)
-        remember(home, sha256, facts)
+        if write:
+            remember(home, sha256, facts)
         return facts
 
 

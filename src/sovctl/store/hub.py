@@ -3,6 +3,7 @@ its LFS sha256, then stream its bytes with HTTP Range so an interrupted download
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,34 @@ from urllib.parse import quote, urlsplit
 from sovctl.errors import IntegrityError, NetworkError, NotFoundError, UsageError
 
 TIMEOUT = 30.0
+# The Hugging Face Hub itself, the one endpoint that is sent HF_TOKEN (over https).
+HUB_HOSTS = ("huggingface.co", "hf.co")
+# The credential of any other endpoint: a sovctl mirror's token (`mirror serve` makes it).
+MIRROR_TOKEN_ENV = "SOVCTL_MIRROR_TOKEN"
+MIRROR_TOKEN_HINT = (f"a sovctl mirror is sent {MIRROR_TOKEN_ENV}: set it to its token (on the "
+                     "mirror's box: cat HOME/secrets/mirror_token)")
+
+
+def is_hub(url: str) -> bool:
+    """Whether `url` is on the Hugging Face Hub, over https."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    return parts.scheme == "https" and any(host == h or host.endswith("." + h)
+                                           for h in HUB_HOSTS)
+
+
+def credential(endpoint: str, hub_token: str | None) -> str | None:
+    """What may be sent to `endpoint`: the Hub's token (HF_TOKEN) to the Hub alone; any other
+    endpoint, a mirror on the LAN over plain http as likely as not, gets $SOVCTL_MIRROR_TOKEN
+    and never the Hub's token, which would open the operator's Hub account to whoever runs it."""
+    if is_hub(endpoint):
+        return hub_token
+    return os.environ.get(MIRROR_TOKEN_ENV) or None
+
+
+def _auth_hint(url: str) -> str:
+    return ("set HF_TOKEN to a Hub token with access to the repo" if is_hub(url)
+            else MIRROR_TOKEN_HINT)
 
 
 @dataclass(frozen=True)
@@ -37,9 +66,7 @@ def _http_error(endpoint: str, repo: str, e: Any) -> NetworkError:
     status = getattr(getattr(e, "response", None), "status_code", None)
     said = (getattr(e, "server_message", None) or str(e)).strip().splitlines()
     detail = f": {said[-1]}" if said else ""
-    hint = None
-    if status in (401, 403):
-        hint = "set HF_TOKEN to a token the endpoint accepts (a sovctl mirror: its API key)"
+    hint = _auth_hint(endpoint) if status in (401, 403) else None
     return NetworkError(f"{endpoint} answered HTTP {status} for {repo}{detail}", hint=hint)
 
 
@@ -51,8 +78,10 @@ def resolve(
     path: str | None = None,
     quant: str | None = None,
     have: list[str],
+    token: str | None = None,
 ) -> HubResolution:
-    """Resolve `revision` to a commit and find the file, from one model-info call."""
+    """Resolve `revision` to a commit and find the file, from one model-info call, sending
+    `token` (see `credential`) and nothing else."""
     import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
@@ -62,13 +91,16 @@ def resolve(
         RevisionNotFoundError,
     )
 
-    api = HfApi(endpoint=endpoint)
+    # False, not None: huggingface_hub would otherwise send HF_TOKEN, to whatever endpoint.
+    api = HfApi(endpoint=endpoint, token=token or False)
     try:
         info = api.model_info(repo, revision=revision, files_metadata=True, timeout=TIMEOUT)
     except RepositoryNotFoundError:
         raise NotFoundError(
             f"repository {repo} not found at {endpoint}",
-            hint="check the ORG/REPO spelling, or set HF_TOKEN for a gated or private repo",
+            hint="check the ORG/REPO spelling, or " + (
+                "set HF_TOKEN for a gated or private repo" if is_hub(endpoint)
+                else MIRROR_TOKEN_HINT),
         ) from None
     except RevisionNotFoundError:
         raise NotFoundError(
@@ -145,10 +177,7 @@ def fetch(
                 yield Response(416, None, iter(()))
                 return
             if r.status_code in (401, 403):
-                raise NetworkError(
-                    f"{url} answered HTTP {r.status_code}",
-                    hint="set HF_TOKEN to a token the server accepts",
-                )
+                raise NetworkError(f"{url} answered HTTP {r.status_code}", hint=_auth_hint(url))
             if r.status_code not in (200, 206):
                 raise NetworkError(f"{url} answered HTTP {r.status_code}")
             total = None

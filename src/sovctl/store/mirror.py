@@ -3,20 +3,25 @@
 Other machines of the same operator pull from this box (`sovctl pull --endpoint`, or any
 huggingface_hub client with HF_ENDPOINT) and get the very commit and sha256 it pinned.
 Only files named in the lock are reachable; lookups are by table, never by filesystem path.
+Beyond loopback every request needs the mirror's own token (never the gateway's key, never a Hub
+token); no client text reaches a header unescaped; a client that stalls cannot hold the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import re
 import socket
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar
 from urllib.parse import unquote, urlparse
 
 from sovctl.home import Home
@@ -73,15 +78,32 @@ class Catalog:
         return [f for f in named if f.commit == latest]
 
 
-_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?/?$")
-_PATHS = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)$")
-_RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Matched whole (fullmatch): "$" with match would also take a path ending in a newline.
+_API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?/?")
+_PATHS = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)")
+_RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# What a header value may hold as it is: printable ASCII. Anything else a message carries (it
+# may quote the client's own path, URL-decoded: CR LF would start a header of the client's
+# choosing) is percent-escaped.
+_HEADER_SAFE = re.compile(r"[^\x20-\x7e]")
+# How long a connection may sit without sending (or taking) a byte before it is closed, and how
+# many may be open at once, in all and from one address: a client that opens connections and
+# stalls (slowloris) holds a few of them for a while, never the mirror.
+IDLE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 64
+MAX_PER_CLIENT = 16
+
+
+def header_value(text: str) -> str:
+    """`text` as it may go into a response header: CR, LF and every other byte outside printable
+    ASCII percent-escaped, so no client text can end the header or start another."""
+    return _HEADER_SAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), text)
 
 
 class MirrorHandler(BaseHTTPRequestHandler):
     catalog: ClassVar[Catalog]
-    api_key: ClassVar[str | None] = None
+    token: ClassVar[str | None] = None  # the mirror's own token (HOME/secrets/mirror_token)
     server_version = "sovctl-mirror"
     protocol_version = "HTTP/1.1"
 
@@ -102,15 +124,15 @@ class MirrorHandler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, code: str, message: str) -> None:
         self._send_json(status, {"error": message}, {"X-Error-Code": code,
-                                                     "X-Error-Message": message})
+                                                     "X-Error-Message": header_value(message)})
 
     def _authorised(self) -> bool:
-        if self.api_key is None:
+        if self.token is None:
             return True
         given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if hmac.compare_digest(given.encode(), self.api_key.encode()):
+        if hmac.compare_digest(given.encode(), self.token.encode()):
             return True
-        self._error(401, "Unauthorized", "this mirror needs Authorization: Bearer <key>")
+        self._error(401, "Unauthorized", "this mirror needs Authorization: Bearer <its token>")
         return False
 
     def _snapshot(self, repo: str, rev: str) -> list[MirrorFile] | None:
@@ -126,9 +148,9 @@ class MirrorHandler(BaseHTTPRequestHandler):
         if not self._authorised():
             return
         path = unquote(urlparse(self.path).path)
-        if m := _API.match(path):
+        if m := _API.fullmatch(path):
             self._model_info(m["repo"], m["rev"] or "main")
-        elif m := _RESOLVE.match(path):
+        elif m := _RESOLVE.fullmatch(path):
             self._resolve(m["repo"], m["rev"], m["path"])
         else:
             self._error(404, "NotFound", f"no route for {path}")
@@ -142,7 +164,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(min(length, 1 << 20)).decode(errors="replace")
         path = unquote(urlparse(self.path).path)
-        if m := _PATHS.match(path):
+        if m := _PATHS.fullmatch(path):
             from urllib.parse import parse_qs
 
             wanted = set(parse_qs(body).get("paths", []))
@@ -187,7 +209,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
         start, end = 0, f.size - 1
         status = HTTPStatus.OK
         if rng := self.headers.get("Range"):
-            m = _RANGE.match(rng.strip())
+            m = _RANGE.fullmatch(rng.strip())
             if not m or (not m[1] and not m[2]):
                 self._error(416, "RangeNotSatisfiable", f"bad range {rng!r}")
                 return
@@ -232,7 +254,49 @@ class MirrorHandler(BaseHTTPRequestHandler):
             yield chunk
 
 
-class _ThreadingHTTPServer6(ThreadingHTTPServer):
+class _MirrorServer(ThreadingHTTPServer):
+    """A thread per connection, as many as MAX_CONNECTIONS in all and MAX_PER_CLIENT from one
+    address; one more is answered 503 and closed at once, without a thread."""
+
+    daemon_threads = True
+    # The kernel's queue of connections not yet accepted: socketserver's 5 would drop a burst
+    # of clients at the door, to retry in an order of chance, instead of serving or refusing it.
+    request_queue_size = MAX_CONNECTIONS
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._lock = threading.Lock()
+        self._open: dict[Any, str] = {}  # each connection being served -> its client's address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self._lock:
+            from_host = sum(1 for h in self._open.values() if h == host)
+            if len(self._open) < MAX_CONNECTIONS and from_host < MAX_PER_CLIENT:
+                self._open[request] = host
+                return True
+        with contextlib.suppress(OSError):
+            # Never wait on this client: what the socket takes at once, or nothing.
+            request.setblocking(False)
+            request.send(_BUSY)
+        return False
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that stalled (timed out) or went away: nothing to report
+        super().handle_error(request, client_address)
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
+
+
+class _MirrorServer6(_MirrorServer):
     address_family = socket.AF_INET6
 
 
@@ -240,13 +304,12 @@ def make_server(
     catalog: Catalog,
     host: str,
     port: int,
-    api_key: str | None = None,
+    token: str | None = None,
     handler: type[MirrorHandler] = MirrorHandler,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> ThreadingHTTPServer:
-    bound = type("BoundMirrorHandler", (handler,), {"catalog": catalog, "api_key": api_key})
-    server_cls: type[ThreadingHTTPServer] = ThreadingHTTPServer
-    if ":" in host:  # an IPv6 address such as ::1
-        server_cls = _ThreadingHTTPServer6
-    server = server_cls((host, port), bound)
-    server.daemon_threads = True
-    return server
+    bound = type("BoundMirrorHandler", (handler,), {"catalog": catalog, "token": token,
+                                                    # socketserver sets it on each connection
+                                                    "timeout": idle_timeout})
+    server_cls = _MirrorServer6 if ":" in host else _MirrorServer  # an IPv6 address: ::1
+    return server_cls((host, port), bound)

@@ -6,11 +6,12 @@ import re
 
 from sovctl.errors import UsageError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# fullmatch, never match with "$": "$" also matches before a final newline ("smol\n").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise UsageError(
             f"invalid model name {name!r}",
             hint="use letters, digits, '.', '_' and '-' (at most 128, starting with a letter "

@@ -65,6 +65,7 @@ def _plan(
     endpoint: str,
     tofu: bool,
     have: list[str],
+    token: str | None,
 ) -> _Plan:
     now = utcnow()
     common: dict[str, Any] = {"ref": ref_text, "pulled_at": now, "verified_at": now, "name": ""}
@@ -76,6 +77,7 @@ def _plan(
             path=ref.path if isinstance(ref, refs.HubFile) else None,
             quant=ref.quant if isinstance(ref, refs.HubQuant) else None,
             have=have,
+            token=hub.credential(endpoint, token),
         )
         if sha256 and res.sha256 and sha256 != res.sha256:
             raise IntegrityError(
@@ -216,7 +218,8 @@ def pull(
     mmproj: str | None = None,
     mmproj_sha256: str | None = None,
 ) -> PullResult:
-    """Pin REF under a name; with `mmproj`, pin that projector with it, both or neither."""
+    """Pin REF under a name; with `mmproj`, pin that projector with it, both or neither.
+    `token` is the Hub's (HF_TOKEN): sent to the Hub only (see hub.credential)."""
     if name is not None:
         check_name(name)
     sha256 = _check_sha(sha256, "--sha256")
@@ -239,12 +242,12 @@ def pull(
 
     have = sorted(lock.entries)
     plan = _plan(ref_text, ref, revision=revision, sha256=sha256, endpoint=endpoint,
-                 tofu=trust_on_first_use, have=have)
+                 tofu=trust_on_first_use, have=have, token=token)
     final_name = name or name_from_filename(plan.entry.path or plan.entry.url.split("?")[0])
     mm_plan = None
     if projector_ref is not None and mmproj_text is not None:
         mm_plan = _plan(mmproj_text, projector_ref, revision=revision, sha256=mmproj_sha256,
-                        endpoint=endpoint, tofu=trust_on_first_use, have=have)
+                        endpoint=endpoint, tofu=trust_on_first_use, have=have, token=token)
     existing = lock.entries.get(final_name)
     if existing is not None:
         if existing.ref != ref_text or (plan.expected_sha or existing.sha256) != existing.sha256:
@@ -320,10 +323,12 @@ def _fetch(
             digest, size, transferred, resumed = _copy(plan.local, partial, progress, label)
         else:
             assert plan.fetch_url is not None
-            # The Hub token goes to the hub endpoint only, never to an arbitrary URL.
-            hub_token = token if plan.entry.source == "hf" else None
+            # A credential goes to the endpoint it belongs to (the Hub's token to the Hub, the
+            # mirror's to a mirror), and none to an arbitrary URL.
+            sent = hub.credential(plan.entry.endpoint, token) if plan.entry.source == "hf" \
+                else None
             digest, size, transferred, resumed = _download(
-                plan.fetch_url, partial, plan.expected_size, progress, label, hub_token, have,
+                plan.fetch_url, partial, plan.expected_size, progress, label, sent, have,
             )
         try:
             _check_digest(plan, digest, size, label)

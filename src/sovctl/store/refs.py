@@ -10,8 +10,9 @@ from urllib.parse import unquote, urlparse
 from sovctl.errors import NotFoundError, UsageError
 
 _REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
-_HF = re.compile(rf"^hf://(?P<repo>{_REPO})/(?P<path>[^?#]+\.gguf)$", re.IGNORECASE)
-_QUANT = re.compile(rf"^(?P<repo>{_REPO}):(?P<quant>[A-Za-z0-9._-]+)$")
+# Matched whole (fullmatch): "$" with match would also accept a trailing newline.
+_HF = re.compile(rf"hf://(?P<repo>{_REPO})/(?P<path>[^?#]+\.gguf)", re.IGNORECASE)
+_QUANT = re.compile(rf"(?P<repo>{_REPO}):(?P<quant>[A-Za-z0-9._-]+)")
 
 FORMS = (
     "hf://ORG/REPO/PATH/FILE.gguf, ORG/REPO:QUANT, a local path or file:// URL, "
@@ -46,7 +47,7 @@ Ref = HubFile | HubQuant | LocalFile | Url
 
 def parse_ref(ref: str) -> Ref:
     if ref.startswith("hf://"):
-        m = _HF.match(ref)
+        m = _HF.fullmatch(ref)
         if not m or any(part in ("", ".", "..") for part in m["path"].split("/")):
             raise UsageError(
                 f"bad hub reference {ref!r}", hint="expected hf://ORG/REPO/PATH/FILE.gguf"
@@ -63,7 +64,7 @@ def parse_ref(ref: str) -> Ref:
     path = Path(ref).expanduser()
     if path.exists():
         return _local(path, ref)
-    m = _QUANT.match(ref)
+    m = _QUANT.fullmatch(ref)
     if m:
         return HubQuant(repo=m["repo"], quant=m["quant"])
     if ref.lower().endswith(".gguf") or ref.startswith(("/", ".", "~")):

@@ -320,6 +320,11 @@ identity = "{public.client_key}"
         envs = {name: _environ(p["pid"]) for name, p in procs.items()}
         envs["worker"] = _environ(worker["pid"])
         assert set(envs) == {"smol", "tiny", "gateway", "tunnel", "worker"}
+        # The detached supervisor itself holds only what its children may take.
+        supervisor = _environ(json.loads((head / "run" / "state.json").read_text())[
+            "supervisor_pid"])
+        assert {k for k, v in supervisor.items() if any(s in v for s in SECRETS.values())
+                } == {"ACME_KEY"}
         for name, env in envs.items():
             assert "PATH" in env and env.get("HF_HUB_OFFLINE") == "1", name
             leaked = {k for k, v in env.items() if any(s in v for s in SECRETS.values())}

@@ -161,6 +161,8 @@ def _start(status: int, content_type: bytes, length: int | None = None,
     return {"type": "http.response.start", "status": status, "headers": headers}
 
 
+# The states of a runtime that is on its way up again: a request waits for it.
+RESTARTING = ("pending", "starting", "backoff")
 STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 
 
@@ -422,14 +424,20 @@ class Gateway:
             payload["model"] = route.model
             body = json.dumps(payload).encode()
         status = self.status.status(route.process)
-        if status in ("pending", "starting", "backoff"):
+        if status in RESTARTING:
             # A quick restart (a crash, a lost or returning worker) is waited out, up to the
-            # queue's bound, rather than answered with 503; the state file is read at most
+            # queue's bounds, rather than answered with 503; the state file is read at most
             # every 0.2 s however many requests wait. A runtime given up on is not waited for.
-            deadline = time.monotonic() + self.queue_timeout
-            while status in ("pending", "starting", "backoff") and time.monotonic() < deadline:
-                await asyncio.sleep(0.25)
-                status = self.status.status(route.process)
+            if route.waiting >= self.queue_limit:
+                return route.model, self._queue_full(route)
+            route.waiting += 1
+            try:
+                deadline = time.monotonic() + self.queue_timeout
+                while status in RESTARTING and time.monotonic() < deadline:
+                    await asyncio.sleep(0.25)
+                    status = self.status.status(route.process)
+            finally:
+                route.waiting -= 1
         if status != "up":
             wait = "30" if status == "failed" else "2"
             return route.model, error(
@@ -444,10 +452,7 @@ class Gateway:
                 return route.model, calls
             forced = calls
         if route.waiting >= self.queue_limit:
-            return route.model, error(
-                429, f"{route.waiting} requests already wait for {route.model!r} "
-                f"(queue limit {self.queue_limit})", "rate_limit_exceeded", "queue_full",
-                headers={"Retry-After": "1"})
+            return route.model, self._queue_full(route)
         route.waiting += 1
         try:
             async with asyncio.timeout(self.queue_timeout):
@@ -490,6 +495,11 @@ class Gateway:
             return error(400, forced.message, "invalid_request_error", forced.code,
                          param=forced.param)
         return forced
+
+    def _queue_full(self, route: RouteState) -> JSONResponse:
+        return error(429, f"{route.waiting} requests already wait for {route.model!r} "
+                     f"(queue limit {self.queue_limit})", "rate_limit_exceeded", "queue_full",
+                     headers={"Retry-After": "1"})
 
     def _images(self, payload: dict[str, Any]) -> validate.Invalid | None:
         limits = self.limits

@@ -171,6 +171,14 @@ def inherited_env(spec: ProcessSpec, provider_keys: Sequence[str] = (),
     return {k: v for k, v in env.items() if _allowed(k, allowed)}
 
 
+def supervisor_env(plan: Plan, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a detached supervisor keeps of the starting shell's environment: only what one of
+    its children may take (inherited_env), so HF_TOKEN and the like are not even held there."""
+    env = os.environ if environ is None else environ
+    allowed = (*INHERITED_ENV, *SSH_ENV, *provider_keys(plan))
+    return {k: v for k, v in env.items() if _allowed(k, allowed)}
+
+
 def provider_keys(plan: Plan) -> tuple[str, ...]:
     """The variables holding the keys of the plan's provider routes: the gateway's alone."""
     return tuple(r.provider.api_key_env for r in plan.frontier if r.provider is not None)

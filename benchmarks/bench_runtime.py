@@ -103,7 +103,7 @@ def sovctl(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
 @contextmanager
 def stack(home: Path, runtime: str) -> Iterator[dict[str, Any]]:
     """A running `sovctl serve` stack on its own home; yields its status document."""
-    from sovctl.runtime.plan import free_port
+    from sovctl.runtime.ports import free_port
 
     sovctl(home, "pull", str(CHAT_MODEL), "--name", "smol")
     sovctl(home, "pull", str(EMBED_MODEL), "--name", "minilm")
@@ -135,7 +135,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) 
 @contextmanager
 def direct_llama_server(home: Path, tmp: Path) -> Iterator[tuple[Target, list[str]]]:
     """llama-server started by hand with the chat runtime's argv from sovctl's plan."""
-    from sovctl.runtime.plan import free_port
+    from sovctl.runtime.ports import free_port
 
     plan = json.loads((home / "run" / "plan.json").read_text())
     spec = next(p for p in plan["processes"] if p["name"] == "smol")

@@ -29,7 +29,7 @@ import pytest
 from tests.conftest import TINY_MODEL
 from tests.helpers import run, run_json
 
-from sovctl.runtime.plan import free_port
+from sovctl.runtime.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("models")]
 

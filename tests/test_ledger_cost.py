@@ -25,7 +25,8 @@ from sovctl.ledger import cost as ledger_cost
 from sovctl.ledger import report as ledger_report
 from sovctl.ledger import store
 from sovctl.ledger.figures import Amount
-from sovctl.runtime.documents import PROVIDER, Limits, Price, Provider, Route, RoutesTable
+from sovctl.prices import Price
+from sovctl.runtime.documents import PROVIDER, Limits, Provider, Route, RoutesTable
 
 DAY = 86400.0
 
@@ -491,7 +492,7 @@ def serve(frontier: Frontier, model: str, headers: list[tuple[bytes, bytes]] | N
 
 
 def test_frontier_policy(tmp_path: Path) -> None:
-    from sovctl.runtime.plan import free_port
+    from sovctl.runtime.ports import free_port
 
     closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: refused at once
     ledger = tmp_path / "ledger.sqlite3"

@@ -24,7 +24,7 @@ from sovctl.errors import ExitCode
 from sovctl.provision import sizing
 from sovctl.provision.sizing import Budget, Device, ModelShape
 from sovctl.runtime import cluster
-from sovctl.runtime.plan import free_port
+from sovctl.runtime.ports import free_port
 
 MiB = 1 << 20
 GiB = 1 << 30

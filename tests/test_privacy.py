@@ -28,11 +28,12 @@ from tests.test_tunnel import PublicHost
 
 from sovctl import config
 from sovctl.errors import UsageError
-from sovctl.runtime.plan import Plan, ProcessSpec, free_port
-from sovctl.runtime.procs import Argv
+from sovctl.names import check_name
+from sovctl.runtime.plan import Plan
+from sovctl.runtime.ports import free_port
+from sovctl.runtime.procs import Argv, ProcessSpec
 from sovctl.store import hub, refs
 from sovctl.store.mirror import MAX_PER_CLIENT, MirrorHandler, make_server
-from sovctl.store.names import check_name
 
 TINY_HF = f"hf://{REPO}/{TINY_MODEL.name}"
 FAST = {

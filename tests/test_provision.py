@@ -500,7 +500,7 @@ role = "embedding"
 
 @pytest.mark.slow
 def test_up_end_to_end_resumes_and_is_idempotent(sovctl_home: Path, models: Path) -> None:
-    from sovctl.runtime.plan import free_port
+    from sovctl.runtime.ports import free_port
 
     port = free_port()
     hub_ref = f"hf://{REPO}/{CHAT_MODEL.name}"
@@ -559,7 +559,7 @@ def test_up_end_to_end_resumes_and_is_idempotent(sovctl_home: Path, models: Path
 
 @pytest.mark.usefixtures("models")
 def test_up_refuses_a_model_that_does_not_fit_before_starting(sovctl_home: Path) -> None:
-    from sovctl.runtime.plan import free_port
+    from sovctl.runtime.ports import free_port
 
     local_profile(sovctl_home, free_port(), str(CHAT_MODEL))
     r = run(sovctl_home, "up", "--profile", "local-test", "--ram", "200MiB")

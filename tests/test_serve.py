@@ -29,7 +29,7 @@ FAST_SUPERVISION = {
 
 
 def free_port() -> int:
-    from sovctl.runtime.plan import free_port as fp
+    from sovctl.runtime.ports import free_port as fp
 
     return fp()
 
@@ -501,3 +501,21 @@ def test_runtime_that_cannot_start_fails_the_detached_start(tmp_path: Path, runt
     state = json.loads((home / "run" / "state.json").read_text())
     assert state["final"] is True
     assert not any(pid_alive(p) for p in [state["supervisor_pid"]])
+
+
+def test_plan_json_carries_its_schema_and_another_is_refused() -> None:
+    """The plan a detached supervisor runs crosses from the CLI as a versioned document."""
+    from sovctl.errors import ConfigError
+    from sovctl.runtime.documents import PLAN_SCHEMA
+    from sovctl.runtime.plan import Plan
+
+    p = Plan(host="127.0.0.1", port=8088, processes=(), models=(), routes_file="routes.json",
+             state_file="state.json", egress_log="egress.jsonl", logs_dir="logs",
+             api_key_required=False)
+    doc = json.loads(p.to_json())
+    assert doc["schema"] == PLAN_SCHEMA == "sovctl.plan/1"
+    assert Plan.from_json(p.to_json()) == p
+    unversioned = {k: v for k, v in doc.items() if k != "schema"}
+    for other in ({**doc, "schema": "sovctl.plan/0"}, unversioned):
+        with pytest.raises(ConfigError, match=r"run/plan.json is not a sovctl.plan/1 document"):
+            Plan.from_json(json.dumps(other), "run/plan.json")

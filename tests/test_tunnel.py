@@ -30,7 +30,7 @@ from sovctl import config
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 from sovctl.runtime import tunnel
-from sovctl.runtime.plan import free_port
+from sovctl.runtime.ports import free_port
 
 SSHD = Path("/usr/sbin/sshd")
 FAST = {

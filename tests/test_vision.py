@@ -83,7 +83,9 @@ def test_pull_mmproj_pins_verifies_lists_and_removes_both(sovctl_home: Path) -> 
     assert pinned["version"] == 2  # a lock with a projector in it
     mmproj = pinned["models"]["smolv"]["mmproj"]
     assert mmproj == {"sha256": MMPROJ_SHA, "size": MMPROJ.stat().st_size, "source": "file",
-                      "ref": str(MMPROJ), "digest_from": "computed", "path": str(MMPROJ)}
+                      # pull records the file as it resolves (the models folder may be a link)
+                      "ref": str(MMPROJ.resolve()), "digest_from": "computed",
+                      "path": str(MMPROJ.resolve())}
     assert blob(home, CHAT_SHA).is_file() and blob(home, MMPROJ_SHA).is_file()
 
     again = run_json(home, "pull", str(CHAT_MODEL), "--name", "smolv", "--mmproj", str(MMPROJ))

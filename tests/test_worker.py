@@ -24,6 +24,7 @@ from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 from sovctl.runtime import cluster, plan
 from sovctl.runtime.documents import Status
+from sovctl.runtime.ports import free_port
 
 NO_WG: set[str] = set()
 
@@ -123,7 +124,7 @@ def test_serve_passes_workers_to_the_chat_runtime(sovctl_home: Path, models: Pat
 
 
 def test_probe_worker_reads_memory_and_reports_a_dead_one(tmp_path: Path) -> None:
-    port = plan.free_port()
+    port = free_port()
     binary = shutil.which(cluster.RPC_WORKER, path=str(Path(sys.executable).parent))
     assert binary, "ggml-rpc-server is built by scripts/setup"
     proc = subprocess.Popen([binary, "--port", str(port)], stdout=subprocess.DEVNULL,
@@ -146,7 +147,7 @@ def test_connected_workers_sees_the_far_side_close() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         endpoint, named = f"127.0.0.1:{port}", f"worker.lan:{port}"
-        unused = f"127.0.0.1:{plan.free_port()}"
+        unused = f"127.0.0.1:{free_port()}"
         client = socket.create_connection(("127.0.0.1", port))
         far, _ = server.accept()
         try:
@@ -185,7 +186,7 @@ def test_the_gateway_waits_for_a_restart_within_its_bound(tmp_path: Path,
         host="127.0.0.1", port=0, auth_required=False, key_file="", state_file=str(state),
         limits=Limits(queue_limit=8, queue_timeout=1, max_body_bytes=1 << 20),
         routes=(Route(model="smol", role="chat", kind="local", process="smol",
-                      upstream=f"http://127.0.0.1:{plan.free_port()}", runtime="llama-server",
+                      upstream=f"http://127.0.0.1:{free_port()}", runtime="llama-server",
                       parallel=1, key_file=None),))
 
     async def ask() -> httpx.Response:
@@ -212,14 +213,14 @@ def test_a_worker_lost_while_idle(tmp_path: Path, models: Path) -> None:
     and restarts the runtime without it at once, and a request that arrives during that
     restart waits for it instead of getting a 503."""
     head, workers = tmp_path / "head", [tmp_path / "w1", tmp_path / "w2"]
-    ports = [plan.free_port(), plan.free_port()]
+    ports = [free_port(), free_port()]
     endpoints = [f"127.0.0.1:{p}" for p in ports]
     fast = {"SOVCTL_SERVE__HEALTH_INTERVAL": "0.5", "SOVCTL_SERVE__STOP_TIMEOUT": "5"}
     run(head, "pull", str(CHAT_MODEL), "--name", "smol", check=True)
     (head / "sovctl.toml").write_text(
         "[models.smol]\nrole = \"chat\"\nparallel = 1\nn_ctx = 512\nn_threads = 1\n"
         f"[cluster]\nworkers = {json.dumps(endpoints)}\n")
-    port = plan.free_port()
+    port = free_port()
     try:
         for home, worker_port in zip(workers, ports, strict=True):
             run(home, "worker", "--port", str(worker_port), "--threads", "1", "--detach",
@@ -301,7 +302,7 @@ def test_fleet_in_namespaces(tmp_path: Path, models: Path) -> None:
         (h / "sovctl.toml").write_text(
             "[models.smol]\nrole = \"chat\"\nparallel = 1\nn_ctx = 512\nn_threads = 1\n")
     # One box: the answer the fleet must give.
-    port = plan.free_port()
+    port = free_port()
     run(single, "serve", "--detach", "--port", str(port), check=True)
     try:
         expected = _ask(port)
@@ -333,7 +334,7 @@ def test_fleet_in_namespaces(tmp_path: Path, models: Path) -> None:
         split = json.loads(r.stdout)["data"]["cluster"]["fit"]["split"]
         predicted = {d["label"]: d for d in split["devices"]}
         assert list(predicted) == endpoints
-        port = plan.free_port()
+        port = free_port()
         r = _in(NS[0], head, "serve", "--detach", "--port", str(port))
         assert r.returncode == 0, r.stderr
 
@@ -460,7 +461,7 @@ def test_the_bridge_relays_to_its_worker_and_counts(tmp_path: Path) -> None:
 
     binary = shutil.which(cluster.RPC_WORKER, path=str(Path(sys.executable).parent))
     assert binary, "ggml-rpc-server is built by scripts/setup"
-    worker_port, inner_port, closed = plan.free_port(), plan.free_port(), plan.free_port()
+    worker_port, inner_port, closed = free_port(), free_port(), free_port()
     proc = subprocess.Popen([binary, "--port", str(worker_port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -474,7 +475,7 @@ def test_the_bridge_relays_to_its_worker_and_counts(tmp_path: Path) -> None:
         with bridge.Outer([outer_side, dead]) as relay:
             inner = bridge.open_inner([
                 bridge.Bridge("x", "127.0.0.1", inner_port, outer_side.socket),
-                bridge.Bridge("y", "127.0.0.1", plan.free_port(), dead.socket)])
+                bridge.Bridge("y", "127.0.0.1", free_port(), dead.socket)])
             try:
                 health = cluster.probe_worker(f"127.0.0.1:{inner_port}", 5)
                 lost = cluster.probe_worker(f"127.0.0.1:{inner[1].listener.getsockname()[1]}",

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
-from sovctl.ledger.store import MAX_ROWS
+from sovctl.names import check_name, is_sha256_hex
 from sovctl.net import ip_literal
 
 # Each key's default also fixes its type: environment strings are converted to it.
@@ -96,8 +96,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # The request ledger (HOME/ledger/ledger.sqlite3), which any client of the gateway adds to.
     "ledger": {
         # Records kept one by one; beyond, the oldest fold into per-day totals (which the
-        # reports still count), so the file stays under 1 GB.
-        "max_rows": MAX_ROWS,
+        # reports still count), so the file stays under 1 GB: 2 million is about 300 MB of
+        # typical records (140 bytes each, measured), under 1 GB with every text at its longest
+        # (475 bytes).
+        "max_rows": 2_000_000,
     },
 }
 
@@ -235,6 +237,11 @@ class Settings:
     def explicit(self, key: str) -> bool:
         return self.sources[key] in ("env", "flag")
 
+    def section(self, name: str) -> dict[str, Any]:
+        """One section's values by their names in it: section("serve")["port"]."""
+        prefix = name + "."
+        return {k.removeprefix(prefix): v for k, v in self.values.items() if k.startswith(prefix)}
+
 
 def _read_toml(path: Path | Traversable, what: str) -> dict[str, Any]:
     try:
@@ -358,9 +365,6 @@ def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
 
 
 def _check_pull(name: str, body: Any, origin: str) -> dict[str, Any]:
-    from sovctl.store.blobs import is_sha256_hex
-    from sovctl.store.names import check_name
-
     if not isinstance(body, dict):
         raise ConfigError(f"{origin}: [pull.{name}] must be a table")
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+MiB = 1 << 20
+GiB = 1 << 30
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -11,9 +14,19 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _scaled(n: float, units: tuple[tuple[float, str], ...], spec: str) -> str | None:
+    for div, unit in units:
+        if n >= div:
+            return f"{n / div:{spec}}{unit}"
+    return None
+
+
 def human_params(n: int) -> str:
     """A parameter count the way model cards write it: 134.5M, 1.2B."""
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
+    return _scaled(n, ((1e9, "B"), (1e6, "M"), (1e3, "K")), ".1f") or str(n)
+
+
+def human_tokens(n: float, spec: str = ".1f") -> str:
+    """A token count: 12.3k, 4.5M, 1.2G; `spec` formats the number before the unit (".3g":
+    three significant digits, 12.3k but 123k)."""
+    return _scaled(n, ((1e9, "G"), (1e6, "M"), (1e3, "k")), spec) or f"{n:.0f}"

@@ -1,8 +1,9 @@
 """The blackout audit: the operator's stack, started in a network namespace with only loopback,
 checked, stopped, and a report filed under the home.
 
-- `isolation`: creating the namespace (as root, or in a user namespace) and explaining exactly
-  why it is refused where it is;
+A use case above `sovctl.ops`: it starts stacks through `sovctl.ops.stack`, the one start
+sequence, and creates its namespace with `sovctl.netns` (a leaf `sovctl doctor` also uses).
+
 - `stack`: starting and stopping a stack the way `serve --detach` does, in a run directory of
   the audit's own;
 - `baseline`: the fixed requests (temperature 0, fixed seed) and their recorded answers;

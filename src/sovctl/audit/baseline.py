@@ -29,8 +29,9 @@ from typing import Any
 
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
+from sovctl.llamacpp import LLAMA_CPP_PYTHON, build_info
 from sovctl.result import utcnow
-from sovctl.runtime.llamacpp import LLAMA_CPP_PYTHON, build_info
+from sovctl.runtime.documents import ProcessKind
 from sovctl.runtime.plan import Plan, ServedModel
 from sovctl.sse import sse_data
 from sovctl.vision.images import tiny_png
@@ -281,7 +282,7 @@ def engines(plan: Plan) -> dict[str, dict[str, str]]:
     """Model name -> the engine that serves it: {"runtime", "build"}."""
     out = {}
     for p in plan.processes:
-        if p.kind != "runtime":
+        if p.kind != ProcessKind.RUNTIME:
             continue
         build = (_llama_cpp_python_build() if p.runtime == LLAMA_CPP_PYTHON
                  else _llama_server_build(p.argv.args[p.argv.args.index("--exec") + 1]))

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovctl.audit import baseline, bridge, checks, isolation, stack
+from sovctl import config
+from sovctl.audit import baseline, bridge, checks, stack
 from sovctl.audit.report import AuditReport, ModelInfo, host_fingerprint, versions, write
 from sovctl.errors import IsolationError, RuntimeStartError
 from sovctl.home import Home
+from sovctl.netns import current_netns, preflight
 from sovctl.result import utcnow
+from sovctl.runtime.plan import build
 
 Progress = Callable[[str], None]
 
@@ -58,8 +61,6 @@ def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
 
     `only` limits which models get a baseline written (all models always get the requests, so
     each runtime sees the same sequence as in the blackout)."""
-    from sovctl import config
-
     t0 = time.perf_counter()
     cfg = config.load(home, flags=flags)
     run_home = stack.audit_home(home, "baseline")
@@ -93,7 +94,7 @@ def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
                 f"{a.model} {a.request} failed (status {a.status} {a.error})" for a in bad),
             hint=f"see the logs under {run_home.logs}")
     chosen = [m for m in plan.models if only is None or m.name in only]
-    netns = isolation.current_netns()
+    netns = current_netns()
     files = baseline.record(home, chosen, exchange, {
         "network": f"host namespace {netns}", "versions": versions(),
         "n_ctx": {m.name: m.n_ctx for m in chosen},
@@ -158,17 +159,14 @@ def _baseline_note(recorded_now: Sequence[str], replaced: Mapping[str, str]) -> 
 def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
              embedding: Sequence[str], egress_probe: str | None = None,
              progress: Progress = _quiet) -> AuditReport:
-    from sovctl import config
-    from sovctl.runtime.plan import build
-
     t_start = time.perf_counter()
     started_at, when = utcnow(), dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
 
     # 1. Isolation must be possible before anything else is done.
     t = time.perf_counter()
-    mode = isolation.preflight()
-    outer_netns = isolation.current_netns()
+    mode = preflight()
+    outer_netns = current_netns()
     timings["preflight"] = round(time.perf_counter() - t, 3)
 
     cfg = config.load(home, flags=flags)

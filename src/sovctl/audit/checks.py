@@ -13,14 +13,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from sovctl.apikey import read_api_key
+from sovctl.audit import baseline
+from sovctl.audit.baseline import describe_call, requests_for
+from sovctl.audit.stack import wait_ready
 from sovctl.audit.tracing import SELF_TEST_TARGET, Observed, Tracer
+from sovctl.config import parse_endpoint
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.ledger import store as ledger
-from sovctl.net import ip_literal
-from sovctl.runtime import egress
-from sovctl.runtime.documents import LOCAL, Route, RoutesTable
-from sovctl.runtime.plan import OFFLINE_ENV, Plan, ProcessSpec, ServedModel, routes_table
+from sovctl.net import ip_literal, is_loopback
+from sovctl.netns import current_netns
+from sovctl.runtime import egress, tunnel
+from sovctl.runtime.cluster import bind_scope
+from sovctl.runtime.documents import LOCAL, ProcessKind, Route, RoutesTable, WorkerStatus
+from sovctl.runtime.plan import OFFLINE_ENV, Plan, ServedModel, routes_table
+from sovctl.runtime.procs import ProcessSpec
+from sovctl.store.integrity import check
+from sovctl.units import human_bytes
 
 if TYPE_CHECKING:
     from sovctl.audit.baseline import Exchange
@@ -104,7 +114,6 @@ def isolation(mode: str, outer_netns: str, bridges: Sequence[Bridge] = (),
     reach; for a fleet, the audit's relay to each [cluster] worker (on its own port only) as
     the one way out."""
     t0 = time.perf_counter()
-    from sovctl.audit.isolation import current_netns
 
     inner = current_netns()
     interfaces = sorted(name for _, name in socket.if_nameindex())
@@ -159,8 +168,6 @@ def isolation(mode: str, outer_netns: str, bridges: Sequence[Bridge] = (),
 def weights(home: Home, models: Sequence[ServedModel]) -> CheckResult:
     """Every served blob (a projector too, as MODEL/mmproj) re-hashed in full against
     sovctl.lock; no network involved."""
-    from sovctl.store.integrity import check
-
     t0 = time.perf_counter()
     blobs = [(m.name, m.sha256, m.size) for m in models]
     blobs += [(f"{m.name}/mmproj", m.mmproj_sha256, m.mmproj_size) for m in models if m.mmproj]
@@ -193,10 +200,6 @@ def stack_starts(base: str, headers: Mapping[str, str], started_in: float,
                  processes: Callable[[], Sequence[ProcessState]] | None = None) -> CheckResult:
     """Up and ready; a clustered runtime with every one of its workers, since one that started
     without some (as the supervisor lets it, degraded) is not the fleet as configured."""
-    from sovctl.audit.stack import wait_ready
-    from sovctl.runtime.documents import WorkerStatus
-    from sovctl.units import human_bytes
-
     if start_error is not None:
         return result(3, False, f"the stack did not start: {start_error}", started_in)
     ready = wait_ready(base, dict(headers))
@@ -231,8 +234,6 @@ def _skipped(exchange: Exchange) -> list[str]:
 
 
 def service(models: Sequence[ServedModel], exchange: Exchange) -> CheckResult:
-    from sovctl.audit.baseline import describe_call, requests_for
-
     parts = []
     problems = []
     for a in exchange.answers:
@@ -287,8 +288,6 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
               served_by: Mapping[str, Mapping[str, str]]) -> CheckResult:
     """`replaced`: model -> the engine its old baseline was recorded with, for the models whose
     baseline came from another runtime and was recorded again before the blackout."""
-    from sovctl.audit import baseline
-
     t0 = time.perf_counter()
     diffs: list[str] = []
     parts: list[str] = []
@@ -529,9 +528,6 @@ def _public_face(home: Home, configured: Plan, run_plan: Plan, auth_required: bo
                  ) -> tuple[list[str], list[str]]:
     """(problems, evidence) of the tunnel, when one is configured: the gateway requires the
     key, the tunnel forwards to the gateway alone, and the public host's key is pinned."""
-    from sovctl.apikey import read_api_key
-    from sovctl.runtime import tunnel
-
     t = configured.tunnel
     if t is None:
         return [], []
@@ -541,7 +537,7 @@ def _public_face(home: Home, configured: Plan, run_plan: Plan, auth_required: bo
     else:
         problems.append(f"the tunnel through {t.via} exposes a gateway that does not require "
                         "the API key")
-    proc = next((p for p in configured.processes if p.kind == "tunnel"), None)
+    proc = next((p for p in configured.processes if p.kind == ProcessKind.TUNNEL), None)
     args = list(proc.argv.args) if proc else []
     gateway = tunnel.gateway_target(configured.host, configured.port)
     found = tunnel.forwards(args)
@@ -576,9 +572,6 @@ def _public_face(home: Home, configured: Plan, run_plan: Plan, auth_required: bo
 
 def configuration(home: Home, configured: Plan, run_plan: Plan,
                   live_env: Mapping[str, Mapping[str, str] | None] | None) -> CheckResult:
-    from sovctl.apikey import read_api_key
-    from sovctl.net import is_loopback
-
     t0 = time.perf_counter()
     problems = []
     parts = []
@@ -604,7 +597,8 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
                          f"{r.model} -> {r.upstream}" for r in providers))
     wide = [r.model for r in routes if not r.upstream.startswith("http://127.0.0.1:")]
     runtimes_wide = [p.name for p in configured.processes
-                     if p.kind == "runtime" and _last_value(p.argv.args, "--host") != "127.0.0.1"]
+                     if p.kind == ProcessKind.RUNTIME
+                     and _last_value(p.argv.args, "--host") != "127.0.0.1"]
     if wide or runtimes_wide:
         names = ", ".join(sorted(set(wide + runtimes_wide)))
         problems.append(f"runtimes beyond loopback: {names}")
@@ -655,9 +649,6 @@ def configuration(home: Home, configured: Plan, run_plan: Plan,
 def _worker_exposure(configured: Plan) -> tuple[list[str], list[str]]:
     """(problems, evidence): llama.cpp's RPC is unauthenticated, so a [cluster] worker on an
     address beyond a private network lends its memory, and the tensors it holds, to anyone."""
-    from sovctl.config import parse_endpoint
-    from sovctl.runtime.cluster import bind_scope
-
     workers = sorted({w for p in configured.processes for w in p.workers})
     if not workers:
         return [], []
@@ -684,7 +675,9 @@ def probe_model(route: Route) -> str:
 
 
 @dataclass(frozen=True)
-class Probe:
+class RouteProbe:
+    """One request the blackout sends down a route, and how it was answered."""
+
     what: str  # "frontier/NAME/..." or the local model
     status: int  # 0: no answer at all
     seconds: float
@@ -692,7 +685,7 @@ class Probe:
 
 
 def _post(base: str, headers: Mapping[str, str], endpoint: str, body: Mapping[str, Any],
-          what: str) -> Probe:
+          what: str) -> RouteProbe:
     import httpx
 
     t0 = time.perf_counter()
@@ -702,10 +695,10 @@ def _post(base: str, headers: Mapping[str, str], endpoint: str, body: Mapping[st
         status, err = r.status_code, "" if r.status_code == 200 else r.text[:300]
     except httpx.HTTPError as e:
         status, err = 0, f"{type(e).__name__}: {e}"[:300]
-    return Probe(what, status, time.perf_counter() - t0, err)
+    return RouteProbe(what, status, time.perf_counter() - t0, err)
 
 
-def probe_routes(base: str, headers: Mapping[str, str], plan: Plan) -> list[Probe]:
+def probe_routes(base: str, headers: Mapping[str, str], plan: Plan) -> list[RouteProbe]:
     """One opted-in request to each configured provider, then one request to a local model:
     the routed ones must fail fast, and the local one must still be answered."""
     probes = []
@@ -725,8 +718,8 @@ def probe_routes(base: str, headers: Mapping[str, str], plan: Plan) -> list[Prob
     return probes
 
 
-def exception_routes(plan: Plan, probes: Sequence[Probe], placeholder_keys: Sequence[str]
-                     ) -> CheckResult:
+def exception_routes(plan: Plan, probes: Sequence[RouteProbe],
+                     placeholder_keys: Sequence[str]) -> CheckResult:
     """With providers configured, their requests fail fast with 502 in the blackout, and the
     local requests sent after them still succeed."""
     if not plan.frontier:

@@ -21,12 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sovctl.audit import isolation
 from sovctl.errors import ExitCode, IsolationError
+from sovctl.netns import current_netns, enter
 
 
 def _write(path: Path, doc: dict[str, Any]) -> None:
-    from sovctl.fsutil import atomic_write
+    from sovctl.fsutil import atomic_write  # after enter(), as run()'s imports
 
     atomic_write(path, json.dumps(doc, indent=2).encode())
 
@@ -36,6 +36,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
+    # Imported here, not at the top: main() enters the namespace first thing, while this
+    # process is single-threaded and has loaded next to nothing (see the module docstring).
     from sovctl import config
     from sovctl.audit import baseline, bridge, checks, stack, tracing
     from sovctl.errors import SovctlError
@@ -122,7 +124,7 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
         r.close()
     return {
         "mode": mode,
-        "netns": isolation.current_netns(),
+        "netns": current_netns(),
         "url": plan.url,
         "checks": [asdict(c) for c in results],
         "timings": timings,
@@ -134,7 +136,7 @@ def main(argv: list[str]) -> int:
     job = json.loads(job_path.read_text())
     out = Path(job["result"])
     try:
-        mode = isolation.enter()
+        mode = enter()
     except IsolationError as e:
         _write(out, {"isolation_error": {"message": e.message, "hint": e.hint}})
         return int(ExitCode.ISOLATION)

@@ -19,6 +19,7 @@ from sovctl.audit.checks import CheckResult
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.hostinfo import cpu_model
+from sovctl.llamacpp import build_info
 from sovctl.result import jsonable
 
 REPORT_SCHEMA = "sovctl.audit.report/v1"
@@ -56,8 +57,6 @@ class AuditReport:
 
 def versions() -> dict[str, str]:
     from importlib import metadata
-
-    from sovctl.runtime.llamacpp import build_info
 
     try:
         llama = metadata.version("llama-cpp-python")

@@ -17,7 +17,13 @@ from sovctl.config import Settings
 from sovctl.errors import BusyError
 from sovctl.home import Home
 from sovctl.net import is_loopback
-from sovctl.runtime.plan import Plan, build, free_port
+from sovctl.ops import stack as ops_stack
+from sovctl.runtime import control, egress
+from sovctl.runtime.control import StackStatus
+from sovctl.runtime.documents import ProcessKind
+from sovctl.runtime.plan import Plan, build
+from sovctl.runtime.ports import free_port
+from sovctl.runtime.supervisor import instance_running
 
 UNSPECIFIED = ("0.0.0.0", "::")
 
@@ -43,8 +49,6 @@ def audit_home(home: Home, purpose: str) -> RunHome:
 
 def fresh_run_dir(home: RunHome) -> None:
     """Start from an empty run directory; refuse if an audit stack still runs from it."""
-    from sovctl.runtime.supervisor import instance_running
-
     if instance_running(home.run):
         raise BusyError(f"another audit is running from this home ({home.run_root})",
                         hint="wait for it to finish")
@@ -68,8 +72,8 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
         else "127.0.0.1"
     port = free_port()
     run = build(run_home, cfg, chat, embedding, egress_probe=egress_probe)
-    procs = tuple(dataclasses.replace(p, port=port) if p.kind == "gateway" else p
-                  for p in run.processes if p.kind != "tunnel")
+    procs = tuple(dataclasses.replace(p, port=port) if p.kind == ProcessKind.GATEWAY else p
+                  for p in run.processes if p.kind != ProcessKind.TUNNEL)
     run = dataclasses.replace(run, host=host, port=port, processes=procs, tunnel=None,
                               api_key_required=configured.api_key_required,
                               ledger=str(run_home.run_root / "ledger" / "ledger.sqlite3"))
@@ -79,8 +83,6 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
 def traced(plan: Plan, trace_dir: Path) -> Plan:
     """The plan with every process started under the system call tracer, each logging to
     TRACE_DIR/NAME.strace (see sovctl.runtime.launch)."""
-    from sovctl.runtime import egress
-
     procs = tuple(dataclasses.replace(p, argv=dataclasses.replace(p.argv, env={
         **p.argv.env, egress.ENV_TRACE: str(trace_dir / f"{p.name}.strace")}))
         for p in plan.processes)
@@ -133,14 +135,10 @@ def wait_ready(base: str, headers: dict[str, str], timeout: float = 15.0) -> Rea
         time.sleep(0.1)
 
 
-def start(home: RunHome, plan: Plan, *, full_verify: bool = False) -> Any:
+def start(home: RunHome, plan: Plan, *, full_verify: bool = False) -> StackStatus:
     """Exactly what `serve --detach` does after planning: the one start sequence."""
-    from sovctl.runtime import control
-
-    return control.start(home, plan, full_verify=full_verify)[1]
+    return ops_stack.start(home, plan, full_verify=full_verify)[1]
 
 
 def stop(home: RunHome) -> None:
-    from sovctl.runtime import control
-
     control.stop(home, timeout=float(20))

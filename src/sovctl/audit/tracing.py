@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sovctl.netns import current_netns
 from sovctl.runtime import egress
 
 # TEST-NET-1 (RFC 5737): an address for examples, routed nowhere; and the discard port.
@@ -52,8 +53,6 @@ def prepare(trace_dir: Path, outer_netns: str) -> Tracer:
     The proof is a deliberate connect from bash (C, no Python) to an address that is routed
     nowhere, made under the same strace options as the stack. It is made only inside the
     blackout's namespace, where there is no route at all: nothing can leave."""
-    from sovctl.audit.isolation import current_netns
-
     if current_netns() == outer_netns:
         return Tracer("", "", "the tracer's self-test runs only in the blackout's namespace, "
                               "and this process is in the host's")

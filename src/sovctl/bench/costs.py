@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sovctl.errors import ConfigError, UsageError
-from sovctl.runtime.documents import Price
+from sovctl.prices import Price
+from sovctl.units import human_tokens
 
 SECONDS_PER_YEAR = 365.25 * 24 * 3600
 DAYS_PER_YEAR = 365.25
@@ -252,11 +254,7 @@ class Traffic:
         return self.days >= 7 and self.active_days * 2 < self.days
 
 
-def _tokens(n: float) -> str:
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
+_tokens = partial(human_tokens, spec=".3g")  # three significant digits: 12.3k, 123k
 
 
 def verdict(i: BreakEvenInputs, b: BreakEven, currency: str,

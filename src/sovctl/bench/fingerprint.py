@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from sovctl import __version__
 from sovctl.bench.telemetry import Nvml, NvmlInfo
 from sovctl.hostinfo import cpu_model, physical_cores
+from sovctl.llamacpp import build_info
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,6 @@ def gpu_offload() -> bool:
 
 def llama_build() -> LlamaBuild:
     import llama_cpp
-
-    from sovctl.runtime.llamacpp import build_info
 
     build = build_info()
     return LlamaBuild(

@@ -225,27 +225,22 @@ def run_phases(model: LoadedModel, s: MicroSettings,
                measure: Measure) -> tuple[Timing | None, Timing | None]:
     """pp then tg, each in its own context sized as llama-bench sizes it (n_prompt or n_gen
     tokens): one warm-up run, then `reps` timed runs inside measure(test)."""
-    pp = tg = None
-    if s.n_prompt:
-        test = f"pp{s.n_prompt}"
-        with closing(Context(model, s, s.n_prompt)) as ctx:
-            ctx.clear()
-            ctx.prompt(s.n_prompt)
-            with measure(test):
-                secs = []
-                for _ in range(s.reps):
-                    ctx.clear()
-                    secs.append(ctx.prompt(s.n_prompt))
-        pp = Timing(test, s.n_prompt, tuple(secs))
-    if s.n_gen:
-        test = f"tg{s.n_gen}"
-        with closing(Context(model, s, s.n_gen)) as ctx:
-            ctx.clear()
-            ctx.generate(1)
-            with measure(test):
-                secs = []
-                for _ in range(s.reps):
-                    ctx.clear()
-                    secs.append(ctx.generate(s.n_gen))
-        tg = Timing(test, s.n_gen, tuple(secs))
+    pp = _phase(model, s, measure, "pp", s.n_prompt, Context.prompt, s.n_prompt) \
+        if s.n_prompt else None
+    tg = _phase(model, s, measure, "tg", s.n_gen, Context.generate, 1) if s.n_gen else None
     return pp, tg
+
+
+def _phase(model: LoadedModel, s: MicroSettings, measure: Measure, kind: str, n: int,
+           step: Callable[[Context, int], float], warm_up: int) -> Timing:
+    """One test of n tokens: `step(ctx, warm_up)` once, then `reps` timed steps of n."""
+    test = f"{kind}{n}"
+    with closing(Context(model, s, n)) as ctx:
+        ctx.clear()
+        step(ctx, warm_up)
+        with measure(test):
+            secs = []
+            for _ in range(s.reps):
+                ctx.clear()
+                secs.append(step(ctx, n))
+    return Timing(test, n, tuple(secs))

@@ -24,6 +24,9 @@ from sovctl.errors import NotFoundError, UsageError
 from sovctl.home import Home
 from sovctl.hostinfo import physical_cores
 from sovctl.result import jsonable, utcnow
+from sovctl.store.blobs import BlobStore
+from sovctl.store.gguf_info import facts_for
+from sovctl.store.lock import Lock
 
 Progress = Callable[[str], None]
 
@@ -214,10 +217,6 @@ class _Target:
 
 
 def resolve_models(home: Home, names: list[str]) -> list[_Target]:
-    from sovctl.store.blobs import BlobStore
-    from sovctl.store.gguf_info import facts_for
-    from sovctl.store.lock import Lock
-
     lock = Lock.load(home)
     blobs = BlobStore(home)
     explicit = bool(names)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sovctl.cli._common import JsonOpt, begin, emit
+from sovctl.units import human_tokens
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -37,13 +38,6 @@ def ledger(
     emit(result, lambda c: render(c, result))
 
 
-def _tokens(n: float) -> str:
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
-
-
 def _mark(a: Amount, text: str) -> str:
     from sovctl.ledger.figures import mark
 
@@ -51,7 +45,7 @@ def _mark(a: Amount, text: str) -> str:
 
 
 def _t(a: Amount) -> str:
-    return _mark(a, _tokens(a.value or 0))
+    return _mark(a, human_tokens(a.value or 0))
 
 
 def render(c: Console, r: LedgerReport) -> None:
@@ -104,7 +98,7 @@ def render(c: Console, r: LedgerReport) -> None:
                 highlight=False, markup=False)
     notes = []
     if r.estimated.tokens or r.estimated.cost:
-        notes.append(f"~ partly estimated: {_tokens(r.estimated.tokens)} tokens counted from "
+        notes.append(f"~ partly estimated: {human_tokens(r.estimated.tokens)} tokens counted from "
                      "answers that reported no usage (a client that hung up, a cut stream), "
                      f"{r.estimated.cost:,.4f} {r.currency} of cost priced from them or from a "
                      "bench's estimated energy (no power meter)")

@@ -42,7 +42,7 @@ def doctor(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Check this machine for a stack: CPU, RAM, disk, GPUs, llama.cpp, namespaces, ports, lock.
     Exit 1 only when something needed is broken."""
     from sovctl.errors import CheckFailed
-    from sovctl.provision.facts import doctor as run_doctor
+    from sovctl.provision.doctor import doctor as run_doctor
 
     state = begin(ctx, json_out)
     report = run_doctor(state.home)
@@ -289,7 +289,7 @@ def up(
     import os
 
     from sovctl.cli._progress import bars
-    from sovctl.provision.up import up as do_up
+    from sovctl.ops.up import up as do_up
 
     state = begin(ctx, json_out)
     with bars() as progress:

@@ -53,6 +53,7 @@ def serve(
     json_out: JsonOpt = False,
 ) -> None:
     """Serve the configured models behind one OpenAI-compatible gateway, supervised."""
+    from sovctl.ops import stack
     from sovctl.runtime import control
     from sovctl.runtime.plan import build
 
@@ -77,7 +78,12 @@ def serve(
         emit({"url": plan.url, "processes": procs, "notes": plan.notes,
               "api_key_required": plan.api_key_required}, render_dry)
         return
-    admitted = control.admit(home, plan, full_verify=verify)
+    # The one start sequence: detached, admit then a supervisor; in the foreground, admit here
+    # and run the plan in this process below.
+    if detach:
+        admitted, st = stack.start(home, plan, full_verify=verify)
+    else:
+        admitted = stack.admit(home, plan, full_verify=verify)
     checks = list(admitted.weights)
     key_note = ""
     # In the JSON document too: it is shown once, either way.
@@ -86,8 +92,6 @@ def serve(
         key_note = (f"API key (shown once; read it again with: cat {admitted.api_key_file}): "
                     f"{new_key}" if new_key else f"API key required: cat {admitted.api_key_file}")
     if detach:
-        st = control.start_detached(home, plan)
-
         def render_detached(c: Console) -> None:
             _notes(c, plan.notes)
             c.print(f"stack up at [bold]{st.url}[/] (supervisor pid {st.supervisor_pid})")
@@ -98,7 +102,8 @@ def serve(
 
         emit({"url": st.url, "supervisor_pid": st.supervisor_pid,
               "processes": _processes_json(st.processes), "weights": checks,
-              "notes": plan.notes, "api_key_created": new_key}, render_detached)
+              "notes": plan.notes, "api_key_created": admitted.api_key_created,
+              "api_key": new_key}, render_detached)
         return
 
     from sovctl.runtime.documents import Status

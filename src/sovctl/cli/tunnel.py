@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from sovctl.runtime.tunnel import Confirm, HostKey, Pinned
+    from sovctl.ops.tunnel import Pinned
+    from sovctl.runtime.tunnel import Confirm, HostKey
 
 
 
@@ -69,7 +70,7 @@ def tunnel(
     json_out: JsonOpt = False,
 ) -> None:
     """Add an SSH reverse tunnel from a public host you own to the running stack's gateway."""
-    from sovctl.runtime import tunnel as core
+    from sovctl.ops import tunnel as core
 
     state = begin(ctx, json_out)
     flags = {"tunnel.via": via, "tunnel.remote_port": remote_port,
@@ -91,7 +92,7 @@ def tunnel(
             _say(c, "end-to-end probe: a request through the public host reaches the gateway")
         if added.api_key_created:
             _say(c, "the gateway now requires the API key (shown once; read it again with: "
-                    f"cat {added.api_key_file}): {added.api_key_created}")
+                    f"cat {added.api_key_file}): {added.api_key}")
         else:
             _say(c, f"the gateway requires the API key: cat {added.api_key_file}")
         if added.restarted:

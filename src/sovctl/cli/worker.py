@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sovctl.cli._common import STATE, DetachOpt, JsonOpt, begin, emit, settings
+from sovctl.llamacpp import RPC_PORT  # a leaf: the option's default costs no start-up time
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -21,7 +22,7 @@ def worker(
     host: Annotated[str, typer.Option(
         help="Address to listen on: loopback, private or WireGuard (RPC is unauthenticated).")]
     = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 50052,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = RPC_PORT,
     device: Annotated[str, typer.Option(help="Device to lend: cpu or cuda:N.")] = "cpu",
     threads: Annotated[int, typer.Option(
         help="Threads of the CPU device (default: the machine's physical cores).",
@@ -40,6 +41,7 @@ def worker(
 ) -> None:
     """Run an RPC worker (llama.cpp's ggml-rpc-server) for a head's [cluster], supervised."""
     from sovctl.hostinfo import physical_cores
+    from sovctl.ops import stack
     from sovctl.runtime import cluster, control
 
     state = begin(ctx, json_out)
@@ -64,7 +66,7 @@ def worker(
         emit(doc, render_dry)
         return
     if detach:
-        _, st = control.start(home, plan)
+        _, st = stack.start(home, plan)
 
         def render_detached(c: Console) -> None:
             notes(c)
@@ -90,6 +92,6 @@ def worker(
     if not STATE.json:
         notes(_common.err_console)
         _common.console.print(f"RPC worker at [bold]{endpoint}[/] ({scope}; Ctrl-C stops)")
-    control.admit(home, plan)
+    stack.admit(home, plan)
     control.run_foreground(home, plan, on_change)
     emit({**doc, "stopped": True}, lambda c: c.print("stopped"))

@@ -62,6 +62,11 @@ def error(status: int, message: str, etype: str, code: str | None = None,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def invalid_request(invalid: validate.Invalid) -> JSONResponse:
+    """The 400 that refuses a request the checks found wrong."""
+    return error(400, invalid.message, "invalid_request_error", invalid.code, param=invalid.param)
+
+
 # What an error message must not carry to a client: a traceback, a source location, a path.
 LEAK = re.compile(r"""Traceback|File "|\.py\b|(?<![\w.:/])/[^\s/]+/|[A-Za-z]:\\""")
 MAX_UPSTREAM_MESSAGE = 500
@@ -387,8 +392,7 @@ class Gateway:
         model = payload.get("model")
         invalid = validate.model_name(model)
         if invalid is not None:
-            return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
-                              param=invalid.param)
+            return "-", invalid_request(invalid)
         if isinstance(model, str) and model.startswith(FRONTIER_PREFIX):
             return await self._frontier(scope, receive, send, endpoint, model, payload, started)
         route = self._pick(endpoint, model)
@@ -404,8 +408,7 @@ class Gateway:
         if invalid is None and route.vision:
             invalid = self._images(payload)
         if invalid is not None:
-            return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
-                              param=invalid.param)
+            return "-", invalid_request(invalid)
         if "model" not in payload:
             payload["model"] = route.model
             body = json.dumps(payload).encode()
@@ -473,13 +476,10 @@ class Gateway:
             except UpstreamError as e:
                 return self._unanswered(route, e)[1]
             if not takes_tools:
-                invalid = tools.unsupported(route.model)
-                return error(400, invalid.message, "invalid_request_error", invalid.code,
-                             param=invalid.param)
+                return invalid_request(tools.unsupported(route.model))
         forced = tools.forced(payload)
         if isinstance(forced, validate.Invalid):
-            return error(400, forced.message, "invalid_request_error", forced.code,
-                         param=forced.param)
+            return invalid_request(forced)
         return forced
 
     def _queue_full(self, route: RouteState) -> JSONResponse:
@@ -517,14 +517,20 @@ class Gateway:
             return self._unanswered(route, e)
         if not 200 <= status < 300:
             return route.model, upstream_error(route.process, status, content)
-        tokens = usage(content)
-        self.metrics.count_tokens(route.model, *tokens)
         await send(_start(status, content_type, len(content)))
         await send({"type": "http.response.body", "body": content})
-        seconds = time.perf_counter() - started
-        self.metrics.request(route.model, endpoint, status, seconds)
-        self.ledger.local(route.model, endpoint, status, seconds, *tokens)
+        self._account(route.model, endpoint, status, time.perf_counter() - started,
+                      *usage(content))
         return None
+
+    def _account(self, model: str, endpoint: str, status: int, seconds: float, tokens_in: int,
+                 tokens_out: int, estimated: bool = False) -> None:
+        """The accounting tail of a request a runtime answered: its tokens and its request in
+        the metrics, its row in the ledger."""
+        self.metrics.count_tokens(model, tokens_in, tokens_out)
+        self.metrics.request(model, endpoint, status, seconds)
+        self.ledger.local(model, endpoint, status, seconds, tokens_in, tokens_out,
+                          estimated=estimated)
 
     async def _call_tool(self, route: RouteState, endpoint: str, payload: dict[str, Any],
                          offered: list[dict[str, Any]], send: Send, started: float
@@ -545,8 +551,6 @@ class Gateway:
             return route.model, error(
                 502, f"runtime for {route.model!r} answered with no call of the tools offered",
                 "server_error", "runtime_failed")
-        tokens = usage(content)
-        self.metrics.count_tokens(route.model, *tokens)
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
             data = tools.stream_events(doc, include_usage)
@@ -557,9 +561,8 @@ class Gateway:
             data = json.dumps(doc).encode()
             await send(_start(200, b"application/json", len(data)))
         await send({"type": "http.response.body", "body": data})
-        seconds = time.perf_counter() - started
-        self.metrics.request(route.model, endpoint, 200, seconds)
-        self.ledger.local(route.model, endpoint, 200, seconds, *tokens)
+        self._account(route.model, endpoint, 200, time.perf_counter() - started,
+                      *usage(content))
         return None
 
     async def _frontier(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
@@ -570,8 +573,7 @@ class Gateway:
         if invalid is None and endpoint == CHAT:
             invalid = self._images(payload)
         if invalid is not None:
-            return "-", error(400, invalid.message, "invalid_request_error", invalid.code,
-                              param=invalid.param)
+            return "-", invalid_request(invalid)
         out = await self.frontier.serve(endpoint, model, payload, scope["headers"], receive,
                                         send)
         if out.refusal is not None:
@@ -648,11 +650,8 @@ class Gateway:
                 # The usage the runtime reports; one that reports none (llama-cpp-python)
                 # carries one generated token in each data event.
                 tokens = tally.usage or (0, tally.events)
-                seconds = time.perf_counter() - started
-                self.metrics.count_tokens(route.model, *tokens)
-                self.metrics.request(route.model, endpoint, code, seconds)
-                self.ledger.local(route.model, endpoint, code, seconds, *tokens,
-                                  estimated=tally.usage is None)
+                self._account(route.model, endpoint, code, time.perf_counter() - started,
+                              *tokens, estimated=tally.usage is None)
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

@@ -48,7 +48,8 @@ import httpx
 from sovctl.errors import ConfigError
 from sovctl.gateway.accounting import StreamTally, answer_chars, ask_usage, reported_usage
 from sovctl.ledger.store import UNROUTED, spent_since
-from sovctl.runtime.documents import FRONTIER_PREFIX, PROVIDER, Price, Route
+from sovctl.prices import Price
+from sovctl.runtime.documents import FRONTIER_PREFIX, PROVIDER, Route
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

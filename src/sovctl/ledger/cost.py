@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sovctl.bench import costs
+from sovctl.bench import costs, history
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.ledger import store
@@ -113,8 +113,6 @@ def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
            now: float | None = None) -> CostAnswer:
     """`flags`: hardware_price, lifetime_years, watts, tokens_per_s, tariff, daily_tokens,
     cloud_per_mtok; None where not given."""
-    from sovctl.bench import history
-
     now = time.time() if now is None else now
     seen = volume(home, now)
     total = (seen.tokens_in + seen.tokens_out) if seen else 0

@@ -28,6 +28,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovctl.config import DEFAULTS
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 
@@ -35,9 +36,7 @@ from sovctl.home import Home
 SCHEMA_VERSION = 2
 RETENTION_DAYS = 400
 FLUSH_S = 0.5
-# The default of [ledger] max_rows: about 300 MB of typical records (140 bytes each, measured),
-# under 1 GB with every text at its longest (475 bytes).
-MAX_ROWS = 2_000_000
+MAX_ROWS: int = DEFAULTS["ledger"]["max_rows"]  # [ledger] max_rows's default
 # Folding runs again only after this share of max_rows more records: not at every batch.
 FOLD_SLACK = 0.01
 MAX_MODEL_CHARS = 256

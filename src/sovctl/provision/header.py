@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from sovctl.errors import IntegrityError, NetworkError, NotFoundError
+from sovctl.store.gguf_header import read_header
 
 FIRST_CHUNK = 1 << 20
 MAX_CHUNK = 16 << 20
@@ -136,8 +137,6 @@ def _keep(key: str) -> bool:
 
 
 def _parse(path: Path | RemoteFile, label: str, size: int) -> ModelHeader:
-    from sovctl.store.gguf_header import read_header
-
     try:
         h = read_header(cast(Path, path), _keep)
     except (ValueError, KeyError, OSError) as e:

@@ -20,6 +20,9 @@ from sovctl.provision.facts import HostFacts
 from sovctl.provision.sizing import Budget, ClusterFit, Device, Fit, Want
 from sovctl.runtime import cluster
 from sovctl.runtime.plan import clustered_model
+from sovctl.store import hub, refs
+from sovctl.store.blobs import BlobStore
+from sovctl.store.lock import Lock
 
 # A worker answers its HELLO in milliseconds; one that does not within this is down or busy.
 PROBE_TIMEOUT = 3.0
@@ -63,8 +66,6 @@ def _target(name: str, origin: str, location: str, commit: str | None, h: gguf.M
 
 def _remote(text: str, ref: Any, revision: str, endpoint: str, token: str | None,
             have: list[str]) -> tuple[Target, gguf.ModelHeader]:
-    from sovctl.store import hub, refs
-
     if isinstance(ref, refs.Url):
         h = gguf.read_remote(ref.url, text, None)  # a plain URL: no token goes to it
         return _target(text, "url", ref.url, None, h), h
@@ -81,10 +82,6 @@ def read_target(home: Home, cfg: Settings, text: str, *, revision: str | None = 
                 token: str | None = None) -> tuple[Target, gguf.ModelHeader]:
     """NAME (pinned in the store, or a [pull.NAME] not fetched yet) or REF (a path, hf://...,
     ORG/REPO:QUANT, an https URL) -> the model's header."""
-    from sovctl.store import refs
-    from sovctl.store.blobs import BlobStore
-    from sovctl.store.lock import Lock
-
     lock = Lock.load(home)
     endpoint = str(cfg.get("hub.endpoint"))
     if text in lock.entries:

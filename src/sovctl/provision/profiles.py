@@ -16,8 +16,8 @@ from sovctl import config
 from sovctl.errors import ConfigError, NotFoundError
 from sovctl.home import Home
 from sovctl.provision.facts import HostFacts
+from sovctl.units import GiB
 
-GiB = 1 << 30
 TOLERANCE = 0.95
 
 
@@ -80,7 +80,7 @@ def _info(home: Home, name: str, path: object, environ: Mapping[str, str] | None
         n_ctx=int(s.get("serve.n_ctx")), parallel=int(s.get("serve.parallel")),
         n_gpu_layers=int(s.get("serve.n_gpu_layers")), n_threads=int(s.get("serve.n_threads")),
         models=tuple(models),
-        cost={k.removeprefix("cost."): v for k, v in s.values.items() if k.startswith("cost.")},
+        cost=s.section("cost"),
     )
 
 

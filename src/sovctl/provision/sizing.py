@@ -42,11 +42,8 @@ from dataclasses import dataclass, replace
 
 from sovctl.errors import UsageError
 from sovctl.provision.header import ModelHeader, Tensor
-from sovctl.store.gguf_info import _EMBEDDING_ARCHS  # the one rule for "an embedding model"
-from sovctl.units import human_bytes
-
-MiB = 1 << 20
-GiB = 1 << 30
+from sovctl.store.gguf_info import is_embedding
+from sovctl.units import MiB, human_bytes
 
 HEADROOM = 0.10
 RAM_OVERHEAD = 128 * MiB
@@ -135,7 +132,7 @@ def shape_of(h: ModelHeader) -> ModelShape:
             output_bytes += t.n_bytes
     n_layer = max(_int(meta("block_count")) or 0, len(layer))
     layer += [0] * (n_layer - len(layer))
-    embedding = arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in h.metadata
+    embedding = is_embedding(arch, h.metadata)
     token_embd = by_name.get("token_embd.weight")
     # A tied head reads the token embeddings: on the CPU the same bytes, on the GPU a copy.
     tied = token_embd.n_bytes if token_embd and not has_output and not embedding else 0

@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from sovctl.config import Settings, parse_endpoint
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
+from sovctl.llamacpp import SETUP_HINT, find_binary
 from sovctl.net import Resolver, _system_resolver, ip_literal
 from sovctl.runtime import egress
-from sovctl.runtime.llamacpp import SETUP_HINT, find_binary
-from sovctl.runtime.plan import OFFLINE_ENV, Plan, ProcessSpec
-from sovctl.runtime.procs import Argv
+from sovctl.runtime.documents import ProcessKind
+from sovctl.runtime.plan import OFFLINE_ENV, Plan
+from sovctl.runtime.procs import Argv, ProcessSpec
 
 RPC_WORKER = "ggml-rpc-server"
-WORKER = "worker"  # the worker's process name and kind in its plan
-DEFAULT_PORT = 50052
+WORKER = "worker"  # the worker's process name in its plan (its kind: ProcessKind.WORKER)
 ACK_FLAG = "--i-know-rpc-is-unauthenticated"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -128,11 +128,11 @@ def worker_plan(home: Home, cfg: Settings, host: str, port: int, device: str, th
         f"the worker on {host} is reachable beyond a private network and unauthenticated",)
     return Plan(
         host=host, port=port,
-        processes=(ProcessSpec(name=WORKER, kind=WORKER, argv=argv, port=port, health_path=""),),
+        processes=(ProcessSpec(name=WORKER, kind=ProcessKind.WORKER, argv=argv, port=port,
+                               health_path=""),),
         models=(), routes_file=str(run / "routes.json"), state_file=str(run / "state.json"),
         egress_log=str(run / "egress.jsonl"), logs_dir=str(home.logs), api_key_required=False,
-        supervision={k.removeprefix("serve."): cfg.get(k) for k in cfg.values
-                     if k.startswith("serve.")},
+        supervision=cfg.section("serve"),
         notes=notes,
     ), scope
 

@@ -1,4 +1,6 @@
-"""Operating a stack: start it (foreground or detached), report its status, stop it, find logs."""
+"""Operating a stack: run an admitted plan (in the foreground or under a detached supervisor),
+report its status, stop it, find its logs. Admitting a plan, the checks before any start, is
+the use-case layer's (`sovctl.ops.stack`)."""
 
 from __future__ import annotations
 
@@ -12,90 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovctl.apikey import ensure_api_key
-from sovctl.errors import BusyError, ConfigError, IntegrityError, NotFoundError, RuntimeStartError
+from sovctl.errors import NotFoundError, RuntimeStartError
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
-from sovctl.runtime import plan as planning
 from sovctl.runtime.documents import Event, ProcessState, StackState, Status
-from sovctl.runtime.plan import Plan
-from sovctl.runtime.ports import ensure_free
+from sovctl.runtime.plan import Plan, supervisor_env
 from sovctl.runtime.procs import Argv, alive, group_alive, spawn, stop_group
 from sovctl.runtime.supervisor import acquire_instance_lock, instance_running, run_plan
-from sovctl.runtime.tunnel import pinned_keys
-from sovctl.store.integrity import BlobCheck, check
-
-
-def check_weights(home: Home, plan: Plan, full: bool) -> list[BlobCheck]:
-    """Every served blob (a model's weights and its projector) against the lock; refuse to
-    start on the first that fails. A projector's check is named MODEL/mmproj."""
-    blobs = [(m.name, "", m.sha256, m.size) for m in plan.models]
-    blobs += [(m.name, "/mmproj", m.mmproj_sha256, m.mmproj_size) for m in plan.models
-              if m.mmproj]
-    results = [(name, check(home, name + part, sha, size, full=full))
-               for name, part, sha, size in blobs]
-    for name, r in results:
-        if not r.ok:
-            what = "projector blob" if r.name != name else "blob"
-            raise IntegrityError(
-                f"refusing to serve {name!r}: its {what} is {r.status} "
-                f"(lock sha256 {r.sha256[:12]}" + (f", found {r.actual})" if r.actual else ")"),
-                hint=f"run 'sovctl verify {name}', then 'sovctl rm {name}' and pull it again",
-            )
-    return [r for _, r in results]
-
-
-def prepare(home: Home, plan: Plan) -> None:
-    """Refuse to start (a stack running, a port taken, an unpinned host key) or make the run
-    directory ready."""
-    home.ensure(home.run, home.logs)
-    if instance_running(home.run):
-        raise BusyError("a sovctl stack is already running from this home",
-                        hint="see 'sovctl status', or stop it with 'sovctl stop'")
-    if plan.tunnel is not None and not pinned_keys(plan.tunnel):
-        raise ConfigError(f"the tunnel's host {plan.tunnel.host_key_name} has no pinned host key",
-                          hint="pin it once with 'sovctl tunnel --pin-only', which shows its "
-                          "fingerprint to confirm")
-    what = {"gateway": "the gateway", "tunnel": "the tunnel's health probe",
-            "worker": "the RPC worker"}
-    for p in plan.processes:
-        host = plan.host if p.kind in ("gateway", "worker") else "127.0.0.1"
-        ensure_free(host, p.port, what.get(p.kind, f"runtime {p.name}"))
-    # The saved plan is a detached supervisor's alone: a foreground stack leaves none, which is
-    # how `sovctl tunnel` knows it cannot restart it.
-    for stale in (plan.state_file, plan.egress_log, str(home.run / "plan.json")):
-        Path(stale).unlink(missing_ok=True)
-    planning.write_runtime_keys(plan)
-    planning.write_routes(plan, home)
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """What a start was let through with: each served blob's check, and the API key where the
-    gateway requires one (`api_key_created`: made just now, so it is shown once)."""
-
-    weights: tuple[BlobCheck, ...]
-    api_key: str | None
-    api_key_created: bool
-    api_key_file: Path | None
-
-
-def admit(home: Home, plan: Plan, *, full_verify: bool = False) -> Admitted:
-    """The one start sequence up to the launch, in its one order: the weights, then every other
-    refusal (prepare), and only then the API key, so a refused start leaves no secret behind.
-    `serve`, `up`, the audit, `tunnel` and `worker` all start through here."""
-    weights = tuple(check_weights(home, plan, full=full_verify))
-    prepare(home, plan)
-    if not plan.api_key_required:
-        return Admitted(weights, None, False, None)
-    key, created = ensure_api_key(home)
-    return Admitted(weights, key, created, home.secrets / "api_key")
-
-
-def start(home: Home, plan: Plan, *, full_verify: bool = False) -> tuple[Admitted, StackStatus]:
-    """Admit the plan, then start it detached."""
-    admitted = admit(home, plan, full_verify=full_verify)
-    return admitted, start_detached(home, plan)
 
 
 def run_foreground(home: Home, plan: Plan, on_change: Callable[[StackState], None]) -> None:
@@ -113,7 +38,7 @@ def start_detached(home: Home, plan: Plan) -> StackStatus:
     atomic_write(plan_file, plan.to_json().encode())
     proc = spawn(Argv((sys.executable, "-m", "sovctl.runtime.supervisor", str(plan_file)),
                       env={"PYTHONUNBUFFERED": "1"}),
-                 log=home.logs / "supervisor.out", base_env=planning.supervisor_env(plan))
+                 log=home.logs / "supervisor.out", base_env=supervisor_env(plan))
     deadline = time.monotonic() + float(plan.supervision["start_timeout"]) + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -3,7 +3,9 @@
 Each has one typed definition here, with a schema version, and is written and read only
 through it: the supervisor writes `state.json` and `serve` writes `routes.json`; the CLI, the
 gateway and the audit read them. A document of another version is refused with a clear error
-rather than half-understood.
+rather than half-understood. The third, `plan.json` (the plan a detached supervisor runs,
+written by the CLI that made it), is `sovctl.runtime.plan.Plan`, under the same rule: its
+schema version is here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sovctl.config import DEFAULTS
 from sovctl.errors import ConfigError
 from sovctl.fsutil import atomic_write
 from sovctl.ledger.store import MAX_ROWS
+from sovctl.prices import Price
 
 # /3: the [cluster] workers each runtime uses, with their health and memory.
 STATE_SCHEMA = "sovctl.state/3"
@@ -26,6 +29,8 @@ STATE_SCHEMA = "sovctl.state/3"
 # the ledger's row bound; the gateway's image, connection and header-time limits and the Host
 # and Origin names it admits.
 ROUTES_SCHEMA = "sovctl.routes/4"
+# /1: the plan a detached supervisor runs (sovctl.runtime.plan.Plan), from the CLI that made it.
+PLAN_SCHEMA = "sovctl.plan/1"
 
 
 class Status(StrEnum):
@@ -39,7 +44,8 @@ class Status(StrEnum):
     STOPPED = "stopped"
 
 
-def _check_schema(doc: Any, expected: str, path: Path) -> dict[str, Any]:
+def check_schema(doc: Any, expected: str, path: Path) -> dict[str, Any]:
+    """`doc`, when it is a document of the `expected` schema; a ConfigError otherwise."""
     if not isinstance(doc, dict) or doc.get("schema") != expected:
         found = doc.get("schema") if isinstance(doc, dict) else None
         raise ConfigError(
@@ -60,7 +66,7 @@ def _load(path: Path, expected: str) -> dict[str, Any] | None:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}",
                           hint="remove it; the next serve writes it again") from None
-    return _check_schema(doc, expected, path)
+    return check_schema(doc, expected, path)
 
 
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +75,15 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- state.json -----------------------------------------------------------------------------------
+class ProcessKind(StrEnum):
+    """What a supervised process is: in a plan (ProcessSpec) and in state.json."""
+
+    RUNTIME = "runtime"  # a model's engine: llama-server or llama-cpp-python
+    GATEWAY = "gateway"  # the one OpenAI-compatible front
+    TUNNEL = "tunnel"  # the public face: ssh -R to a host the operator owns
+    WORKER = "worker"  # an RPC worker (ggml-rpc-server), the only process of `sovctl worker`
+
+
 class WorkerStatus(StrEnum):
     """Where a [cluster] worker stands with the runtime configured to use it."""
 
@@ -94,7 +109,7 @@ class WorkerState:
 @dataclass(frozen=True)
 class ProcessState:
     name: str
-    kind: str  # "runtime" | "gateway"
+    kind: ProcessKind
     role: str
     model: str
     sha256: str
@@ -118,7 +133,8 @@ class ProcessState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Self:
-        return cls(**{**_known(cls, d), "status": Status(d["status"]),
+        return cls(**{**_known(cls, d), "kind": ProcessKind(d["kind"]),
+                      "status": Status(d["status"]),
                       "workers": tuple(WorkerState.from_dict(w) for w in d.get("workers", ()))})
 
 
@@ -167,22 +183,6 @@ LOCAL = "local"
 PROVIDER = "provider"
 # A request reaches a provider only by naming it: "frontier/NAME/MODEL".
 FRONTIER_PREFIX = "frontier/"
-
-
-@dataclass(frozen=True)
-class Price:
-    """What a million tokens cost on a route, in the [cost] currency: the provider's list
-    price, or for a local model its energy and amortised hardware from the latest bench."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-    source: str  # where the figures come from, in words
-    # The figures rest on an estimate (a bench's energy from bench.cpu_watts, no power meter):
-    # every cost priced with them is recorded as estimated.
-    estimated: bool = False
-
-    def cost(self, tokens_in: int, tokens_out: int) -> float:
-        return (tokens_in * self.input_per_mtok + tokens_out * self.output_per_mtok) / 1e6
 
 
 @dataclass(frozen=True)

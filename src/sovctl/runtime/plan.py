@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -19,25 +18,30 @@ from typing import Any
 from sovctl.bench import costs, history
 from sovctl.config import Settings
 from sovctl.errors import ConfigError, UsageError
+from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.hostinfo import physical_cores
 from sovctl.ledger.store import MAX_ROWS, ledger_path
+from sovctl.llamacpp import LLAMA_CPP_PYTHON, LLAMA_SERVER, SETUP_HINT, find_binary
 from sovctl.net import is_loopback
+from sovctl.prices import Price
 from sovctl.runtime import egress
 from sovctl.runtime import tunnel as public_face
 from sovctl.runtime.documents import (
     FRONTIER_PREFIX,
     LOCAL,
+    PLAN_SCHEMA,
     PROVIDER,
     Limits,
-    Price,
+    ProcessKind,
     Provider,
     Route,
     RoutesTable,
+    check_schema,
 )
 from sovctl.runtime.launch import KEY_FILE_ENV
-from sovctl.runtime.llamacpp import LLAMA_CPP_PYTHON, LLAMA_SERVER, SETUP_HINT, find_binary
-from sovctl.runtime.procs import Argv
+from sovctl.runtime.ports import free_port
+from sovctl.runtime.procs import Argv, ProcessSpec
 from sovctl.store import gguf_info
 from sovctl.store.blobs import BlobStore
 from sovctl.store.lock import Lock
@@ -98,21 +102,6 @@ class ServedModel:
 
 
 @dataclass(frozen=True)
-class ProcessSpec:
-    name: str
-    kind: str  # "runtime" | "gateway" | "tunnel"
-    argv: Argv
-    port: int
-    health_path: str
-    role: str = ""
-    model: str = ""
-    sha256: str = ""
-    runtime: str = ""  # a runtime's engine
-    key_file: str | None = None  # a runtime's internal key, written at each start
-    workers: tuple[str, ...] = ()  # RPC workers ([cluster]) its --rpc names, checked each start
-
-
-@dataclass(frozen=True)
 class Plan:
     host: str
     port: int
@@ -136,24 +125,34 @@ class Plan:
         return f"http://{self.host}:{self.port}/v1"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """plan.json, as a detached supervisor reads it (PLAN_SCHEMA)."""
+        return json.dumps({"schema": PLAN_SCHEMA, **asdict(self)}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        d = json.loads(text)
+    def from_json(cls, text: str, source: str = "plan.json") -> Plan:
+        """The plan `to_json` wrote; a ConfigError for a plan of another version (`source`
+        names the file in it)."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source} is not valid JSON: {e}",
+                              hint="remove it; the next serve writes it again") from None
+        d = dict(check_schema(doc, PLAN_SCHEMA, Path(source)))
+        del d["schema"]
         procs = tuple(
-            ProcessSpec(**{**p, "argv": Argv(args=tuple(p["argv"]["args"]), env=p["argv"]["env"],
-                                             cwd=p["argv"]["cwd"]),
-                           "workers": tuple(p.get("workers", ()))})
+            ProcessSpec(**{**p, "kind": ProcessKind(p["kind"]),
+                           "argv": Argv(args=tuple(p["argv"]["args"]), env=p["argv"]["env"],
+                                        cwd=p["argv"]["cwd"]),
+                           "workers": tuple(p["workers"])})
             for p in d.pop("processes")
         )
         models = tuple(ServedModel(**{**m, "extra_args": tuple(m["extra_args"])})
                        for m in d.pop("models"))
-        public = d.pop("tunnel", None)  # absent from a plan saved before tunnels existed
+        public = d.pop("tunnel")
         return cls(processes=procs, models=models, notes=tuple(d.pop("notes")),
                    tunnel=public_face.Tunnel(**public) if public else None,
-                   frontier=tuple(Route.from_dict(r) for r in d.pop("frontier", ())),
-                   prices={k: Price(**v) for k, v in d.pop("prices", {}).items()}, **d)
+                   frontier=tuple(Route.from_dict(r) for r in d.pop("frontier")),
+                   prices={k: Price(**v) for k, v in d.pop("prices").items()}, **d)
 
 
 def _allowed(name: str, allowed: Sequence[str]) -> bool:
@@ -166,8 +165,8 @@ def inherited_env(spec: ProcessSpec, provider_keys: Sequence[str] = (),
     the gateway the variables of the provider keys (`provider_keys`), the tunnel ssh's agent.
     Its plan's own environment goes on top."""
     env = os.environ if environ is None else environ
-    allowed = (*INHERITED_ENV, *(provider_keys if spec.kind == "gateway" else ()),
-               *(SSH_ENV if spec.kind == "tunnel" else ()))
+    allowed = (*INHERITED_ENV, *(provider_keys if spec.kind == ProcessKind.GATEWAY else ()),
+               *(SSH_ENV if spec.kind == ProcessKind.TUNNEL else ()))
     return {k: v for k, v in env.items() if _allowed(k, allowed)}
 
 
@@ -182,12 +181,6 @@ def supervisor_env(plan: Plan, environ: Mapping[str, str] | None = None) -> dict
 def provider_keys(plan: Plan) -> tuple[str, ...]:
     """The variables holding the keys of the plan's provider routes: the gateway's alone."""
     return tuple(r.provider.api_key_env for r in plan.frontier if r.provider is not None)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _choose_runtime(name: str, wanted: str, binary: Path | None) -> tuple[str, str | None]:
@@ -499,7 +492,7 @@ def build(
         key_file = str(run / "keys" / f"{m.name}.key")
         workers = workers_all if m.name == clustered else ()
         procs.append(ProcessSpec(
-            name=m.name, kind="runtime", argv=runtime_argv(m, rport, common_env, key_file,
+            name=m.name, kind=ProcessKind.RUNTIME, argv=runtime_argv(m, rport, common_env, key_file,
                                                                selection.llama_server, workers),
             port=rport, health_path=HEALTH_PATH[m.runtime], role=m.role, model=m.name,
             sha256=m.sha256, runtime=m.runtime, key_file=key_file, workers=workers,
@@ -510,13 +503,12 @@ def build(
               "--routes", str(routes_file)),
         env=dict(common_env),
     )
-    procs.append(ProcessSpec(name="gateway", kind="gateway", argv=gateway, port=port,
+    procs.append(ProcessSpec(name="gateway", kind=ProcessKind.GATEWAY, argv=gateway, port=port,
                              health_path="/health"))
     public = public_face.from_settings(home, cfg)
     if public is not None:
         procs.append(public_face.process(public, host, port, common_env))
-    supervision = {k.removeprefix("serve."): cfg.get(k) for k in cfg.values
-                   if k.startswith("serve.")}
+    supervision = cfg.section("serve")
     prices, price_notes = local_prices(home, cfg, models)
     return Plan(
         host=host, port=port, processes=tuple(procs), models=models,
@@ -545,7 +537,7 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
                   upstream=f"http://127.0.0.1:{p.port}", runtime=p.runtime,
                   parallel=by_name[p.model].parallel, key_file=p.key_file,
                   vision=by_name[p.model].mmproj is not None, price=plan.prices.get(p.model))
-            for p in plan.processes if p.kind == "runtime"
+            for p in plan.processes if p.kind == ProcessKind.RUNTIME
         ) + plan.frontier,
         ledger=plan.ledger, ledger_max_rows=plan.ledger_max_rows,
     )
@@ -556,7 +548,6 @@ def write_runtime_keys(plan: Plan) -> None:
     the gateway reaches the runtime; without it, a local user who finds the port gets 401."""
     import secrets
 
-    from sovctl.fsutil import atomic_write
 
     for p in plan.processes:
         if p.key_file:

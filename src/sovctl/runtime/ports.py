@@ -79,3 +79,10 @@ def owned_by(pid: int, port: int) -> bool:
                for c in conns):
             return True
     return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a process about to bind it (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,4 +1,5 @@
-"""The one subprocess helper: argv objects, spawning in a process group, and stopping them.
+"""The one subprocess helper: argv objects and the processes of a plan, spawning in a process
+group, and stopping them.
 
 Stop is SIGTERM to the whole group, a bounded wait, then SIGKILL: nothing is left behind.
 """
@@ -11,10 +12,11 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sovctl.runtime.documents import ProcessKind
 from sovctl.runtime.logfiles import open_log
 
 
@@ -29,6 +31,23 @@ class Argv:
     def __str__(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         return (env + " " if env else "") + shlex.join(self.args)
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One process of a plan: what the supervisor starts, and how it checks the process."""
+
+    name: str
+    kind: ProcessKind
+    argv: Argv
+    port: int
+    health_path: str
+    role: str = ""
+    model: str = ""
+    sha256: str = ""
+    runtime: str = ""  # a runtime's engine
+    key_file: str | None = None  # a runtime's internal key, written at each start
+    workers: tuple[str, ...] = ()  # RPC workers ([cluster]) its --rpc names, checked each start
 
 
 def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | None = None,
@@ -57,13 +76,22 @@ def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | Non
             os.close(opened)
 
 
-def alive(pid: int) -> bool:
+def _signal0(kill: Callable[[int, int], None], target: int) -> bool | None:
+    """Signal 0 to a process or group: False when there is none, True when there is one that
+    is not ours to signal, None when it was delivered (there is one; look closer if need be)."""
     try:
-        os.kill(pid, 0)
+        kill(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    return None
+
+
+def alive(pid: int) -> bool:
+    found = _signal0(os.kill, pid)
+    if found is not None:
+        return found
     # A zombie still answers signal 0; it is dead for our purposes.
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -73,12 +101,9 @@ def alive(pid: int) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    found = _signal0(os.killpg, pgid)
+    if found is not None:
+        return found
     return any(alive(pid) for pid in _group_members(pgid))
 
 

@@ -27,6 +27,7 @@ from sovctl.errors import BusyError
 from sovctl.runtime import cluster
 from sovctl.runtime.documents import (
     Event,
+    ProcessKind,
     ProcessState,
     StackState,
     Status,
@@ -34,9 +35,9 @@ from sovctl.runtime.documents import (
     WorkerStatus,
 )
 from sovctl.runtime.logfiles import Pump, RotatingLog
-from sovctl.runtime.plan import Plan, ProcessSpec, inherited_env, provider_keys
+from sovctl.runtime.plan import Plan, inherited_env, provider_keys
 from sovctl.runtime.ports import listener, owned_by
-from sovctl.runtime.procs import Argv, spawn, stop_group
+from sovctl.runtime.procs import Argv, ProcessSpec, spawn, stop_group
 from sovctl.runtime.tunnel import diagnose, forward_confirmed, probe_refused
 
 
@@ -103,6 +104,12 @@ def _probe_listening(pid: int, port: int) -> Probe:
     return Probe.FOREIGN if listener(port) is not None else Probe.FAILED
 
 
+def already_running() -> BusyError:
+    """The refusal to start a second stack from one home."""
+    return BusyError("a sovctl stack is already running from this home",
+                     hint="see 'sovctl status', or stop it with 'sovctl stop'")
+
+
 def acquire_instance_lock(run_dir: Path) -> int:
     """Hold run/supervisor.lock for the supervisor's lifetime: one stack per home."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,10 +118,7 @@ def acquire_instance_lock(run_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise BusyError(
-            "a sovctl stack is already running from this home",
-            hint="see 'sovctl status', or stop it with 'sovctl stop'",
-        ) from None
+        raise already_running() from None
     os.set_inheritable(fd, False)
     return fd
 
@@ -344,7 +348,7 @@ class Supervisor:
                     if p.workers:
                         self._note_worker_memory(p)
                 p.probe_failures = 0
-            elif p.spec.kind == "tunnel" and self._probe_refused(p):
+            elif p.spec.kind == ProcessKind.TUNNEL and self._probe_refused(p):
                 p.next_probe = now  # its health is the remote forward's from now on: look now
             elif p.status == Status.UP:
                 p.probe_failures += 1
@@ -360,7 +364,7 @@ class Supervisor:
         if p.probe is None and now >= p.next_probe:
             url = f"http://127.0.0.1:{p.spec.port}{p.spec.health_path}"
             p.probe = self._probes.submit(_probe_listening, p.popen.pid, p.spec.port) \
-                if p.spec.kind == cluster.WORKER else \
+                if p.spec.kind == ProcessKind.WORKER else \
                 self._probes.submit(self._forward_held, p) if p.unprobed else \
                 self._probes.submit(_probe, url, float(self.cfg["health_timeout"]), p.popen.pid)
             p.next_probe = now + (interval if p.status == Status.UP else 0.25)
@@ -390,7 +394,7 @@ class Supervisor:
         p.popen = None
         p.probe = None
         fatal = False
-        if p.spec.kind == "tunnel" and self.plan.tunnel is not None:
+        if p.spec.kind == ProcessKind.TUNNEL and self.plan.tunnel is not None:
             # ssh says why in its log; a refusal no retry can cure (a changed host key, a
             # rejected login) stops the tunnel at once rather than knocking again forever.
             failure = diagnose(self.plan.tunnel, self._output(p))
@@ -421,7 +425,7 @@ class Supervisor:
             p.recent.popleft()
         # A tunnel fails with its network or its far host, which come back by themselves: it
         # keeps retrying at the longest backoff instead of being given up on as crash-looping.
-        if p.spec.kind != "tunnel" and len(p.recent) >= int(self.cfg["max_restarts"]):
+        if p.spec.kind != ProcessKind.TUNNEL and len(p.recent) >= int(self.cfg["max_restarts"]):
             p.status = Status.FAILED
             self._event(p.spec.name, f"marked failed: {len(p.recent) + 1} failures within "
                                      f"{window:.0f}s, last: {reason}")
@@ -501,7 +505,7 @@ def run_plan(plan: Plan, on_change: Callable[[StackState], None] | None = None) 
 
 
 def main(argv: list[str]) -> None:
-    plan = Plan.from_json(Path(argv[0]).read_text())
+    plan = Plan.from_json(Path(argv[0]).read_text(), argv[0])
     fd = acquire_instance_lock(Path(plan.state_file).parent)
     try:
         run_plan(plan)

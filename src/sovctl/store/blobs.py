@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -25,14 +24,6 @@ _RING = 4
 GGUF_MAGIC = b"GGUF"
 
 Progress = Callable[[int], None]
-
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def is_sha256_hex(value: str) -> bool:
-    """A sha256 the way the lock and the blob names spell it: 64 lowercase hex digits."""
-    return _SHA256_HEX.fullmatch(value) is not None
-
 
 def _read_ahead(f: BinaryIO) -> None:
     # A larger kernel read-ahead for a file read once, start to end (helps when it is not cached).

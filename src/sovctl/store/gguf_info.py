@@ -7,6 +7,7 @@ change, so the facts are computed once (at pull time) and kept beside the blob b
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.store.gguf_header import read_header
 
-_EMBEDDING_ARCHS = {"bert", "nomic-bert", "jina-bert-v2", "modern-bert", "t5encoder"}
+_EMBEDDING_ARCHS = frozenset({"bert", "nomic-bert", "jina-bert-v2", "modern-bert", "t5encoder"})
+
+
+def is_embedding(arch: str, keys: Container[str]) -> bool:
+    """The one rule for "an embedding model": an encoder architecture, or a header (`keys`, its
+    metadata keys) that says how to pool."""
+    return arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in keys
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ def read_facts(path: Path, label: str | None = None) -> GgufFacts:
         quantization=quant,
         context_length=int(ctx) if ctx is not None else None,
         chat_template="tokenizer.chat_template" in kv,
-        embedding=arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in kv,
+        embedding=is_embedding(arch, kv),
         tensors=len(header.tensors),
     )
 

@@ -19,8 +19,7 @@ import tomli_w
 from sovctl.errors import ConfigError, NotFoundError, UsageError
 from sovctl.fsutil import atomic_write, file_lock
 from sovctl.home import Home
-from sovctl.store.blobs import is_sha256_hex
-from sovctl.store.names import check_name
+from sovctl.names import check_name, is_sha256_hex
 
 # Version 2 adds a model's projector, [models.NAME.mmproj]. A lock without one is still
 # written as version 1: a sovctl from before projectors keeps reading it.

@@ -11,11 +11,11 @@ from typing import Any
 from sovctl.errors import IntegrityError, UsageError
 from sovctl.fsutil import file_lock, fsync_path
 from sovctl.home import Home
+from sovctl.names import check_name, is_sha256_hex, name_from_filename
 from sovctl.result import utcnow
 from sovctl.store import gguf_info, hub, integrity, refs
-from sovctl.store.blobs import BlobStore, HashingWriter, Progress, is_sha256_hex
+from sovctl.store.blobs import BlobStore, HashingWriter, Progress
 from sovctl.store.lock import Lock, LockEntry, ProjectorPin
-from sovctl.store.names import check_name, name_from_filename
 
 # (description, total bytes or None, bytes already done) -> a callback taking byte counts
 ProgressFactory = Callable[[str, int | None, int], Progress]
@@ -39,7 +39,9 @@ class ReplicaResult:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _Download:
+    """One file to bring into the store: where from, and what its bytes must be."""
+
     entry: LockEntry  # sha256/size may be provisional until the bytes are hashed
     fetch_url: str | None  # None: copy from a local file
     local: Path | None
@@ -56,7 +58,7 @@ def _check_sha(value: str | None, flag: str) -> str | None:
     return v
 
 
-def _plan(
+def _to_download(
     ref_text: str,
     ref: refs.Ref,
     *,
@@ -66,7 +68,7 @@ def _plan(
     tofu: bool,
     have: list[str],
     token: str | None,
-) -> _Plan:
+) -> _Download:
     now = utcnow()
     common: dict[str, Any] = {"ref": ref_text, "pulled_at": now, "verified_at": now, "name": ""}
     if isinstance(ref, refs.HubFile | refs.HubQuant):
@@ -104,13 +106,13 @@ def _plan(
             revision=revision,
             commit=res.commit,
         )
-        return _Plan(entry, res.url, None, expected, res.size)
+        return _Download(entry, res.url, None, expected, res.size)
     if isinstance(ref, refs.Url):
         origin = "flag" if sha256 else _tofu_or_refuse(tofu, f"a URL carries no digest: {ref.url}")
         entry = LockEntry(
             **common, sha256=sha256 or "", size=0, source="url", digest_from=origin, url=ref.url
         )
-        return _Plan(entry, ref.url, None, sha256, None)
+        return _Download(entry, ref.url, None, sha256, None)
     entry = LockEntry(
         **common,
         sha256=sha256 or "",
@@ -119,7 +121,7 @@ def _plan(
         digest_from="flag" if sha256 else "computed",
         path=str(ref.path),
     )
-    return _Plan(entry, None, ref.path, sha256, entry.size)
+    return _Download(entry, None, ref.path, sha256, entry.size)
 
 
 def _tofu_or_refuse(tofu: bool, why: str) -> str:
@@ -177,12 +179,12 @@ def _disagrees(flag: str, wanted: str | None, pinned: str, name: str) -> None:
         )
 
 
-def _repin(plan: _Plan, pinned: LockEntry | ProjectorPin) -> _Plan:
+def _repin(dl: _Download, pinned: LockEntry | ProjectorPin) -> _Download:
     """The same source again, its blob lost: the bytes must be the ones that were pinned."""
     return replace(
-        plan,
+        dl,
         expected_sha=pinned.sha256,
-        entry=replace(plan.entry, sha256=pinned.sha256, digest_from=pinned.digest_from),
+        entry=replace(dl.entry, sha256=pinned.sha256, digest_from=pinned.digest_from),
     )
 
 
@@ -241,42 +243,43 @@ def pull(
                           "already-pinned" if mmproj else "")
 
     have = sorted(lock.entries)
-    plan = _plan(ref_text, ref, revision=revision, sha256=sha256, endpoint=endpoint,
-                 tofu=trust_on_first_use, have=have, token=token)
-    final_name = name or name_from_filename(plan.entry.path or plan.entry.url.split("?")[0])
-    mm_plan = None
+    dl = _to_download(ref_text, ref, revision=revision, sha256=sha256, endpoint=endpoint,
+                      tofu=trust_on_first_use, have=have, token=token)
+    final_name = name or name_from_filename(dl.entry.path or dl.entry.url.split("?")[0])
+    mm_dl = None
     if projector_ref is not None and mmproj_text is not None:
-        mm_plan = _plan(mmproj_text, projector_ref, revision=revision, sha256=mmproj_sha256,
-                        endpoint=endpoint, tofu=trust_on_first_use, have=have, token=token)
+        mm_dl = _to_download(mmproj_text, projector_ref, revision=revision,
+                             sha256=mmproj_sha256, endpoint=endpoint, tofu=trust_on_first_use,
+                             have=have, token=token)
     existing = lock.entries.get(final_name)
     if existing is not None:
-        if existing.ref != ref_text or (plan.expected_sha or existing.sha256) != existing.sha256:
+        if existing.ref != ref_text or (dl.expected_sha or existing.sha256) != existing.sha256:
             raise UsageError(
                 f"name {final_name!r} already pins {existing.ref} (sha256 {existing.short_sha})",
                 hint=f"choose another --name, or 'sovctl rm {final_name}' first",
             )
-        plan = _repin(plan, existing)
+        dl = _repin(dl, existing)
         pinned = existing.mmproj
-        if mm_plan is not None and pinned is not None:
-            if pinned.ref != mmproj_text or (mm_plan.expected_sha or pinned.sha256) \
+        if mm_dl is not None and pinned is not None:
+            if pinned.ref != mmproj_text or (mm_dl.expected_sha or pinned.sha256) \
                     != pinned.sha256:
                 raise UsageError(
                     f"name {final_name!r} already pins the projector {pinned.ref} (sha256 "
                     f"{pinned.sha256[:12]})",
                     hint=f"choose another --name, or 'sovctl rm {final_name}' first",
                 )
-            mm_plan = _repin(mm_plan, pinned)
+            mm_dl = _repin(mm_dl, pinned)
 
     # The projector first: it is the smaller file, so a failure of either costs little to
     # redo; and a wrong one is refused before the model is fetched at all.
     stored: list[str] = []
     try:
         projector = None
-        if mm_plan is not None:
-            projector = _fetch(home, store, mm_plan, f"{final_name}/mmproj", progress, token,
+        if mm_dl is not None:
+            projector = _fetch(home, store, mm_dl, f"{final_name}/mmproj", progress, token,
                                have, _projector)
             stored.append(projector.entry.sha256)
-        model = _fetch(home, store, plan, final_name, progress, token, have, _weights)
+        model = _fetch(home, store, dl, final_name, progress, token, have, _weights)
         stored.append(model.entry.sha256)
         entry = _record(home, store, replace(
             model.entry, name=final_name,
@@ -292,7 +295,7 @@ def pull(
 
 @dataclass(frozen=True)
 class _Fetched:
-    entry: LockEntry  # the plan's entry with the digest and size of the stored bytes
+    entry: LockEntry  # the download's entry with the digest and size of the stored bytes
     action: str
     transferred: int
     resumed_from: int
@@ -301,7 +304,7 @@ class _Fetched:
 def _fetch(
     home: Home,
     store: BlobStore,
-    plan: _Plan,
+    dl: _Download,
     label: str,
     progress: ProgressFactory | None,
     token: str | None,
@@ -310,29 +313,29 @@ def _fetch(
 ) -> _Fetched:
     """Bring one file's bytes into the store, verified, and of the kind `accept` wants."""
     home.ensure(home.partials)
-    source = plan.fetch_url or str(plan.local)
-    key = plan.expected_sha or hashlib.sha256(source.encode()).hexdigest()
+    source = dl.fetch_url or str(dl.local)
+    key = dl.expected_sha or hashlib.sha256(source.encode()).hexdigest()
     with file_lock(home.partials / f"{key}.flock", what=f"the download of {label}"):
-        if plan.expected_sha and store.has(plan.expected_sha, plan.expected_size):
+        if dl.expected_sha and store.has(dl.expected_sha, dl.expected_size):
             # Another name, or a concurrent pull that just finished, already holds these bytes.
-            blob = store.path(plan.expected_sha)
-            accept(label, gguf_info.facts_for(home, plan.expected_sha, blob))
-            return _Fetched(replace(plan.entry, size=blob.stat().st_size), "linked", 0, 0)
+            blob = store.path(dl.expected_sha)
+            accept(label, gguf_info.facts_for(home, dl.expected_sha, blob))
+            return _Fetched(replace(dl.entry, size=blob.stat().st_size), "linked", 0, 0)
         partial = store.partial(key)
-        if plan.local is not None:
-            digest, size, transferred, resumed = _copy(plan.local, partial, progress, label)
+        if dl.local is not None:
+            digest, size, transferred, resumed = _copy(dl.local, partial, progress, label)
         else:
-            assert plan.fetch_url is not None
+            assert dl.fetch_url is not None
             # A credential goes to the endpoint it belongs to (the Hub's token to the Hub, the
             # mirror's to a mirror), and none to an arbitrary URL.
-            sent = hub.credential(plan.entry.endpoint, token) if plan.entry.source == "hf" \
+            sent = hub.credential(dl.entry.endpoint, token) if dl.entry.source == "hf" \
                 else None
             digest, size, transferred, resumed = _download(
-                plan.fetch_url, partial, plan.expected_size, progress, label, sent, have,
+                dl.fetch_url, partial, dl.expected_size, progress, label, sent, have,
             )
         try:
-            _check_digest(plan, digest, size, label)
-            facts = _facts_while_syncing(partial, label=f"{label} ({plan.entry.ref})")
+            _check_digest(dl, digest, size, label)
+            facts = _facts_while_syncing(partial, label=f"{label} ({dl.entry.ref})")
             accept(label, facts)
         except (IntegrityError, UsageError):
             partial.unlink(missing_ok=True)
@@ -340,19 +343,19 @@ def _fetch(
         store.adopt(partial, digest)
         integrity.record(home, digest)
         gguf_info.remember(home, digest, facts)
-    action = "imported" if plan.local is not None else "resumed" if resumed else "downloaded"
-    return _Fetched(replace(plan.entry, sha256=digest, size=size), action, transferred, resumed)
+    action = "imported" if dl.local is not None else "resumed" if resumed else "downloaded"
+    return _Fetched(replace(dl.entry, sha256=digest, size=size), action, transferred, resumed)
 
 
-def _check_digest(plan: _Plan, digest: str, size: int, name: str) -> None:
-    if plan.expected_size is not None and plan.local is None and size != plan.expected_size:
+def _check_digest(dl: _Download, digest: str, size: int, name: str) -> None:
+    if dl.expected_size is not None and dl.local is None and size != dl.expected_size:
         raise IntegrityError(
-            f"{name}: received {size} bytes, expected {plan.expected_size}; nothing was stored",
+            f"{name}: received {size} bytes, expected {dl.expected_size}; nothing was stored",
             hint="the source or a proxy altered the file; try again or use another --endpoint",
         )
-    if plan.expected_sha and digest != plan.expected_sha:
+    if dl.expected_sha and digest != dl.expected_sha:
         raise IntegrityError(
-            f"{name}: sha256 mismatch: expected {plan.expected_sha}, got {digest}; "
+            f"{name}: sha256 mismatch: expected {dl.expected_sha}, got {digest}; "
             "nothing was stored",
             hint="the bytes were altered on the way or at the source; try again or use another "
             "--endpoint",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sovctl.apikey import read_api_key
 from sovctl.errors import (
     ConfigError,
     NotFoundError,
@@ -22,6 +23,7 @@ from sovctl.errors import (
     UsageError,
 )
 from sovctl.home import Home
+from sovctl.runtime import control
 
 DEFAULT_PROMPT = ("List 5 to 10 short tags that describe this image, as one comma-separated "
                   "line. Answer with the tags only.")
@@ -94,10 +96,7 @@ def parse_tags(text: str) -> tuple[str, ...]:
 
 def _gateway(home: Home) -> tuple[str, dict[str, str]]:
     """The running stack's API base URL (http://host:port/v1) and the headers it needs."""
-    from sovctl.apikey import read_api_key
-    from sovctl.runtime.control import status
-
-    st = status(home)
+    st = control.status(home)
     if not st.running or not st.url:
         raise RuntimeStartError(f"no sovctl stack is running from {home.root}",
                                 hint="start one with sovctl serve --chat NAME -d, NAME pulled "

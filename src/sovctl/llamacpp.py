@@ -20,7 +20,8 @@ from sovctl.errors import ConfigError
 
 LLAMA_SERVER = "llama-server"
 LLAMA_CPP_PYTHON = "llama-cpp-python"
-RUNTIMES = (LLAMA_SERVER, LLAMA_CPP_PYTHON)
+# Where the build's ggml-rpc-server listens unless told otherwise: `sovctl worker`'s default.
+RPC_PORT = 50052
 SETUP_HINT = "run ./scripts/setup from the sovctl checkout (it builds llama-server once), or " \
              "set [serve] llama_server = \"/path/to/llama-server\" in sovctl.toml"
 

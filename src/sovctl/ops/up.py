@@ -17,16 +17,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from sovctl import config
+from sovctl.apikey import read_api_key
 from sovctl.config import Settings
 from sovctl.errors import ConfigError, NotFoundError, RuntimeStartError, UsageError
 from sovctl.home import Home
+from sovctl.ops import stack
 from sovctl.provision import planning, sizing
 from sovctl.provision.facts import HostFacts, detect
 from sovctl.provision.init import InitResult, init
 from sovctl.provision.planning import DoesNotFit
 from sovctl.provision.sizing import Fit
-from sovctl.runtime.documents import ProcessState
-from sovctl.store.pull import ProgressFactory
+from sovctl.runtime import control
+from sovctl.runtime.documents import ProcessKind, ProcessState, Status
+from sovctl.runtime.plan import build
+from sovctl.store.blobs import BlobStore
+from sovctl.store.lock import Lock
+from sovctl.store.pull import ProgressFactory, pull
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,6 @@ def _served(cfg: Settings) -> list[tuple[str, str, Mapping[str, Any]]]:
 
 def _pull_all(home: Home, cfg: Settings, progress: ProgressFactory | None, token: str | None
               ) -> list[Pulled]:
-    from sovctl.store.pull import pull
-
     out = []
     for name, p in cfg.pulls.items():
         r = pull(home, str(p["ref"]), name=name, revision=str(p.get("revision", "main")),
@@ -145,21 +149,18 @@ def _fitted(cfg: Settings, fits: list[Fit]) -> Settings:
     return dataclasses.replace(cfg, models=models)
 
 
-def _already_up(home: Home, st: Any, timeout: float) -> UpResult:
-    from sovctl.apikey import read_api_key
-    from sovctl.runtime.documents import Status
-
+def _already_up(home: Home, st: control.StackStatus, url: str, timeout: float) -> UpResult:
     failed = [p.name for p in st.processes if p.status == Status.FAILED]
     if failed:
         raise RuntimeStartError(
             f"a stack runs from this home, but {', '.join(failed)} failed and stay down",
             hint=f"see 'sovctl logs {failed[0]}'; then 'sovctl stop' and 'sovctl up' again")
     key = read_api_key(home) if st.api_key_required else None
-    wait_ready(st.url, key, timeout)
-    models = [(p.model, p.role) for p in st.processes if p.kind == "runtime"]
+    wait_ready(url, key, timeout)
+    models = [(p.model, p.role) for p in st.processes if p.kind == ProcessKind.RUNTIME]
     key_file = str(home.secrets / "api_key") if st.api_key_required else None
-    return UpResult(True, st.url, st.api_key_required, key_file, False, None, None, (), (),
-                    st.processes, (), examples(st.url, models, key_file))
+    return UpResult(True, url, st.api_key_required, key_file, False, None, None, (), (),
+                    st.processes, (), examples(url, models, key_file))
 
 
 def up(
@@ -174,18 +175,13 @@ def up(
     facts: HostFacts | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> UpResult:
-    from sovctl.runtime import control
-    from sovctl.runtime.plan import build
-    from sovctl.store.blobs import BlobStore
-    from sovctl.store.lock import Lock
-
     st = control.status(home)
     if st.running and st.url:
         try:
             timeout = float(config.load(home, environ=environ).get("serve.start_timeout"))
         except ConfigError:  # the stack runs on what it was started with; report it
             timeout = float(config.DEFAULTS["serve"]["start_timeout"])
-        return _already_up(home, st, timeout)
+        return _already_up(home, st, st.url, timeout)
 
     notes: list[str] = []
     facts = facts or detect(home)
@@ -229,7 +225,7 @@ def up(
 
     plan = build(home, _fitted(cfg, fits))
     notes += plan.notes
-    admitted, started = control.start(home, plan)
+    admitted, started = stack.start(home, plan)
     wait_ready(plan.url, admitted.api_key, float(cfg.get("serve.start_timeout")))
     key_file = str(admitted.api_key_file) if admitted.api_key_file else None
     return UpResult(

@@ -1,4 +1,7 @@
-"""Model names: what an operator types, validated so that no name can escape the store."""
+"""Model names and digests as the operator, the configuration, the lock and the store spell
+them: a name validated so that it cannot escape the store, a sha256 in its one spelling.
+
+A leaf: `sovctl.config` checks [pull.NAME] with these rules, the store and its lock too."""
 
 from __future__ import annotations
 
@@ -8,6 +11,12 @@ from sovctl.errors import UsageError
 
 # fullmatch, never match with "$": "$" also matches before a final newline ("smol\n").
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256_hex(value: str) -> bool:
+    """A sha256 the way the lock and the blob names spell it: 64 lowercase hex digits."""
+    return _SHA256_HEX.fullmatch(value) is not None
 
 
 def check_name(name: str) -> str:

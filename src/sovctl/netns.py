@@ -10,7 +10,8 @@ There is no weaker mode: where neither is allowed, `IsolationError` (exit code 8
 kernel setting or missing capability refused it and how to allow it.
 
 `unshare(2)` with CLONE_NEWUSER needs a single-threaded caller, so `enter()` runs first thing in
-a fresh process (`sovctl.audit.inside`), and `preflight()` tries it in a forked child.
+a fresh process (`sovctl.audit.inside`), and `preflight()` tries it in a forked child. A leaf:
+the blackout audit isolates itself with it, and `sovctl doctor` checks that it can.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from tests.conftest import CHAT_MODEL, EMBED_MODEL, TINY_MODEL
 from tests.test_bench_units import record
 
 from sovctl.bench import costs, history
+from sovctl.config import CostSettings
 from sovctl.errors import ExitCode
 from sovctl.home import Home
 from sovctl.result import jsonable
@@ -72,9 +73,9 @@ def test_run_json_figures_and_history(cli: Any, tiny: str, sovctl_home: Path,
         "[bench]\ncpu_watts = 100.0\n[cost]\nelectricity_per_kwh = 0.30\n"
         "hardware_price = 3000.0\nhardware_lifetime_years = 3.0\nhardware_utilisation = 0.5\n"
         "cloud_price_per_mtok = 8.0\ncloud_input_price_per_mtok = 2.0\n")
-    cfg = costs.CostConfig(currency="USD", electricity_per_kwh=0.30, hardware_price=3000.0,
-                           hardware_lifetime_years=3.0, hardware_utilisation=0.5,
-                           cloud_price_per_mtok=8.0, cloud_input_price_per_mtok=2.0)
+    cfg = CostSettings(currency="USD", electricity_per_kwh=0.30, hardware_price=3000.0,
+                       hardware_lifetime_years=3.0, hardware_utilisation=0.5,
+                       cloud_price_per_mtok=8.0, cloud_input_price_per_mtok=2.0)
     doc = doc_of(cli("--json", "bench", tiny, *FAST))
     run = doc["data"]
     assert run["kind"] == "micro" and run["schema"] == "sovctl-bench/1"

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from sovctl.bench import costs, history, stats
+from sovctl.config import CostSettings
 from sovctl.errors import ConfigError, NotFoundError, UsageError
 from sovctl.home import Home
 
@@ -22,7 +23,7 @@ from sovctl.home import Home
 
 # 1 year x 31,557,600 s x 0.5 utilisation = 15,778,800 busy seconds, so a price of 15,778.8
 # costs 0.001 per busy second.
-CFG = costs.CostConfig(currency="EUR", electricity_per_kwh=0.30, hardware_price=15778.8,
+CFG = CostSettings(currency="EUR", electricity_per_kwh=0.30, hardware_price=15778.8,
                        hardware_lifetime_years=1.0, hardware_utilisation=0.5,
                        cloud_price_per_mtok=8.0, cloud_input_price_per_mtok=2.0)
 
@@ -64,8 +65,8 @@ def test_cost_config_from_settings(tmp_path: Path) -> None:
     from sovctl import config
 
     home = Home(tmp_path)
-    defaults = costs.CostConfig.from_settings(config.load(home, environ={}))
-    assert defaults == costs.CostConfig(
+    defaults = config.load(home, environ={}).cost
+    assert defaults == CostSettings(
         currency="USD", electricity_per_kwh=0.15, hardware_price=0.0,
         hardware_lifetime_years=3.0, hardware_utilisation=0.5, cloud_price_per_mtok=10.0,
         cloud_input_price_per_mtok=2.5)
@@ -74,7 +75,7 @@ def test_cost_config_from_settings(tmp_path: Path) -> None:
                                ("cost.hardware_utilisation", 0.0, "(0, 1]"),
                                ("cost.electricity_per_kwh", -0.1, "must not be negative")):
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("]", r"\]")):
-            costs.CostConfig.from_settings(config.load(home, flags={key: value}, environ={}))
+            config.load(home, flags={key: value}, environ={})
 
 
 # -- statistics ----------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ def write_profile(home: Home, name: str, text: str) -> Path:
 
 def test_defaults(home: Home) -> None:
     s = config.load(home, environ={})
-    assert s.get("hub.endpoint") == "https://huggingface.co"
-    assert s.get("serve.port") == 8088
-    assert {s.source(k) for k in s.values} == {"default"}
+    assert s.hub.endpoint == "https://huggingface.co"
+    assert s.serve.port == 8088
+    assert {s.source(k) for k, _ in s.items()} == {"default"}
     assert s.profile is None and dict(s.models) == {}
     assert not s.explicit("serve.port")
     assert not home.config_path.exists()  # loading writes nothing
@@ -41,10 +41,10 @@ def test_profile_layer(home: Home) -> None:
     write_profile(home, "edge", "[serve]\nport = 9000\nqueue_limit = 4\n"
                                 "[models.chat]\nmodel = \"smol\"\nn_ctx = 2048\n")
     s = config.load(home, profile="edge", environ={})
-    assert (s.get("serve.port"), s.source("serve.port")) == (9000, "profile")
+    assert (s.serve.port, s.source("serve.port")) == (9000, "profile")
     assert s.source("serve.host") == "default"
     assert s.profile == "edge"
-    assert s.models["chat"] == {"model": "smol", "n_ctx": 2048}
+    assert s.models["chat"] == config.ModelSettings(model="smol", n_ctx=2048)
 
 
 def test_profile_from_environment_and_profiles_dir(home: Home, tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_profile_from_environment_and_profiles_dir(home: Home, tmp_path: Path) -
     (extra / "lab.toml").write_text("[bench]\ncpu_watts = 35\n")
     s = config.load(home, environ={"SOVCTL_PROFILE": "lab", "SOVCTL_PROFILES_DIR": str(extra)})
     assert s.profile == "lab"
-    assert (s.get("bench.cpu_watts"), s.source("bench.cpu_watts")) == (35.0, "profile")
+    assert (s.bench.cpu_watts, s.source("bench.cpu_watts")) == (35.0, "profile")
 
 
 def test_config_file_layer_outranks_profile(home: Home) -> None:
@@ -63,17 +63,17 @@ def test_config_file_layer_outranks_profile(home: Home) -> None:
     )
     s = config.load(home, environ={})
     assert s.profile == "edge"
-    assert (s.get("serve.port"), s.source("serve.port")) == (9100, "config")
-    assert (s.get("serve.queue_limit"), s.source("serve.queue_limit")) == (4, "profile")
-    assert (s.get("hub.endpoint"), s.source("hub.endpoint")) == ("http://mirror:8089", "config")
+    assert (s.serve.port, s.source("serve.port")) == (9100, "config")
+    assert (s.serve.queue_limit, s.source("serve.queue_limit")) == (4, "profile")
+    assert (s.hub.endpoint, s.source("hub.endpoint")) == ("http://mirror:8089", "config")
 
 
 def test_environment_layer_outranks_config_file(home: Home) -> None:
     home.config_path.write_text("[serve]\nport = 9100\nhealth_interval = 1\n")
     s = config.load(home, environ={"SOVCTL_SERVE__PORT": "9200",
                                    "SOVCTL_SERVE__HEALTH_INTERVAL": "0.5"})
-    assert (s.get("serve.port"), s.source("serve.port")) == (9200, "env")
-    assert (s.get("serve.health_interval"), s.source("serve.health_interval")) == (0.5, "env")
+    assert (s.serve.port, s.source("serve.port")) == (9200, "env")
+    assert (s.serve.health_interval, s.source("serve.health_interval")) == (0.5, "env")
     assert s.explicit("serve.port")
 
 
@@ -82,19 +82,19 @@ def test_flag_layer_outranks_everything(home: Home) -> None:
     home.config_path.write_text('profile = "edge"\n[serve]\nport = 9100\n')
     s = config.load(home, flags={"serve.port": 9300, "serve.host": None},
                     environ={"SOVCTL_SERVE__PORT": "9200"})
-    assert (s.get("serve.port"), s.source("serve.port")) == (9300, "flag")
+    assert (s.serve.port, s.source("serve.port")) == (9300, "flag")
     assert s.source("serve.host") == "default"  # a flag left unset is no flag
 
 
 def test_hf_endpoint_is_an_alias_below_sovctl_hub_endpoint(home: Home) -> None:
     home.config_path.write_text('[hub]\nendpoint = "http://from-config:1"\n')
     s = config.load(home, environ={"HF_ENDPOINT": "http://from-hf-endpoint:2"})
-    assert (s.get("hub.endpoint"), s.source("hub.endpoint")) == ("http://from-hf-endpoint:2",
+    assert (s.hub.endpoint, s.source("hub.endpoint")) == ("http://from-hf-endpoint:2",
                                                                  "env")
     both = {"HF_ENDPOINT": "http://from-hf-endpoint:2", "SOVCTL_HUB__ENDPOINT": "http://sov:3"}
-    assert config.load(home, environ=both).get("hub.endpoint") == "http://sov:3"
+    assert config.load(home, environ=both).hub.endpoint == "http://sov:3"
     s = config.load(home, flags={"hub.endpoint": "http://flag:4"}, environ=both)
-    assert (s.get("hub.endpoint"), s.source("hub.endpoint")) == ("http://flag:4", "flag")
+    assert (s.hub.endpoint, s.source("hub.endpoint")) == ("http://flag:4", "flag")
     # An empty variable counts as unset.
     s = config.load(home, environ={"HF_ENDPOINT": ""})
     assert s.source("hub.endpoint") == "config"

@@ -213,7 +213,7 @@ def table_for(home: Path, local_upstream: str | None = None) -> RoutesTable:
         limits=Limits(queue_limit=8, queue_timeout=10, max_body_bytes=1 << 20),
         state_file=str(state), routes=local + frontier_routes(cfg),
         ledger=str(store.ledger_path(Home(home))),
-        ledger_max_rows=int(cfg.get("ledger.max_rows")))
+        ledger_max_rows=cfg.ledger.max_rows)
 
 
 @contextmanager

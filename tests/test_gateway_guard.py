@@ -27,6 +27,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,7 @@ def test_gateway_settings_reach_the_routes_table(sovctl_home: Path, tmp_path: Pa
     cfg = load(Home(sovctl_home), environ={
         "SOVCTL_SERVE__ALLOWED_ORIGINS": "http://localhost:3000, https://app.example",
         "SOVCTL_SERVE__ALLOWED_HOSTS": "box.lan", "SOVCTL_SERVE__MAX_IMAGES": "3"})
-    limits = Limits.from_dict({k.removeprefix("serve."): v for k, v in cfg.values.items()
-                               if k.startswith("serve.")})
+    limits = Limits.from_dict(asdict(cfg.serve))
     assert limits.allowed_origins == ("http://localhost:3000", "https://app.example")
     assert (limits.allowed_hosts, limits.max_images) == (("box.lan",), 3)
     table = RoutesTable("127.0.0.1", 8088, False, "", limits, "state.json", routes=())

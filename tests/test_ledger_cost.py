@@ -116,11 +116,11 @@ def bench_record(run_id: str, sha: str, name: str = "tiny", pp: tuple[float, flo
         {"model": {"name": name, "sha256": sha}, "pp": phase(*pp), "tg": phase(*tg)}]}
 
 
-def cost_cfg(**over: float) -> costs.CostConfig:
+def cost_cfg(**over: float) -> config.CostSettings:
     base: dict[str, Any] = {"currency": "USD", "electricity_per_kwh": 0.15, "hardware_price": 0.0,
                             "hardware_lifetime_years": 3.0, "hardware_utilisation": 0.5,
                             "cloud_price_per_mtok": 10.0, "cloud_input_price_per_mtok": 2.5}
-    return costs.CostConfig(**{**base, **over})
+    return config.CostSettings(**{**base, **over})
 
 
 def test_local_price_from_the_latest_bench_of_that_model() -> None:
@@ -409,20 +409,23 @@ GOOD = ('[providers.acme]\nbase_url = "https://api.acme.example/v1"\n'
         'models = { "gpt-4o-mini" = { input_per_mtok = 2.5, output_per_mtok = 10 } }\n')
 
 
+def prices(p: config.ProviderSettings) -> dict[str, tuple[float, float]]:
+    return {m: (price.input_per_mtok, price.output_per_mtok) for m, price in p.models.items()}
+
+
 def test_providers_config(tmp_path: Path) -> None:
     home = Home(tmp_path / "home")
     cfg = settings_for(home, GOOD + "daily_cap = 5\n")
     acme = cfg.providers["acme"]
-    assert acme["base_url"] == "https://api.acme.example/v1"
-    assert acme["models"] == {"gpt-4o-mini": {"input_per_mtok": 2.5, "output_per_mtok": 10}}
-    assert (acme["max_concurrent"], acme["max_tokens"]) == (4, 4096)  # the defaults
+    assert acme.base_url == "https://api.acme.example/v1"
+    assert prices(acme) == {"gpt-4o-mini": (2.5, 10)}
+    assert (acme.max_concurrent, acme.max_tokens) == (4, 4096)  # the defaults
     # The same as tables, one a model; a model's name as its provider spells it.
     tables = settings_for(home, GOOD.split("models =")[0] + "max_tokens = 512\n"
                           '[providers.acme.models."meta-llama/Llama-3-70b"]\n'
                           "input_per_mtok = 0.5\noutput_per_mtok = 0.75\n")
-    assert tables.providers["acme"]["models"] == {
-        "meta-llama/Llama-3-70b": {"input_per_mtok": 0.5, "output_per_mtok": 0.75}}
-    assert tables.providers["acme"]["max_tokens"] == 512
+    assert prices(tables.providers["acme"]) == {"meta-llama/Llama-3-70b": (0.5, 0.75)}
+    assert tables.providers["acme"].max_tokens == 512
     assert settings_for(home, "").providers == {}
     bad = {
         "ending in /v1": GOOD.replace("/v1", "/v2"),

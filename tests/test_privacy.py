@@ -73,6 +73,26 @@ def test_only_the_hub_is_the_hub(url: str, hub_or_not: bool) -> None:
     assert hub.is_hub(url) is hub_or_not
 
 
+@pytest.mark.parametrize("endpoint", ["https://huggingface.co", "http://huggingface.co",
+                                      "https://huggingface.co.evil.example",
+                                      "http://10.0.0.1:8089"])
+def test_each_source_sends_the_credential_of_its_endpoint(
+        endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source `pull` picks sends exactly what `hub.credential` allows that endpoint."""
+    from sovctl.store.sources import HubSource, MirrorSource, UrlSource, source_for
+
+    monkeypatch.setenv("SOVCTL_MIRROR_TOKEN", SECRETS["SOVCTL_MIRROR_TOKEN"])
+    for ref in (TINY_HF, "org/repo:Q4_0"):
+        source = source_for(ref, endpoint=endpoint, revision="main",
+                            hub_token=SECRETS["HF_TOKEN"])
+        assert isinstance(source, HubSource)
+        assert source.credential() == hub.credential(endpoint, SECRETS["HF_TOKEN"])
+        assert isinstance(source, MirrorSource) is not hub.is_hub(endpoint)
+    url = source_for(f"{endpoint}/m.gguf", endpoint=endpoint, revision="main",
+                     hub_token=SECRETS["HF_TOKEN"])
+    assert isinstance(url, UrlSource) and url.credential() is None
+
+
 class Recording(MirrorHandler):
     """A mirror that notes the Authorization header of every request."""
 
@@ -202,8 +222,7 @@ def test_logs_rotate_while_the_child_runs(sovctl_home: Path) -> None:
     limit = 64 * 1024
     spec = ProcessSpec(name="chatter", kind="runtime", port=port, health_path="/health",
                        argv=Argv((sys.executable, "-c", CHATTER, str(port))))
-    supervision = {**config.DEFAULTS["serve"], "health_interval": 0.5, "log_max_bytes": limit,
-                   "log_backups": 2}
+    supervision = config.ServeSettings(health_interval=0.5, log_max_bytes=limit, log_backups=2)
     plan = Plan(host="127.0.0.1", port=port, processes=(spec,), models=(),
                 routes_file=str(run_dir / "routes.json"), state_file=str(run_dir / "state.json"),
                 egress_log=str(run_dir / "egress.jsonl"), logs_dir=str(logs),

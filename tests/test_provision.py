@@ -46,18 +46,18 @@ def test_shipped_profiles_are_complete_and_pin_nothing_unchecked(sovctl_home: Pa
     assert set(SHIPPED) <= set(config.shipped_profiles())
     for name in SHIPPED:
         s = config.load(home, profile=name, environ={}, config_file=False)
-        assert s.hardware["accelerator"] in ("cpu", "cuda") and s.hardware["summary"]
-        roles = sorted(str(m.get("role")) for m in s.models.values())
+        assert s.hardware.accelerator in ("cpu", "cuda") and s.hardware.summary
+        roles = sorted(str(m.role) for m in s.models.values())
         assert roles == ["chat", "embedding"], name
-        assert set(s.pulls) == {str(m.get("model", k)) for k, m in s.models.items()}, name
+        assert set(s.pulls) == {m.model for m in s.models.values()}, name
         for p in s.pulls.values():
-            assert p["ref"].startswith("hf://") and p["ref"].endswith(".gguf")
+            assert p.ref.startswith("hf://") and p.ref.endswith(".gguf")
             # `pull` pins the commit and the Hub's sha256 on first use: no hash written here
             # that nobody computed from the file.
-            assert "sha256" not in p and p["revision"] == "main"
-        assert s.get("serve.runtime") == "llama-server"
-        gpu = s.hardware["accelerator"] == "cuda"
-        assert (s.get("serve.n_gpu_layers") == -1) is gpu
+            assert p.sha256 is None and p.revision == "main"
+        assert s.serve.runtime == "llama-server"
+        gpu = s.hardware.accelerator == "cuda"
+        assert (s.serve.n_gpu_layers == -1) is gpu
         for key in ("n_ctx", "parallel", "n_threads"):
             assert s.source(f"serve.{key}") == "profile"
         for key in ("electricity_per_kwh", "hardware_price", "hardware_lifetime_years",
@@ -92,9 +92,9 @@ def test_pull_section_layers_like_the_rest(sovctl_home: Path) -> None:
                                 '[pull."qwen2.5-1.5b-instruct-q4_k_m"]\nrevision = "v1"\n'
                                 '[pull.mine]\nref = "/models/mine.gguf"\n')
     s = config.load(home, environ={})
-    assert s.pulls["qwen2.5-1.5b-instruct-q4_k_m"]["revision"] == "v1"  # config over profile
-    assert s.pulls["qwen2.5-1.5b-instruct-q4_k_m"]["ref"].startswith("hf://bartowski/")
-    assert s.pulls["mine"] == {"ref": "/models/mine.gguf"}
+    assert s.pulls["qwen2.5-1.5b-instruct-q4_k_m"].revision == "v1"  # config over profile
+    assert s.pulls["qwen2.5-1.5b-instruct-q4_k_m"].ref.startswith("hf://bartowski/")
+    assert s.pulls["mine"] == config.PullSettings(ref="/models/mine.gguf")
 
 
 # -- doctor: real detection on this machine --------------------------------------------------------

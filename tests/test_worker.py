@@ -94,9 +94,9 @@ def test_cluster_config(sovctl_home: Path) -> None:
     home = Home(sovctl_home)
     home.root.mkdir(parents=True)
     home.config_path.write_text('[cluster]\nworkers = ["10.0.0.2:50052", "gpu.lan:50053"]\n')
-    assert config.load(home).get("cluster.workers") == ["10.0.0.2:50052", "gpu.lan:50053"]
+    assert config.load(home).cluster.workers == ("10.0.0.2:50052", "gpu.lan:50053")
     cfg = config.load(home, environ={"SOVCTL_CLUSTER__WORKERS": "10.0.0.3:1, 10.0.0.4:2"})
-    assert cfg.get("cluster.workers") == ["10.0.0.3:1", "10.0.0.4:2"]
+    assert cfg.cluster.workers == ("10.0.0.3:1", "10.0.0.4:2")
     for bad in ('["10.0.0.2"]', '["fd00::2:50052"]', '["h:0"]', '[5]'):
         home.config_path.write_text(f"[cluster]\nworkers = {bad}\n")
         with pytest.raises(ConfigError):

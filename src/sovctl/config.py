@@ -3,6 +3,10 @@
 Every value remembers which layer set it, so commands can tell an explicit choice from a
 default (a flag the operator typed outranks everything; a default may be overridden freely).
 Loading has no side effects: nothing is written, nothing is created.
+
+Each section is a frozen dataclass (`ServeSettings`, ...), the one home of its keys, their
+types and defaults; `load` checks every layer against them and builds the sections once, so a
+command reads `cfg.serve.port` as an int, and `cfg.source("serve.port")` says where it came from.
 """
 
 from __future__ import annotations
@@ -11,136 +15,223 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from sovctl.engines import AUTO, RUNTIME_CHOICES
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 from sovctl.names import check_name, is_sha256_hex
 from sovctl.net import ip_literal
+from sovctl.prices import Price
 
-# Each key's default also fixes its type: environment strings are converted to it.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "hub": {
-        "endpoint": "https://huggingface.co",
-    },
-    "serve": {
-        "host": "127.0.0.1",
-        "port": 8088,
-        # "llama-server" (llama.cpp's own server: batching over parallel slots),
-        # "llama-cpp-python" (one request at a time), or "auto": llama-server where installed
-        "runtime": "auto",
-        "llama_server": "",  # path of the llama-server binary; "" = the one setup built
-        "parallel": 4,  # requests a llama-server runtime serves at once (its -np slots)
-        "n_threads": 0,  # threads per runtime; 0 = the machine's physical cores
-        "n_ctx": 2048,  # context one request may use, unless its [models.NAME] says
-        "n_gpu_layers": 0,  # layers offloaded to the GPU unless [models.NAME] says (-1: all)
-        "queue_limit": 16,  # requests waiting per runtime before the gateway answers 429
-        "queue_timeout": 120.0,  # seconds a request may wait for its runtime before 503
-        "max_body_bytes": 8 * 1024 * 1024,
-        # What one request may make a runtime decode: image parts, and each image's bytes and
-        # pixels (read from its header; a small file may declare a huge canvas).
-        "max_images": 8,
-        "max_image_bytes": 10 * 1024 * 1024,
-        "max_image_pixels": 4096 * 4096,
-        # Connections the gateway holds at once (open, idle or waiting); beyond, 503.
-        "max_connections": 256,
-        "header_timeout": 10.0,  # seconds a client may take to send a request's headers
-        # Who may drive a gateway that needs no key: Host names besides loopback and
-        # localhost (DNS rebinding sends any other), and web pages by Origin (a browser sends
-        # one on every cross-site request). Both empty: no web page, loopback names only.
-        "allowed_hosts": [],
-        "allowed_origins": [],
-        "health_interval": 2.0,
-        "health_timeout": 5.0,
-        "health_failures": 3,  # consecutive failed probes before a live runtime counts as hung
-        "start_timeout": 120.0,
-        "stop_timeout": 10.0,
-        "max_restarts": 5,  # restarts within restart_window before a runtime is marked failed
-        "restart_window": 120.0,
-        "log_max_bytes": 10 * 1024 * 1024,
-        "log_backups": 3,
-    },
-    "bench": {
-        "cpu_watts": 65.0,  # used to estimate energy where no power meter exists
-        "sample_interval": 0.1,  # seconds between telemetry samples during a phase
-        "memory_bandwidth_gbs": 0.0,  # peak for the roofline; 0 = NVML (GPU) or measured (CPU)
-    },
-    "cost": {
-        "currency": "USD",
-        "electricity_per_kwh": 0.15,
-        "hardware_price": 0.0,
-        "hardware_lifetime_years": 3.0,
-        "hardware_utilisation": 0.5,  # share of the lifetime the box is busy generating
-        "cloud_price_per_mtok": 10.0,  # generated (output) tokens
-        "cloud_input_price_per_mtok": 2.5,  # prompt (input) tokens
-    },
-    # A public face through an SSH reverse tunnel to a host the operator owns (sovctl tunnel).
-    "tunnel": {
-        "via": "",  # USER@HOST[:PORT] of the public host; "" = no tunnel
-        "remote_port": 8088,  # the port the public host listens on for the gateway
-        "remote_bind": "",  # the address it listens on there; "" = as its sshd's GatewayPorts
-        "identity": "",  # the private key ssh logs in with; "" = ssh's default keys
-        "keepalive_interval": 15,  # seconds between keepalives over the SSH connection
-        "keepalive_count": 3,  # keepalives unanswered before ssh exits and is restarted
-    },
-    # RPC workers (`sovctl worker` on other boxes) the chat runtime spreads its layers over.
-    "cluster": {
-        "workers": [],  # ["HOST:PORT", ...]; SOVCTL_CLUSTER__WORKERS takes them comma-separated
-        "model": "",  # the chat model that uses them; "" = the first chat model
-    },
-    # The request ledger (HOME/ledger/ledger.sqlite3), which any client of the gateway adds to.
-    "ledger": {
-        # Records kept one by one; beyond, the oldest fold into per-day totals (which the
-        # reports still count), so the file stays under 1 GB: 2 million is about 300 MB of
-        # typical records (140 bytes each, measured), under 1 GB with every text at its longest
-        # (475 bytes).
-        "max_rows": 2_000_000,
-    },
+# -- the sections ---------------------------------------------------------------------------------
+# Each [section] is one frozen dataclass, the one home of its keys: a field is a key, its type
+# what a value must be (an environment string is converted to it; a list is a tuple here, and
+# SOVCTL_SECTION__KEY takes it comma-separated), its default the built-in layer.
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    endpoint: str = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8088
+    # An engine of sovctl.engines (llama-server: llama.cpp's own server, batching over
+    # parallel slots; llama-cpp-python: one request at a time), or auto: llama-server where
+    # installed
+    runtime: str = AUTO
+    llama_server: str = ""  # path of the llama-server binary; "" = the one setup built
+    parallel: int = 4  # requests a llama-server runtime serves at once (its -np slots)
+    n_threads: int = 0  # threads per runtime; 0 = the machine's physical cores
+    n_ctx: int = 2048  # context one request may use, unless its [models.NAME] says
+    n_gpu_layers: int = 0  # layers offloaded to the GPU unless [models.NAME] says (-1: all)
+    queue_limit: int = 16  # requests waiting per runtime before the gateway answers 429
+    queue_timeout: float = 120.0  # seconds a request may wait for its runtime before 503
+    max_body_bytes: int = 8 * 1024 * 1024
+    # What one request may make a runtime decode: image parts, and each image's bytes and
+    # pixels (read from its header; a small file may declare a huge canvas).
+    max_images: int = 8
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    # Connections the gateway holds at once (open, idle or waiting); beyond, 503.
+    max_connections: int = 256
+    header_timeout: float = 10.0  # seconds a client may take to send a request's headers
+    # Who may drive a gateway that needs no key: Host names besides loopback and
+    # localhost (DNS rebinding sends any other), and web pages by Origin (a browser sends
+    # one on every cross-site request). Both empty: no web page, loopback names only.
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    health_interval: float = 2.0
+    health_timeout: float = 5.0
+    health_failures: int = 3  # consecutive failed probes before a live runtime counts as hung
+    start_timeout: float = 120.0
+    stop_timeout: float = 10.0
+    max_restarts: int = 5  # restarts within restart_window before a runtime is marked failed
+    restart_window: float = 120.0
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """The section as `asdict` wrote it into a document (plan.json): lists as tuples."""
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in d.items()}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    cpu_watts: float = 65.0  # used to estimate energy where no power meter exists
+    sample_interval: float = 0.1  # seconds between telemetry samples during a phase
+    memory_bandwidth_gbs: float = 0.0  # peak for the roofline; 0 = NVML (GPU) or measured (CPU)
+
+
+@dataclass(frozen=True)
+class CostSettings:
+    currency: str = "USD"
+    electricity_per_kwh: float = 0.15
+    hardware_price: float = 0.0
+    hardware_lifetime_years: float = 3.0
+    hardware_utilisation: float = 0.5  # share of the lifetime the box is busy generating
+    cloud_price_per_mtok: float = 10.0  # generated (output) tokens
+    cloud_input_price_per_mtok: float = 2.5  # prompt (input) tokens
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """A public face through an SSH reverse tunnel to a host the operator owns (sovctl tunnel)."""
+
+    via: str = ""  # USER@HOST[:PORT] of the public host; "" = no tunnel
+    remote_port: int = 8088  # the port the public host listens on for the gateway
+    remote_bind: str = ""  # the address it listens on there; "" = as its sshd's GatewayPorts
+    identity: str = ""  # the private key ssh logs in with; "" = ssh's default keys
+    keepalive_interval: int = 15  # seconds between keepalives over the SSH connection
+    keepalive_count: int = 3  # keepalives unanswered before ssh exits and is restarted
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """RPC workers (`sovctl worker` on other boxes) the chat runtime spreads its layers over."""
+
+    workers: tuple[str, ...] = ()  # ("HOST:PORT", ...)
+    model: str = ""  # the chat model that uses them; "" = the first chat model
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    """The request ledger (HOME/ledger/ledger.sqlite3), which any client of the gateway adds to."""
+
+    # Records kept one by one; beyond, the oldest fold into per-day totals (which the reports
+    # still count), so the file stays under 1 GB: 2 million is about 300 MB of typical records
+    # (140 bytes each, measured), under 1 GB with every text at its longest (475 bytes).
+    max_rows: int = 2_000_000
+
+
+SECTIONS: dict[str, type] = {
+    "hub": HubSettings, "serve": ServeSettings, "bench": BenchSettings, "cost": CostSettings,
+    "tunnel": TunnelSettings, "cluster": ClusterSettings, "ledger": LedgerSettings,
 }
 
-# Keys of a served model's section ([models.NAME]).
-MODEL_KEYS: dict[str, Any] = {
-    "model": str,  # store name; defaults to the section's name
-    "role": str,  # "chat" | "embedding" | "completion"
-    "runtime": str,  # "llama-server" | "llama-cpp-python" | "auto"
-    "parallel": int,
-    "n_ctx": int,
-    "n_gpu_layers": int,
-    "n_threads": int,
-    "n_batch": int,
-    "chat_format": str,  # a template llama.cpp knows by name (chatml, llama3, ...)
-    "chat_template": str,  # a Jinja template: one shipped with sovctl by name, or a file path
-    "seed": int,
-    "extra_args": list,
-}
 
-# Keys of a model to fetch ([pull.NAME], NAME being the store name `sovctl pull --name` gives):
-# what `sovctl up` pulls before it serves. Only `ref` is required.
-PULL_KEYS: dict[str, Any] = {
-    "ref": str,  # any REF `sovctl pull` takes: hf://ORG/REPO/FILE.gguf, ORG/REPO:QUANT, a path
-    "revision": str,  # branch, tag or commit (default "main"); the lock pins the commit
-    "sha256": str,  # expected digest, only where one was computed from the file itself
-}
+# -- the tables of sections -----------------------------------------------------------------------
 
-# Keys of a frontier API a request may be routed to by exception ([providers.NAME]); the
-# request opts in by naming it, model "frontier/NAME/MODEL", MODEL one of its `models`.
-PROVIDER_KEYS: dict[str, Any] = {
-    "base_url": str,  # OpenAI-compatible, ending in /v1: requests go to base_url/chat/completions
-    "api_key_env": str,  # the environment variable holding the key; the key is in no file
-    "models": dict,  # {"MODEL": {input_per_mtok, output_per_mtok}}: the only models sent there
-    "daily_cap": (int, float),  # money a day (UTC); once spent, its requests get 429
-    "max_concurrent": int,  # requests in flight at once; beyond, 429
-    "max_tokens": int,  # the most a request may generate; applied when it asks for no limit
-}
-PROVIDER_REQUIRED = ("base_url", "api_key_env", "models")
-# What bounds a provider's spend beyond its cap, unless its table says: the requests in
-# flight together, each reserving its worst case.
-PROVIDER_DEFAULTS: dict[str, int] = {"max_concurrent": 4, "max_tokens": 4096}
+@dataclass(frozen=True)
+class ModelSettings:
+    """A served model's section ([models.NAME]). None: not set here, so the [serve] setting of
+    the same name applies."""
+
+    model: str  # store name; the section's name unless set
+    role: str | None = None  # "chat" | "embedding" | "completion"; None: chat (`sovctl plan`: as
+    # the model's header says)
+    runtime: str | None = None  # an engine's name (sovctl.engines), or auto
+    parallel: int | None = None
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    n_threads: int | None = None
+    n_batch: int | None = None
+    chat_format: str | None = None  # a template llama.cpp knows by name (chatml, llama3, ...)
+    # a Jinja template: one shipped with sovctl by name, or a file path
+    chat_template: str | None = None
+    seed: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PullSettings:
+    """A model to fetch ([pull.NAME], NAME being the store name `sovctl pull --name` gives): what
+    `sovctl up` pulls before it serves. Only `ref` is required."""
+
+    ref: str  # any REF `sovctl pull` takes: hf://ORG/REPO/FILE.gguf, ORG/REPO:QUANT, a path
+    revision: str = "main"  # branch, tag or commit; the lock pins the commit
+    sha256: str | None = None  # expected digest, only where one was computed from the file itself
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """A frontier API a request may be routed to by exception ([providers.NAME]); the request
+    opts in by naming it, model "frontier/NAME/MODEL", MODEL one of its `models`."""
+
+    base_url: str  # OpenAI-compatible, ending in /v1: requests go to base_url/chat/completions
+    api_key_env: str  # the environment variable holding the key; the key is in no file
+    # [providers.NAME.models."MODEL"] {input_per_mtok, output_per_mtok}: the only models sent
+    # there, each at its price in cost.currency
+    models: Mapping[str, Price]
+    daily_cap: float | None = None  # money a day (UTC); once spent, its requests get 429
+    # What bounds its spend beyond the cap: the requests in flight together, each reserving
+    # its worst case.
+    max_concurrent: int = 4  # requests in flight at once; beyond, 429
+    max_tokens: int = 4096  # the most a request may generate; applied when it asks for no limit
+
+
+@dataclass(frozen=True)
+class HardwareSettings:
+    """A profile's [hardware] section: the machine class it is written for. It describes the
+    profile (`sovctl profiles`, `sovctl init`), sets no setting, and belongs in profiles only."""
+
+    summary: str = ""  # one line: what machine this is for
+    accelerator: str | None = None  # "cpu" | "cuda"; None: the profile names no machine class
+    min_ram_gb: float = 0.0  # system RAM the profile needs, in GiB
+    min_cores: int = 0  # physical CPU cores
+    min_vram_gb: float = 0.0  # memory of one GPU (cuda profiles), in GiB
+
+
+def _kind(annotation: Any) -> type:
+    """The plain type a field asks of a value as TOML or a flag gives it: str, int, float,
+    bool, list (a tuple field) or dict (a mapping field); X | None asks for an X."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType):
+        return _kind(next(a for a in get_args(annotation) if a is not type(None)))
+    if origin is tuple:
+        return list
+    if origin in (dict, Mapping):
+        return dict
+    assert isinstance(annotation, type), annotation
+    return annotation
+
+
+# The keys of each section, of a [models.NAME], a [pull.NAME], a [providers.NAME] and a
+# profile's [hardware], each with the plain type its values must have.
+_KINDS_OF: dict[type, dict[str, type]] = {
+    cls: {name: _kind(annotation) for name, annotation in get_type_hints(cls).items()}
+    for cls in (*SECTIONS.values(), ModelSettings, PullSettings, ProviderSettings,
+                HardwareSettings)}
+KINDS = {name: _KINDS_OF[cls] for name, cls in SECTIONS.items()}
+MODEL_KEYS = _KINDS_OF[ModelSettings]
+PULL_KEYS = _KINDS_OF[PullSettings]
+PROVIDER_KEYS = _KINDS_OF[ProviderSettings]
+HARDWARE_KEYS = _KINDS_OF[HardwareSettings]
+PROVIDER_REQUIRED = tuple(f.name for f in fields(ProviderSettings) if f.default is MISSING)
+# The lowest value of each of a provider's numbers.
+PROVIDER_MINIMUMS = {"daily_cap": 0, "max_concurrent": 1, "max_tokens": 1}
 # A model's price, in cost.currency: a million prompt tokens, a million generated ones.
 PRICE_KEYS = ("input_per_mtok", "output_per_mtok")
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -148,16 +239,6 @@ PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # printable, no spaces, as long as the ledger keeps a model's name with its prefix.
 PROVIDER_MODEL = re.compile(r"[!-~]{1,180}")
 ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-# Keys of a profile's [hardware] section: the machine class it is written for. It describes the
-# profile (`sovctl profiles`, `sovctl init`), sets no setting, and belongs in profiles only.
-HARDWARE_KEYS: dict[str, Any] = {
-    "summary": str,  # one line: what machine this is for
-    "accelerator": str,  # "cpu" | "cuda"
-    "min_ram_gb": (int, float),  # system RAM the profile needs, in GiB
-    "min_cores": int,  # physical CPU cores
-    "min_vram_gb": (int, float),  # memory of one GPU (cuda profiles), in GiB
-}
 ACCELERATORS = ("cpu", "cuda")
 
 ENV_PREFIX = "SOVCTL_"
@@ -220,16 +301,23 @@ def env_name(key: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    values: Mapping[str, Any]
-    sources: Mapping[str, str]
-    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    profile: str | None = None
-    pulls: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # [pull.NAME]
-    hardware: Mapping[str, Any] = field(default_factory=dict)  # the profile's [hardware]
-    providers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # [providers.NAME]
+    """The settings in force: one typed section each, the tables of [models.NAME], [pull.NAME]
+    and [providers.NAME], and where each section key's value came from."""
 
-    def get(self, key: str) -> Any:
-        return self.values[key]
+    hub: HubSettings
+    serve: ServeSettings
+    bench: BenchSettings
+    cost: CostSettings
+    tunnel: TunnelSettings
+    cluster: ClusterSettings
+    ledger: LedgerSettings
+    # "serve.port" -> "default" | "profile" | "config" | "env" | "flag"
+    sources: Mapping[str, str]
+    models: Mapping[str, ModelSettings] = field(default_factory=dict)
+    profile: str | None = None
+    pulls: Mapping[str, PullSettings] = field(default_factory=dict)  # [pull.NAME]
+    hardware: HardwareSettings = field(default_factory=HardwareSettings)  # the profile's
+    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)  # [providers.NAME]
 
     def source(self, key: str) -> str:
         return self.sources[key]
@@ -237,10 +325,12 @@ class Settings:
     def explicit(self, key: str) -> bool:
         return self.sources[key] in ("env", "flag")
 
-    def section(self, name: str) -> dict[str, Any]:
-        """One section's values by their names in it: section("serve")["port"]."""
-        prefix = name + "."
-        return {k.removeprefix(prefix): v for k, v in self.values.items() if k.startswith(prefix)}
+    def items(self, *sections: str) -> list[tuple[str, object]]:
+        """Each key of the sections named (every section when none is) with its value,
+        ("serve.port", 8088): what renders them all."""
+        return [(f"{name}.{f.name}", getattr(getattr(self, name), f.name))
+                for name, cls in SECTIONS.items() if not sections or name in sections
+                for f in fields(cls)]
 
 
 def _read_toml(path: Path | Traversable, what: str) -> dict[str, Any]:
@@ -257,10 +347,16 @@ def _read_toml(path: Path | Traversable, what: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
 
 
+def _is_a(value: Any, kind: type) -> bool:
+    """Whether a value from TOML or a flag is of a field's kind (an int is a float too)."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
 def _coerce(key: str, value: Any, origin: str) -> Any:
     section, name = key.split(".", 1)
-    default = DEFAULTS[section][name]
-    kind = type(default)
+    kind = KINDS[section][name]
     if kind is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, str) and kind is not str:
@@ -323,18 +419,18 @@ def _apply_layer(
             for mname, mbody in body.items():
                 models[mname] = {**models.get(mname, {}), **_check_model(mname, mbody, origin)}
             continue
-        if section not in DEFAULTS or not isinstance(body, dict):
+        if section not in SECTIONS or not isinstance(body, dict):
             raise ConfigError(
                 f"{origin}: unknown section [{section}]",
                 hint=f"known sections: "
-                f"{', '.join(sorted([*DEFAULTS, 'models', 'providers', 'pull']))}",
+                f"{', '.join(sorted([*SECTIONS, 'models', 'providers', 'pull']))}",
             )
         for name, value in body.items():
             key = f"{section}.{name}"
-            if name not in DEFAULTS[section]:
+            if name not in KINDS[section]:
                 raise ConfigError(
                     f"{origin}: unknown setting {key}",
-                    hint=f"known in [{section}]: {', '.join(sorted(DEFAULTS[section]))}",
+                    hint=f"known in [{section}]: {', '.join(sorted(KINDS[section]))}",
                 )
             values[key] = _coerce(key, value, origin)
             sources[key] = label
@@ -349,7 +445,7 @@ def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
                 f"{origin}: unknown setting models.{name}.{k}",
                 hint=f"known model settings: {', '.join(sorted(MODEL_KEYS))}",
             )
-        if not isinstance(v, MODEL_KEYS[k]) or isinstance(v, bool):
+        if not _is_a(v, MODEL_KEYS[k]):
             raise ConfigError(
                 f"{origin}: models.{name}.{k} must be a {MODEL_KEYS[k].__name__}, got {v!r}"
             )
@@ -358,7 +454,7 @@ def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
         raise ConfigError(
             f"{origin}: models.{name}.role must be chat, embedding or completion, got {role!r}"
         )
-    _check_runtime(body.get("runtime", "auto"), f"{origin}: models.{name}.runtime")
+    _check_runtime(body.get("runtime", AUTO), f"{origin}: models.{name}.runtime")
     if body.get("parallel", 1) < 1:
         raise ConfigError(f"{origin}: models.{name}.parallel must be at least 1")
     return dict(body)
@@ -404,9 +500,9 @@ def _check_provider(name: str, body: Any, origin: str) -> dict[str, Any]:
         if k not in PROVIDER_KEYS:
             raise ConfigError(f"{where}.{k} is not a provider setting",
                               hint=f"known: {', '.join(sorted(PROVIDER_KEYS))}")
-        if not isinstance(v, PROVIDER_KEYS[k]) or isinstance(v, bool):
+        if not _is_a(v, PROVIDER_KEYS[k]):
             raise ConfigError(f"{where}.{k} has the wrong type: {v!r}")
-        lowest = 1 if k in PROVIDER_DEFAULTS else 0
+        lowest = PROVIDER_MINIMUMS.get(k, 0)
         if isinstance(v, int | float) and v < lowest:
             raise ConfigError(f"{where}.{k} must be at least {lowest}, got {v!r}")
     for model, price in body.get("models", {}).items():
@@ -462,7 +558,7 @@ def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
         if k not in HARDWARE_KEYS:
             raise ConfigError(f"{origin}: unknown setting hardware.{k}",
                               hint=f"known: {', '.join(sorted(HARDWARE_KEYS))}")
-        if not isinstance(v, HARDWARE_KEYS[k]) or isinstance(v, bool):
+        if not _is_a(v, HARDWARE_KEYS[k]):
             raise ConfigError(f"{origin}: hardware.{k} has the wrong type: {v!r}")
     if body.get("accelerator", "cpu") not in ACCELERATORS:
         raise ConfigError(f"{origin}: hardware.accelerator must be one of "
@@ -503,9 +599,6 @@ def _check_gateway_limits(values: dict[str, Any], sources: dict[str, str]) -> No
                               'e.g. ["http://localhost:3000"]; there is no wildcard')
 
 
-RUNTIME_CHOICES = ("auto", "llama-server", "llama-cpp-python")
-
-
 def parse_endpoint(endpoint: Any, what: str = "an RPC worker") -> tuple[str, int]:
     """(host, port) of a worker written HOST:PORT. llama.cpp splits an endpoint at its first
     colon, so an IPv6 address cannot name a worker: its host name can."""
@@ -539,10 +632,10 @@ def load(
     pulls: dict[str, dict[str, Any]] = {}
     hardware: dict[str, Any] = {}
     providers: dict[str, dict[str, Any]] = {}
-    for section, body in DEFAULTS.items():
-        for name, value in body.items():
-            values[f"{section}.{name}"] = value
-            sources[f"{section}.{name}"] = "default"
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            values[f"{section}.{f.name}"] = f.default
+            sources[f"{section}.{f.name}"] = "default"
 
     user: dict[str, Any] = {}
     if config_file and home.config_path.exists():
@@ -575,8 +668,6 @@ def load(
                               hint="a provider needs base_url, api_key_env and models "
                               f"([providers.{pname}.models.\"MODEL\"] with input_per_mtok and "
                               "output_per_mtok)")
-        for k, v in PROVIDER_DEFAULTS.items():
-            pbody.setdefault(k, v)
 
     for key in list(values):
         for name in (*ENV_ALIASES.get(key, ()), env_name(key)):  # lowest rank first
@@ -597,5 +688,53 @@ def load(
         raise ConfigError(f"ledger.max_rows must be at least 1 (from "
                           f"{sources['ledger.max_rows']})")
     _check_gateway_limits(values, sources)
-    return Settings(values=values, sources=sources, models=models, profile=profile,
-                    pulls=pulls, hardware=hardware, providers=providers)
+    cost = _section(CostSettings, "cost", values)
+    _check_cost(cost)
+    return Settings(
+        hub=_section(HubSettings, "hub", values), serve=_section(ServeSettings, "serve", values),
+        bench=_section(BenchSettings, "bench", values), cost=cost,
+        tunnel=_section(TunnelSettings, "tunnel", values),
+        cluster=_section(ClusterSettings, "cluster", values),
+        ledger=_section(LedgerSettings, "ledger", values), sources=sources,
+        models={k: _typed(ModelSettings, {"model": k, **m, "extra_args": [
+            str(a) for a in m.get("extra_args", ())]}) for k, m in models.items()},
+        profile=profile, pulls={k: _typed(PullSettings, p) for k, p in pulls.items()},
+        hardware=_typed(HardwareSettings, hardware),
+        providers={k: _provider(k, p) for k, p in providers.items()})
+
+
+_T = TypeVar("_T")
+
+
+def _typed(cls: type[_T], body: Mapping[str, Any]) -> _T:
+    """The dataclass of checked values: a list as a tuple, an int as a float where the field
+    is a float."""
+    kinds = _KINDS_OF[cls]
+    return cls(**{k: tuple(v) if kinds[k] is list else float(v) if kinds[k] is float else v
+                  for k, v in body.items()})
+
+
+def _section(cls: type[_T], name: str, values: Mapping[str, Any]) -> _T:
+    return _typed(cls, {k: values[f"{name}.{k}"] for k in KINDS[name]})
+
+
+def _provider(name: str, body: Mapping[str, Any]) -> ProviderSettings:
+    return _typed(ProviderSettings, {**body, "models": {
+        m: Price(float(price["input_per_mtok"]), float(price["output_per_mtok"]),
+                 f"[providers.{name}.models.{m!r}] prices")
+        for m, price in body["models"].items()}})
+
+
+def _check_cost(cost: CostSettings) -> None:
+    if cost.hardware_lifetime_years <= 0:
+        raise ConfigError("cost.hardware_lifetime_years must be more than 0",
+                          hint="set it in sovctl.toml [cost], e.g. 3.0")
+    if not 0 < cost.hardware_utilisation <= 1:
+        raise ConfigError("cost.hardware_utilisation must be in (0, 1]",
+                          hint="the share of its life the box spends generating, e.g. 0.5")
+    for name, value in (("electricity_per_kwh", cost.electricity_per_kwh),
+                        ("hardware_price", cost.hardware_price),
+                        ("cloud_price_per_mtok", cost.cloud_price_per_mtok),
+                        ("cloud_input_price_per_mtok", cost.cloud_input_price_per_mtok)):
+        if value < 0:
+            raise ConfigError(f"cost.{name} must not be negative")

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from sovctl.errors import ConfigError
 
-LLAMA_SERVER = "llama-server"
-LLAMA_CPP_PYTHON = "llama-cpp-python"
 # Where the build's ggml-rpc-server listens unless told otherwise: `sovctl worker`'s default.
 RPC_PORT = 50052
 SETUP_HINT = "run ./scripts/setup from the sovctl checkout (it builds llama-server once), or " \

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sovctl.engines import DISTRIBUTION, ENGINES
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
-from sovctl.llamacpp import LLAMA_CPP_PYTHON, build_info
+from sovctl.llamacpp import build_info
 from sovctl.result import utcnow
 from sovctl.runtime.documents import ProcessKind
 from sovctl.runtime.plan import Plan, ServedModel
@@ -271,7 +272,7 @@ def _llama_cpp_python_build() -> str:
     from importlib import metadata
 
     try:
-        version = metadata.version("llama-cpp-python")
+        version = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return "unknown"
     build = build_info()
@@ -284,8 +285,9 @@ def engines(plan: Plan) -> dict[str, dict[str, str]]:
     for p in plan.processes:
         if p.kind != ProcessKind.RUNTIME:
             continue
-        build = (_llama_cpp_python_build() if p.runtime == LLAMA_CPP_PYTHON
-                 else _llama_server_build(p.argv.args[p.argv.args.index("--exec") + 1]))
+        # A native engine says what it is itself; a Python one is the installed package's.
+        build = (_llama_server_build(p.argv.args[p.argv.args.index("--exec") + 1])
+                 if ENGINES[p.runtime].binary else _llama_cpp_python_build())
         out[p.model] = {"runtime": p.runtime, "build": build}
     return out
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sovctl import __version__
 from sovctl.audit.checks import CheckResult
+from sovctl.engines import DISTRIBUTION
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.hostinfo import cpu_model
@@ -59,13 +60,13 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     try:
-        llama = metadata.version("llama-cpp-python")
+        llama = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         llama = "not installed"
     build = build_info()
     # The llama.cpp build scripts/setup made, behind both runtimes (each baseline also records
     # the build of the engine that actually served it).
-    return {"sovctl": __version__, "llama-cpp-python": llama,
+    return {"sovctl": __version__, DISTRIBUTION: llama,
             "llama.cpp": build.commit if build and build.commit else "unknown",
             "python": platform.python_version()}
 

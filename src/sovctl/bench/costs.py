@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sovctl.errors import ConfigError, UsageError
+from sovctl.config import CostSettings
+from sovctl.errors import UsageError
 from sovctl.prices import Price
 from sovctl.units import human_tokens
 
@@ -39,32 +40,6 @@ SECONDS_PER_YEAR = 365.25 * 24 * 3600
 DAYS_PER_YEAR = 365.25
 DAYS_PER_MONTH = DAYS_PER_YEAR / 12
 JOULES_PER_KWH = 3.6e6
-
-
-@dataclass(frozen=True)
-class CostConfig:
-    currency: str
-    electricity_per_kwh: float
-    hardware_price: float
-    hardware_lifetime_years: float
-    hardware_utilisation: float
-    cloud_price_per_mtok: float
-    cloud_input_price_per_mtok: float
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> CostConfig:
-        cfg = cls(**{f: settings.get(f"cost.{f}") for f in cls.__dataclass_fields__})
-        if cfg.hardware_lifetime_years <= 0:
-            raise ConfigError("cost.hardware_lifetime_years must be more than 0",
-                              hint="set it in sovctl.toml [cost], e.g. 3.0")
-        if not 0 < cfg.hardware_utilisation <= 1:
-            raise ConfigError("cost.hardware_utilisation must be in (0, 1]",
-                              hint="the share of its life the box spends generating, e.g. 0.5")
-        for name in ("electricity_per_kwh", "hardware_price", "cloud_price_per_mtok",
-                     "cloud_input_price_per_mtok"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(f"cost.{name} must not be negative")
-        return cfg
 
 
 @dataclass(frozen=True)
@@ -85,7 +60,7 @@ def electricity_per_mtok(joules_per_token: float, per_kwh: float) -> float:
     return joules_per_token * 1e6 / JOULES_PER_KWH * per_kwh
 
 
-def derive(tokens_per_s: float, joules_per_token: float, estimated: bool, cfg: CostConfig,
+def derive(tokens_per_s: float, joules_per_token: float, estimated: bool, cfg: CostSettings,
            prompt: bool) -> Costs:
     """The figures for one phase; `prompt` picks the cloud input price instead of the output."""
     wh_per_mtok = joules_per_token * 1e6 / 3600.0
@@ -162,7 +137,7 @@ def latest_bench(runs: Sequence[Mapping[str, Any]], sha256: str | None = None
     return None
 
 
-def local_price(bench: BenchFigures, cfg: CostConfig) -> Price:
+def local_price(bench: BenchFigures, cfg: CostSettings) -> Price:
     """A local model's price per million tokens: prompt tokens at its prompt phase's figures,
     generated ones at its generation phase's (either stands for both when it is alone)."""
     pp, tg = bench.pp or bench.tg, bench.tg or bench.pp

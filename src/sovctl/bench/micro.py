@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sovctl.bench.stats import mean, stdev
+from sovctl.engines import DISTRIBUTION
 from sovctl.errors import IntegrityError, RuntimeStartError, UsageError
 
 
@@ -87,7 +88,7 @@ class Timing:
 
 def quiet_llama(verbose: bool) -> None:
     """llama.cpp logs through llama-cpp-python's logger: errors only unless asked."""
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    logging.getLogger(DISTRIBUTION).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 class LoadedModel:

@@ -20,6 +20,7 @@ from sovctl.bench import costs as costs_mod
 from sovctl.bench import fingerprint as fp_mod
 from sovctl.bench import history, micro, roofline, telemetry
 from sovctl.bench.stats import mean
+from sovctl.config import CostSettings, Settings
 from sovctl.errors import NotFoundError, UsageError
 from sovctl.home import Home
 from sovctl.hostinfo import physical_cores
@@ -273,15 +274,14 @@ class _Bandwidths:
         return self._cpu
 
 
-def run(home: Home, names: list[str], sweep: Sweep, settings: Any,
+def run(home: Home, names: list[str], sweep: Sweep, settings: Settings,
         progress: Progress | None = None, verbose: bool = False) -> BenchRun:
     """Benchmark each named model (default: every generating model in the store)."""
     for s in sweep.settings():
         s.check()
     targets = resolve_models(home, names)
-    cost_cfg = costs_mod.CostConfig.from_settings(settings)
-    interval = float(settings.get("bench.sample_interval"))
-    cpu_watts = float(settings.get("bench.cpu_watts"))
+    interval = settings.bench.sample_interval
+    cpu_watts = settings.bench.cpu_watts
     if interval <= 0 or cpu_watts < 0:
         raise UsageError("bench.sample_interval must be > 0 and bench.cpu_watts >= 0",
                          hint="fix [bench] in sovctl.toml")
@@ -292,7 +292,7 @@ def run(home: Home, names: list[str], sweep: Sweep, settings: Any,
     nvml = telemetry.open_nvml()
     try:
         fingerprint = fp_mod.collect(nvml)
-        bandwidths = _Bandwidths(float(settings.get("bench.memory_bandwidth_gbs")),
+        bandwidths = _Bandwidths(settings.bench.memory_bandwidth_gbs,
                                  fingerprint.nvml, fingerprint.cpu_threads)
         results: list[Result] = []
         for target in targets:
@@ -311,7 +311,7 @@ def run(home: Home, names: list[str], sweep: Sweep, settings: Any,
                         on_gpu = bool(ngl != 0 and fingerprint.llama.gpu_offload and nvml)
                         results.append(_bench_one(
                             model, info, s, on_gpu, nvml if on_gpu else None, interval,
-                            cpu_watts, cost_cfg, bandwidths, say,
+                            cpu_watts, settings.cost, bandwidths, say,
                         ))
     finally:
         if nvml:
@@ -326,8 +326,7 @@ def run(home: Home, names: list[str], sweep: Sweep, settings: Any,
         fingerprint=fingerprint,
         fingerprint_digest=fingerprint.digest,
         config={k: {"value": v, "from": settings.source(k)}
-                for k, v in sorted(settings.values.items())
-                if k.startswith(("bench.", "cost."))},
+                for k, v in sorted(settings.items("bench", "cost"))},
         models={t.name: t.sha256 for t in targets},
         bandwidth=jsonable(cpu_bw) if cpu_bw else None,
         results=tuple(results),
@@ -339,7 +338,7 @@ def run(home: Home, names: list[str], sweep: Sweep, settings: Any,
 
 def _bench_one(model: micro.LoadedModel, info: ModelInfo, s: micro.MicroSettings,
                on_gpu: bool, nvml: telemetry.Nvml | None, interval: float, cpu_watts: float,
-               cost_cfg: costs_mod.CostConfig, bandwidths: _Bandwidths,
+               cost_cfg: CostSettings, bandwidths: _Bandwidths,
                say: Progress) -> Result:
     label = f"{info.name} {history.settings_label(jsonable(s))}"
     samplers: dict[str, telemetry.PhaseSampler] = {}

@@ -225,7 +225,7 @@ def serve(
     fmt = choose(output)
     cfg = settings()
     if url is None:
-        url = f"http://{cfg.get('serve.host')}:{cfg.get('serve.port')}/v1"
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     s = load.LoadSettings(
         url=url, model=model, concurrency=_ints(concurrency, "--concurrency"),
         requests=requests, prompt_tokens=prompt_tokens, max_tokens=max_tokens,

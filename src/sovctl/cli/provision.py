@@ -234,7 +234,7 @@ def plan(
 
     state = begin(ctx, json_out)
     cfg = settings({"hub.endpoint": endpoint})
-    facts = detect(state.home, str(cfg.get("serve.llama_server")))
+    facts = detect(state.home, cfg.serve.llama_server)
     result = do_plan(state.home, cfg, target, facts, ram=_size(ram), vram=_size(vram),
                      n_ctx=n_ctx, parallel=parallel, gpu_layers=gpu_layers,
                      revision=revision, token=os.environ.get("HF_TOKEN"),

@@ -339,7 +339,7 @@ def service_install(
 
     state = begin(ctx, json_out)
     cfg = settings({"serve.host": host, "serve.port": port})
-    u = unit(state.home, cfg.get("serve.host"), cfg.get("serve.port"), chat or [],
+    u = unit(state.home, cfg.serve.host, cfg.serve.port, chat or [],
              embedding or [], user, unit_dir)
     atomic_write(u.path, u.text.encode())
 

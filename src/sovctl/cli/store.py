@@ -77,7 +77,7 @@ def pull(
             raise UsageError(f"--lock takes every name, commit and sha256 from the lock, so "
                              f"{', '.join(others)} cannot be given with it",
                              hint="drop them, or pull one REF without --lock")
-        _pull_lock(state.home, lock, str(cfg.get("hub.endpoint")), os.environ.get("HF_TOKEN"))
+        _pull_lock(state.home, lock, cfg.hub.endpoint, os.environ.get("HF_TOKEN"))
         return
     if ref is None:
         raise UsageError("nothing to pull: give a REF, or --lock FILE",
@@ -90,7 +90,7 @@ def pull(
             name=name,
             revision=revision,
             sha256=sha256,
-            endpoint=cfg.get("hub.endpoint"),
+            endpoint=cfg.hub.endpoint,
             trust_on_first_use=trust_on_first_use,
             progress=progress,
             token=os.environ.get("HF_TOKEN"),

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HttpRoute
 
+from sovctl.engines import engine
 from sovctl.errors import ConfigError
 from sovctl.gateway import tools, validate
 from sovctl.gateway.accounting import Ledger, StreamTally, ask_usage
@@ -125,6 +126,10 @@ class RouteState:
         self.kind = route.kind
         self.process = route.process
         self.runtime = route.runtime
+        # Its engine, looked up once: a request reads what it can do, never compares names.
+        self.engine = engine(route.runtime)
+        # It cannot serve some requests the gateway validates (tools, images): refuse those.
+        self.limited = not (self.engine.tools and self.engine.images)
         self.vision = route.vision
         self.slots = route.parallel
         self.slot = asyncio.Semaphore(route.parallel)
@@ -316,20 +321,22 @@ class Gateway:
             return None
 
     async def _takes_tools(self, route: RouteState) -> bool:
-        """Whether the model sees the tools of a request: llama-cpp-python's server drops
-        them, llama-server renders them when the template has a place for them (its /props
-        says so). Raises UpstreamError when the runtime does not answer."""
-        if route.runtime == "llama-cpp-python":
+        """Whether the model sees the tools of a request: an engine without tools drops
+        them, one with renders them when the template has a place for them (its props path,
+        llama-server's /props, says so). Raises UpstreamError when the runtime does not
+        answer."""
+        props = route.engine.props_path
+        if not (route.engine.tools and props):
             return False
 
         async def ask() -> bool:
             try:
                 async with asyncio.timeout(PROPS_TIMEOUT_S):
-                    status, _, content = await self._ask(route, b"GET", "/props")
+                    status, _, content = await self._ask(route, b"GET", props)
             except TimeoutError as e:
-                raise UpstreamError("no answer to /props") from e
+                raise UpstreamError(f"no answer to {props}") from e
             if not 200 <= status < 300:
-                raise UpstreamError(f"/props answered HTTP {status}")
+                raise UpstreamError(f"{props} answered HTTP {status}")
             return tools.supports_tools(content)
 
         return await route.tools.get(ask)
@@ -399,8 +406,8 @@ class Gateway:
         if isinstance(route, Response):
             return "-", route
         invalid = validate.check(endpoint, payload)
-        if invalid is None and route.runtime == "llama-cpp-python":
-            invalid = validate.beyond_fallback(route.model, payload)
+        if invalid is None and route.limited:
+            invalid = validate.beyond_engine(route.model, payload, route.engine)
         if invalid is None and route.kind == LOCAL and not route.vision:
             # Without a projector llama-server answers an image with a 500: say instead what
             # would read it.

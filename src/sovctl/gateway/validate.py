@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, NoReturn
 
+from sovctl.engines import Engine, able
 from sovctl.gateway.images import ImageError, dimensions
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -451,18 +452,22 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
-def beyond_fallback(model: str, payload: dict[str, Any]) -> Invalid | None:
-    """What the llama-cpp-python runtime cannot serve at all. It would answer `tools` as plain
-    chat and cannot see an image: a silent wrong answer is worse than a clear refusal."""
-    how = (f"serve {model!r} with runtime llama-server ([serve] runtime or "
-           f"[models.{model}] runtime in sovctl.toml)")
-    if payload.get("tools"):
-        return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which cannot "
-                       f"call tools; {how}", "tools", "unsupported_value")
-    image = first_image(payload)
+def beyond_engine(model: str, payload: dict[str, Any], engine: Engine) -> Invalid | None:
+    """What the model's engine cannot serve at all. llama-cpp-python would answer `tools` as
+    plain chat and cannot see an image: a silent wrong answer is worse than a clear refusal."""
+    def how(can: str) -> str:
+        return (f"serve {model!r} with runtime {can} ([serve] runtime or "
+                f"[models.{model}] runtime in sovctl.toml)")
+
+    if not engine.tools and payload.get("tools"):
+        return Invalid(f"model {model!r} runs on the {engine.name} runtime, which cannot "
+                       f"call tools; {how(able(lambda e: e.tools))}", "tools",
+                       "unsupported_value")
+    image = None if engine.images else first_image(payload)
     if image is not None:
-        return Invalid(f"model {model!r} runs on the llama-cpp-python runtime, which cannot "
-                       f"read images; {how}", image, "unsupported_value")
+        return Invalid(f"model {model!r} runs on the {engine.name} runtime, which cannot "
+                       f"read images; {how(able(lambda e: e.images))}", image,
+                       "unsupported_value")
     return None
 
 

@@ -15,9 +15,9 @@ import datetime as dt
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from sovctl.bench import costs, history
+from sovctl.config import Settings
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.ledger import store
@@ -99,9 +99,9 @@ def volume(home: Home, now: float, days: int = WINDOW_DAYS) -> Volume | None:
                   days=(today - first).days + 1)
 
 
-def _config(settings: Any, key: str) -> Figure:
-    return Figure(float(settings.get(key)), setting_source(settings, key),
-                  f"{key} ({settings.source(key)})")
+def _config(settings: Settings, key: str, value: float) -> Figure:
+    """The setting `key` (its value `value`) as a figure: where it came from, in words."""
+    return Figure(value, setting_source(settings, key), f"{key} ({settings.source(key)})")
 
 
 def _given(f: Figure) -> float:
@@ -109,7 +109,7 @@ def _given(f: Figure) -> float:
     return f.value
 
 
-def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
+def answer(home: Home, settings: Settings, flags: Mapping[str, float | None],
            now: float | None = None) -> CostAnswer:
     """`flags`: hardware_price, lifetime_years, watts, tokens_per_s, tariff, daily_tokens,
     cloud_per_mtok; None where not given."""
@@ -119,10 +119,12 @@ def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
     share_in = seen.tokens_in / total if seen and total else None
     mix = f"the ledger's mix ({share_in:.0%} prompt tokens)" if share_in is not None else ""
 
+    cost = settings.cost
     inputs: dict[str, Figure] = {
-        "hardware_price": _config(settings, "cost.hardware_price"),
-        "lifetime_years": _config(settings, "cost.hardware_lifetime_years"),
-        "tariff": _config(settings, "cost.electricity_per_kwh"),
+        "hardware_price": _config(settings, "cost.hardware_price", cost.hardware_price),
+        "lifetime_years": _config(settings, "cost.hardware_lifetime_years",
+                                  cost.hardware_lifetime_years),
+        "tariff": _config(settings, "cost.electricity_per_kwh", cost.electricity_per_kwh),
     }
     try:
         bench = costs.latest_bench(history.load(home))
@@ -141,7 +143,7 @@ def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
                                  how)
         inputs["tokens_per_s"] = Figure(1 / seconds, MEASURED, how)
     else:
-        watts = _config(settings, "bench.cpu_watts")
+        watts = _config(settings, "bench.cpu_watts", settings.bench.cpu_watts)
         inputs["watts"] = Figure(watts.value, watts.source, f"{watts.basis}; no bench run")
         inputs["tokens_per_s"] = Figure(DEFAULT_TOKENS_PER_S, DEFAULTED,
                                         "built-in default; no bench run")
@@ -151,12 +153,13 @@ def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
             f"ledger, the last {seen.days} day{'s' if seen.days > 1 else ''}")
     else:
         inputs["daily_tokens"] = Figure(0.0, DEFAULTED, "built-in default; nothing in the ledger")
-    out = _config(settings, "cost.cloud_price_per_mtok")
+    out = _config(settings, "cost.cloud_price_per_mtok", cost.cloud_price_per_mtok)
     if share_in is not None:
-        cin = _config(settings, "cost.cloud_input_price_per_mtok")
+        cin = _config(settings, "cost.cloud_input_price_per_mtok",
+                      cost.cloud_input_price_per_mtok)
         inputs["cloud_per_mtok"] = Figure(
-            share_in * float(settings.get("cost.cloud_input_price_per_mtok"))
-            + (1 - share_in) * float(settings.get("cost.cloud_price_per_mtok")),
+            share_in * cost.cloud_input_price_per_mtok
+            + (1 - share_in) * cost.cloud_price_per_mtok,
             weakest(cin.source, out.source),
             f"cost.cloud_input_price_per_mtok and cost.cloud_price_per_mtok by {mix}")
     else:
@@ -173,7 +176,7 @@ def answer(home: Home, settings: Any, flags: Mapping[str, float | None],
     # Burstiness is the ledger's to tell: a volume given by flag says nothing of its spread.
     traffic = (costs.Traffic(seen.active_days, seen.days)
                if seen is not None and inputs["daily_tokens"].source != FLAG else None)
-    currency = str(settings.get("cost.currency"))
+    currency = cost.currency
     return CostAnswer(
         currency=currency, inputs=inputs, result=result, owning_wins=math.owning_wins,
         verdict=costs.verdict(given, math, currency, traffic),

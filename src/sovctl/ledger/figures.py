@@ -14,8 +14,8 @@ with any estimated part is estimated, a result built on a default is defaulted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from sovctl.config import Settings
 from sovctl.ledger.store import ESTIMATED, MEASURED
 
 FLAG, CONFIGURED, DEFAULTED = "flag", "configured", "defaulted"
@@ -44,7 +44,7 @@ def mark(source: str, text: str) -> str:
 MARKS = {ESTIMATED: "~ rests on an estimate", DEFAULTED: "* rests on a built-in default"}
 
 
-def setting_source(settings: Any, key: str) -> str:
+def setting_source(settings: Settings, key: str) -> str:
     """A setting's source: a built-in default, or the operator's."""
     return DEFAULTED if settings.source(key) == "default" else CONFIGURED
 

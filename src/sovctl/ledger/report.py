@@ -18,8 +18,8 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
+from sovctl.config import Settings
 from sovctl.errors import UsageError
 from sovctl.home import Home
 from sovctl.ledger import store
@@ -119,7 +119,7 @@ def _sum(groups: Iterable[store.Group]) -> Sums:
     return s
 
 
-def report(home: Home, settings: Any, since: str = "7d", by: str = "day",
+def report(home: Home, settings: Settings, since: str = "7d", by: str = "day",
            now: float | None = None) -> LedgerReport:
     if by not in BY:
         raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
@@ -129,8 +129,8 @@ def report(home: Home, settings: Any, since: str = "7d", by: str = "day",
         raise UsageError(f"--since {since!r} is not in the past")
     path = store.ledger_path(home)
     found = store.groups(path, start, until)
-    cin = float(settings.get("cost.cloud_input_price_per_mtok"))
-    cout = float(settings.get("cost.cloud_price_per_mtok"))
+    cin = settings.cost.cloud_input_price_per_mtok
+    cout = settings.cost.cloud_price_per_mtok
     cloud_in = Amount(cin, setting_source(settings, "cost.cloud_input_price_per_mtok"))
     cloud_out = Amount(cout, setting_source(settings, "cost.cloud_price_per_mtok"))
 
@@ -158,7 +158,7 @@ def report(home: Home, settings: Any, since: str = "7d", by: str = "day",
 
     return LedgerReport(
         since=_iso(start), until=_iso(until), by=by,
-        currency=str(settings.get("cost.currency")), path=str(path),
+        currency=settings.cost.currency, path=str(path),
         requests=sum(g.requests for g in found),
         tokens=Amount(total, weakest(local_tokens.source, routed_tokens.source)),
         local_tokens=local_tokens, routed_tokens=routed_tokens, local_share=share,

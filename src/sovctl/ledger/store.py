@@ -28,7 +28,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovctl.config import DEFAULTS
+from sovctl.config import LedgerSettings
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 
@@ -36,7 +36,7 @@ from sovctl.home import Home
 SCHEMA_VERSION = 2
 RETENTION_DAYS = 400
 FLUSH_S = 0.5
-MAX_ROWS: int = DEFAULTS["ledger"]["max_rows"]  # [ledger] max_rows's default
+MAX_ROWS = LedgerSettings().max_rows  # [ledger] max_rows's default
 # Folding runs again only after this share of max_rows more records: not at every batch.
 FOLD_SLACK = 0.01
 MAX_MODEL_CHARS = 256

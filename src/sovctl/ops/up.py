@@ -14,11 +14,10 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from sovctl import config
 from sovctl.apikey import read_api_key
-from sovctl.config import Settings
+from sovctl.config import ModelSettings, ServeSettings, Settings
 from sovctl.errors import ConfigError, NotFoundError, RuntimeStartError, UsageError
 from sovctl.home import Home
 from sovctl.ops import stack
@@ -121,17 +120,17 @@ def wait_ready(url: str, key: str | None, timeout: float) -> None:
         time.sleep(0.25)
 
 
-def _served(cfg: Settings) -> list[tuple[str, str, Mapping[str, Any]]]:
+def _served(cfg: Settings) -> list[tuple[str, str, ModelSettings]]:
     """(store name, role, section) of each [models.*] to serve."""
-    return [(str(m.get("model", k)), str(m.get("role", "chat")), m) for k, m in cfg.models.items()]
+    return [(m.model, m.role or "chat", m) for m in cfg.models.values()]
 
 
 def _pull_all(home: Home, cfg: Settings, progress: ProgressFactory | None, token: str | None
               ) -> list[Pulled]:
     out = []
     for name, p in cfg.pulls.items():
-        r = pull(home, str(p["ref"]), name=name, revision=str(p.get("revision", "main")),
-                 sha256=p.get("sha256"), endpoint=str(cfg.get("hub.endpoint")),
+        r = pull(home, p.ref, name=name, revision=p.revision,
+                 sha256=p.sha256, endpoint=cfg.hub.endpoint,
                  progress=progress, token=token)
         out.append(Pulled(r.name, r.action, r.entry.ref, r.entry.sha256, r.entry.size,
                           r.entry.commit))
@@ -141,11 +140,11 @@ def _pull_all(home: Home, cfg: Settings, progress: ProgressFactory | None, token
 def _fitted(cfg: Settings, fits: list[Fit]) -> Settings:
     """The settings with each model's slots, context and GPU layers set to what fits."""
     by_model = {f.model: f for f in fits}
-    models: dict[str, Mapping[str, Any]] = {}
+    models: dict[str, ModelSettings] = {}
     for key, m in cfg.models.items():
-        f = by_model.get(str(m.get("model", key)))
-        models[key] = dict(m) if f is None else {
-            **m, "n_ctx": f.n_ctx, "parallel": f.parallel, "n_gpu_layers": f.n_gpu_layers}
+        f = by_model.get(m.model)
+        models[key] = m if f is None else dataclasses.replace(
+            m, n_ctx=f.n_ctx, parallel=f.parallel, n_gpu_layers=f.n_gpu_layers)
     return dataclasses.replace(cfg, models=models)
 
 
@@ -178,9 +177,9 @@ def up(
     st = control.status(home)
     if st.running and st.url:
         try:
-            timeout = float(config.load(home, environ=environ).get("serve.start_timeout"))
+            timeout = config.load(home, environ=environ).serve.start_timeout
         except ConfigError:  # the stack runs on what it was started with; report it
-            timeout = float(config.DEFAULTS["serve"]["start_timeout"])
+            timeout = ServeSettings().start_timeout
         return _already_up(home, st, st.url, timeout)
 
     notes: list[str] = []
@@ -226,7 +225,7 @@ def up(
     plan = build(home, _fitted(cfg, fits))
     notes += plan.notes
     admitted, started = stack.start(home, plan)
-    wait_ready(plan.url, admitted.api_key, float(cfg.get("serve.start_timeout")))
+    wait_ready(plan.url, admitted.api_key, cfg.serve.start_timeout)
     key_file = str(admitted.api_key_file) if admitted.api_key_file else None
     return UpResult(
         already_running=False, url=plan.url, api_key_required=plan.api_key_required,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sovctl import config
+from sovctl import config, engines
 from sovctl.errors import BusyError, ConfigError, IsolationError, UsageError
 from sovctl.home import Home
 from sovctl.llamacpp import SETUP_HINT, find_binary
@@ -69,23 +69,25 @@ def _check_llama(f: HostFacts, runtime: str) -> list[Check]:
     ll = f.llama
     out = []
     if ll.llama_cpp_python is None:
-        out.append(Check("llama-cpp-python", FAIL, "not installed",
+        out.append(Check(engines.DISTRIBUTION, FAIL, "not installed",
                          "run " + SETUP + " (it builds llama.cpp once)"))
     elif ll.import_error:
-        out.append(Check("llama-cpp-python", FAIL, f"{ll.llama_cpp_python} does not load: "
+        out.append(Check(engines.DISTRIBUTION, FAIL, f"{ll.llama_cpp_python} does not load: "
                          f"{ll.import_error}", "rebuild it: run " + SETUP))
     else:
         build = (f"llama.cpp {ll.commit}, {'CUDA' if ll.cuda_build else 'CPU-only'} build"
                  if ll.commit else "not built by scripts/setup (build unknown)")
-        out.append(Check("llama-cpp-python", OK, f"{ll.llama_cpp_python}; {build}"))
+        out.append(Check(engines.DISTRIBUTION, OK, f"{ll.llama_cpp_python}; {build}"))
+    native = engines.PREFERRED
     if ll.llama_server:
-        out.append(Check("llama-server", OK, ll.llama_server))
+        out.append(Check(native.binary, OK, ll.llama_server))
     else:
-        needed = runtime == "llama-server"
+        needed = runtime in engines.ENGINES and bool(engines.ENGINES[runtime].binary)
+        fallback = engines.FALLBACK.name
         out.append(Check(
-            "llama-server", FAIL if needed else WARN,
-            "not found" + ("; [serve] runtime = \"llama-server\" needs it" if needed else
-                           "; serve falls back to llama-cpp-python, one request at a time"),
+            native.binary, FAIL if needed else WARN,
+            "not found" + (f"; [serve] runtime = \"{runtime}\" needs it" if needed else
+                           f"; serve falls back to {fallback}, one request at a time"),
             SETUP_HINT))
     return out
 
@@ -198,15 +200,15 @@ def doctor(home: Home, environ: Mapping[str, str] | None = None) -> DoctorReport
                             + (f"; profile {cfg.profile}" if cfg.profile else "")))
     except ConfigError as e:
         checks.append(Check("config", FAIL, e.message, e.hint))
-    setting = str(cfg.get("serve.llama_server")) if cfg else ""
+    setting = cfg.serve.llama_server if cfg else ""
     facts = detect(home, setting)
-    checks += _check_llama(facts, str(cfg.get("serve.runtime")) if cfg else "auto")
+    checks += _check_llama(facts, cfg.serve.runtime if cfg else engines.AUTO)
     checks.append(_check_gpu(facts))
     checks += _check_memory(facts)
     checks.append(_check_namespaces())
     checks += _check_cluster(home)
     if cfg is not None:
-        checks.append(_check_port(home, str(cfg.get("serve.host")), int(cfg.get("serve.port"))))
+        checks.append(_check_port(home, cfg.serve.host, cfg.serve.port))
     checks.append(_check_lock(home))
     try:
         chosen = choose(home, facts, environ)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from sovctl.bench.fingerprint import gpu_offload
 from sovctl.bench.telemetry import open_nvml
+from sovctl.engines import DISTRIBUTION, PREFERRED
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 from sovctl.hostinfo import cpu_model, physical_cores
-from sovctl.llamacpp import LLAMA_SERVER, build_info, find_binary
+from sovctl.llamacpp import build_info, find_binary
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def llama_facts(llama_server_setting: str = "") -> LlamaFacts:
 
 
     try:
-        version: str | None = metadata.version("llama_cpp_python")
+        version: str | None = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         version = None
     build = build_info()
@@ -117,7 +118,7 @@ def llama_facts(llama_server_setting: str = "") -> LlamaFacts:
         except (ImportError, OSError, AttributeError) as e:
             error = f"{type(e).__name__}: {e}"
     try:
-        server = find_binary(LLAMA_SERVER, llama_server_setting)
+        server = find_binary(PREFERRED.binary, llama_server_setting)
     except ConfigError:
         server = None
     flags = build.flags if build else ""

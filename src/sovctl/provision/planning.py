@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovctl.config import Settings
+from sovctl.config import ModelSettings, Settings
+from sovctl.engines import choose
 from sovctl.errors import CheckFailed, UsageError
 from sovctl.home import Home
 from sovctl.provision import header as gguf
@@ -83,7 +84,7 @@ def read_target(home: Home, cfg: Settings, text: str, *, revision: str | None = 
     """NAME (pinned in the store, or a [pull.NAME] not fetched yet) or REF (a path, hf://...,
     ORG/REPO:QUANT, an https URL) -> the model's header."""
     lock = Lock.load(home)
-    endpoint = str(cfg.get("hub.endpoint"))
+    endpoint = cfg.hub.endpoint
     if text in lock.entries:
         e = lock.entries[text]
         blob = BlobStore(home).path(e.sha256)
@@ -92,12 +93,11 @@ def read_target(home: Home, cfg: Settings, text: str, *, revision: str | None = 
     have = sorted(lock.entries)
     if text in cfg.pulls:
         p = cfg.pulls[text]
-        ref = refs.parse_ref(str(p["ref"]))
+        ref = refs.parse_ref(p.ref)
         if isinstance(ref, refs.LocalFile):
             h = gguf.read_local(ref.path, label=text)
             return _target(text, "pull", str(ref.path), None, h), h
-        t, h = _remote(text, ref, revision or str(p.get("revision", "main")), endpoint, token,
-                       have)
+        t, h = _remote(text, ref, revision or p.revision, endpoint, token, have)
         return _target(text, "pull", t.location, t.commit, h), h
     ref = refs.parse_ref(text)
     if isinstance(ref, refs.LocalFile):
@@ -106,27 +106,28 @@ def read_target(home: Home, cfg: Settings, text: str, *, revision: str | None = 
     return _remote(text, ref, revision or "main", endpoint, token, have)
 
 
-def model_section(cfg: Settings, name: str) -> Mapping[str, Any]:
-    """The [models.*] section that serves store name `name` (empty when none does)."""
-    return next((m for k, m in cfg.models.items() if m.get("model", k) == name), {})
+def model_section(cfg: Settings, name: str) -> ModelSettings:
+    """The [models.*] section that serves store name `name` (one that sets nothing when none
+    does)."""
+    return next((m for m in cfg.models.values() if m.model == name), ModelSettings(model=name))
 
 
-def want_for(cfg: Settings, section: Mapping[str, Any], facts: HostFacts, gpu: bool,
+def want_for(cfg: Settings, section: ModelSettings, facts: HostFacts, gpu: bool,
              n_ctx: int | None = None, parallel: int | None = None) -> Want:
     """What the configuration asks for one model; a runtime without slots serves one at once.
     GPU layers nobody set (the built-in default) are as many as fit where there is a GPU."""
-    runtime = str(section.get("runtime", cfg.get("serve.runtime")))
-    slots = int(section.get("parallel", cfg.get("serve.parallel")))
-    if runtime == "llama-cpp-python" or (runtime == "auto" and not facts.llama.llama_server):
+    runtime = section.runtime or cfg.serve.runtime
+    slots = cfg.serve.parallel if section.parallel is None else section.parallel
+    if not choose(runtime, binary_found=bool(facts.llama.llama_server)).parallel:
         slots = 1
-    if "n_gpu_layers" in section:
-        layers = int(section["n_gpu_layers"])
+    if section.n_gpu_layers is not None:
+        layers = section.n_gpu_layers
     elif cfg.source("serve.n_gpu_layers") != "default":
-        layers = int(cfg.get("serve.n_gpu_layers"))
+        layers = cfg.serve.n_gpu_layers
     else:
         layers = -1 if gpu else 0
     return Want(
-        n_ctx=n_ctx or int(section.get("n_ctx", cfg.get("serve.n_ctx"))),
+        n_ctx=n_ctx or (cfg.serve.n_ctx if section.n_ctx is None else section.n_ctx),
         parallel=parallel or slots,
         n_gpu_layers=layers,
     )
@@ -168,13 +169,13 @@ def plan_cluster(cfg: Settings, name: str, shape: sizing.ModelShape, want: Want,
                  worker_memory: Mapping[str, int] | None = None) -> ClusterPlan | None:
     """The split of `name` over the [cluster] workers (each probed now, unless --worker-memory
     gives its free memory) and the head's GPUs; None when the workers do not serve it."""
-    workers = tuple(str(w) for w in cfg.get("cluster.workers"))
+    workers = cfg.cluster.workers
     given = dict(worker_memory or {})
     if unknown := [w for w in given if w not in workers]:
         raise UsageError(f"--worker-memory names {', '.join(unknown)}, not a [cluster] worker",
                          hint=f"[cluster] workers: {', '.join(workers) or 'none'}")
     # With no [models] sections, serve takes its models from its flags: this one, as planned.
-    served = [(str(m.get("model", k)), str(m.get("role", "chat"))) for k, m in cfg.models.items()
+    served = [(m.model, m.role or "chat") for m in cfg.models.values()
               ] or [(name, "embedding" if shape.embedding else "chat")]
     if not workers or clustered_model(cfg, served) != name:
         if given:
@@ -211,7 +212,7 @@ def plan(home: Home, cfg: Settings, text: str, facts: HostFacts, *, ram: int | N
                          "its own", hint="plan the language model it belongs to")
     shape = sizing.shape_of(header)
     section = model_section(cfg, text)
-    role = str(section.get("role", "embedding" if shape.embedding else "chat"))
+    role = section.role or ("embedding" if shape.embedding else "chat")
     b = budget(facts, ram, vram)
     want = want_for(cfg, section, facts, b.gpus > 0, n_ctx, parallel)
     if gpu_layers is not None:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sovctl import config
+from sovctl.config import CostSettings
 from sovctl.errors import ConfigError, NotFoundError
 from sovctl.home import Home
 from sovctl.provision.facts import HostFacts
@@ -46,7 +47,7 @@ class ProfileInfo:
     n_gpu_layers: int
     n_threads: int
     models: tuple[ProfileModel, ...]
-    cost: Mapping[str, object]
+    cost: CostSettings
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,14 @@ def _info(home: Home, name: str, path: object, environ: Mapping[str, str] | None
     hw = s.hardware
     models = []
     for pname, p in s.pulls.items():
-        role = next((str(m.get("role", "chat")) for k, m in s.models.items()
-                     if m.get("model", k) == pname), "-")
-        models.append(ProfileModel(pname, role, str(p["ref"]), str(p.get("revision", "main")),
-                                   p.get("sha256")))
+        role = next((m.role or "chat" for m in s.models.values() if m.model == pname), "-")
+        models.append(ProfileModel(pname, role, p.ref, p.revision, p.sha256))
     return ProfileInfo(
         name=name, path=str(path), shipped=str(path) == str(config._shipped_profile(name)),
-        summary=str(hw.get("summary", "")), accelerator=hw.get("accelerator"),
-        min_ram_gb=float(hw.get("min_ram_gb", 0)), min_vram_gb=float(hw.get("min_vram_gb", 0)),
-        min_cores=int(hw.get("min_cores", 0)), runtime=str(s.get("serve.runtime")),
-        n_ctx=int(s.get("serve.n_ctx")), parallel=int(s.get("serve.parallel")),
-        n_gpu_layers=int(s.get("serve.n_gpu_layers")), n_threads=int(s.get("serve.n_threads")),
-        models=tuple(models),
-        cost=s.section("cost"),
+        summary=hw.summary, accelerator=hw.accelerator, min_ram_gb=hw.min_ram_gb,
+        min_vram_gb=hw.min_vram_gb, min_cores=hw.min_cores, runtime=s.serve.runtime,
+        n_ctx=s.serve.n_ctx, parallel=s.serve.parallel, n_gpu_layers=s.serve.n_gpu_layers,
+        n_threads=s.serve.n_threads, models=tuple(models), cost=s.cost,
     )
 
 

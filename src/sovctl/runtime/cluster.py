@@ -132,7 +132,7 @@ def worker_plan(home: Home, cfg: Settings, host: str, port: int, device: str, th
                                health_path=""),),
         models=(), routes_file=str(run / "routes.json"), state_file=str(run / "state.json"),
         egress_log=str(run / "egress.jsonl"), logs_dir=str(home.logs), api_key_required=False,
-        supervision=cfg.section("serve"),
+        supervision=cfg.serve,
         notes=notes,
     ), scope
 

@@ -39,7 +39,7 @@ def start_detached(home: Home, plan: Plan) -> StackStatus:
     proc = spawn(Argv((sys.executable, "-m", "sovctl.runtime.supervisor", str(plan_file)),
                       env={"PYTHONUNBUFFERED": "1"}),
                  log=home.logs / "supervisor.out", base_env=supervisor_env(plan))
-    deadline = time.monotonic() + float(plan.supervision["start_timeout"]) + 15
+    deadline = time.monotonic() + plan.supervision.start_timeout + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeStartError(

@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
-from sovctl.config import DEFAULTS
+from sovctl.config import ServeSettings
 from sovctl.errors import ConfigError
 from sovctl.fsutil import atomic_write
 from sovctl.ledger.store import MAX_ROWS
@@ -78,7 +78,7 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 class ProcessKind(StrEnum):
     """What a supervised process is: in a plan (ProcessSpec) and in state.json."""
 
-    RUNTIME = "runtime"  # a model's engine: llama-server or llama-cpp-python
+    RUNTIME = "runtime"  # a model's engine (sovctl.engines)
     GATEWAY = "gateway"  # the one OpenAI-compatible front
     TUNNEL = "tunnel"  # the public face: ssh -R to a host the operator owns
     WORKER = "worker"  # an RPC worker (ggml-rpc-server), the only process of `sovctl worker`
@@ -113,7 +113,7 @@ class ProcessState:
     role: str
     model: str
     sha256: str
-    runtime: str  # "llama-server" | "llama-cpp-python" for a runtime; "" otherwise
+    runtime: str  # a runtime's engine, by name (sovctl.engines); "" otherwise
     port: int
     pid: int | None
     status: Status
@@ -212,7 +212,7 @@ class Route:
     kind: str  # LOCAL: a supervised runtime on loopback | PROVIDER: a frontier API, opted into
     process: str  # the supervised process that serves it (its status gates requests); "" none
     upstream: str  # base URL of the runtime, or the provider's (ending in /v1)
-    runtime: str  # "llama-server" | "llama-cpp-python"; "" for a provider
+    runtime: str  # its engine's name (sovctl.engines); "" for a provider
     parallel: int  # requests the runtime serves at once; the gateway admits that many
     key_file: str | None  # the runtime's internal key, sent upstream; None: it takes none
     # Served with a multimodal projector: it can read images.
@@ -230,7 +230,7 @@ class Route:
                       "provider": Provider.from_dict(provider) if provider else None})
 
 
-_SERVE = DEFAULTS["serve"]
+_SERVE = ServeSettings()
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,11 @@ class Limits:
     queue_limit: int
     queue_timeout: float
     max_body_bytes: int
-    max_images: int = _SERVE["max_images"]
-    max_image_bytes: int = _SERVE["max_image_bytes"]
-    max_image_pixels: int = _SERVE["max_image_pixels"]
-    max_connections: int = _SERVE["max_connections"]
-    header_timeout: float = _SERVE["header_timeout"]
+    max_images: int = _SERVE.max_images
+    max_image_bytes: int = _SERVE.max_image_bytes
+    max_image_pixels: int = _SERVE.max_image_pixels
+    max_connections: int = _SERVE.max_connections
+    header_timeout: float = _SERVE.header_timeout
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
 

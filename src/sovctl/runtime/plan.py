@@ -10,19 +10,19 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from sovctl.bench import costs, history
-from sovctl.config import Settings
+from sovctl.config import ModelSettings, ServeSettings, Settings
+from sovctl.engines import AUTO, LLAMA_SERVER, PREFERRED, able, choose, engine
 from sovctl.errors import ConfigError, UsageError
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.hostinfo import physical_cores
 from sovctl.ledger.store import MAX_ROWS, ledger_path
-from sovctl.llamacpp import LLAMA_CPP_PYTHON, LLAMA_SERVER, SETUP_HINT, find_binary
+from sovctl.llamacpp import SETUP_HINT, find_binary
 from sovctl.net import is_loopback
 from sovctl.prices import Price
 from sovctl.runtime import egress
@@ -66,15 +66,6 @@ INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", 
 # The tunnel's ssh may need the agent holding the operator's key (one with a passphrase).
 SSH_ENV = ("SSH_AUTH_SOCK",)
 
-# Health paths that answer without waiting on a busy model: llama-server's /health is public
-# (no key) and 503 while loading; llama-cpp-python's /v1/models would take its model lock.
-HEALTH_PATH = {LLAMA_SERVER: "/health", LLAMA_CPP_PYTHON: "/docs"}
-# A clustered llama-server's log level. llama.cpp prints llama's and ggml's own info messages,
-# among them the layer split the supervisor reads ("RPC0[HOST:PORT] model buffer size = ..."),
-# at its level 4 (trace), not at its default 3; and what a request carries (its body, the
-# parsed answer, prompt tokens) at 5 (debug) alone. So 4, never 5: no prompt or completion
-# reaches a log (tests/test_privacy.py holds the pinned build to it).
-RPC_LOG_VERBOSITY = 4
 # n_gpu_layers meaning "all of them", however many the model has.
 ALL_LAYERS = 999
 
@@ -86,8 +77,8 @@ class ServedModel:
     sha256: str
     size: int
     blob: str
-    runtime: str = LLAMA_SERVER  # "llama-server" | "llama-cpp-python"
-    parallel: int = 4  # requests served at once (llama-cpp-python: always 1)
+    runtime: str = LLAMA_SERVER  # its engine's name (sovctl.engines)
+    parallel: int = 4  # requests served at once (always 1 on an engine without slots)
     n_ctx: int = 2048  # what one request may use
     n_gpu_layers: int = 0
     n_threads: int = 1
@@ -112,7 +103,7 @@ class Plan:
     egress_log: str
     logs_dir: str
     api_key_required: bool
-    supervision: Mapping[str, Any] = field(default_factory=dict)
+    supervision: ServeSettings = field(default_factory=ServeSettings)  # [serve]
     notes: tuple[str, ...] = ()  # what the operator should know (a fallback taken)
     tunnel: public_face.Tunnel | None = None  # the public face, when the stack has one
     ledger: str = ""  # the file the gateway records each request in
@@ -152,7 +143,8 @@ class Plan:
         return cls(processes=procs, models=models, notes=tuple(d.pop("notes")),
                    tunnel=public_face.Tunnel(**public) if public else None,
                    frontier=tuple(Route.from_dict(r) for r in d.pop("frontier")),
-                   prices={k: Price(**v) for k, v in d.pop("prices").items()}, **d)
+                   prices={k: Price(**v) for k, v in d.pop("prices").items()},
+                   supervision=ServeSettings.from_dict(d.pop("supervision")), **d)
 
 
 def _allowed(name: str, allowed: Sequence[str]) -> bool:
@@ -184,16 +176,15 @@ def provider_keys(plan: Plan) -> tuple[str, ...]:
 
 
 def _choose_runtime(name: str, wanted: str, binary: Path | None) -> tuple[str, str | None]:
-    """(the runtime, a note when auto fell back)."""
-    if wanted == LLAMA_CPP_PYTHON:
-        return LLAMA_CPP_PYTHON, None
-    if binary is not None:
-        return LLAMA_SERVER, None
-    if wanted == LLAMA_SERVER:
-        raise ConfigError(f"{name}: runtime llama-server is asked for, but no llama-server "
+    """(the runtime, a note when auto fell back). `binary`: the native engine's, when found."""
+    chosen = choose(wanted, binary is not None)
+    if chosen.binary and binary is None:
+        raise ConfigError(f"{name}: runtime {chosen.name} is asked for, but no {chosen.binary} "
                           "binary was found", hint=SETUP_HINT)
-    return LLAMA_CPP_PYTHON, (f"{name}: llama-server not found, serving with llama-cpp-python "
-                              f"(one request at a time); to batch, {SETUP_HINT}")
+    if wanted != AUTO or binary is not None:
+        return chosen.name, None
+    return chosen.name, (f"{name}: {PREFERRED.binary} not found, serving with "
+                         f"{chosen.name} (one request at a time); to batch, {SETUP_HINT}")
 
 
 def shipped_templates() -> list[str]:
@@ -204,9 +195,10 @@ def shipped_templates() -> list[str]:
 
 def chat_template_file(name: str, value: str, runtime: str) -> str:
     """A [models.NAME] chat_template: a template shipped with sovctl, or a file of one's own."""
-    if runtime != LLAMA_SERVER:
-        raise ConfigError(f"{name}: chat_template needs the llama-server runtime",
-                          hint=f"remove it, or set [models.{name}] runtime = \"llama-server\"")
+    if not engine(runtime).chat_template_file:
+        can = able(lambda e: e.chat_template_file)
+        raise ConfigError(f"{name}: chat_template needs the {can} runtime",
+                          hint=f"remove it, or set [models.{name}] runtime = \"{can}\"")
     shipped = resources.files("sovctl") / "templates" / f"{value}.jinja"
     if shipped.is_file():
         return str(shipped)  # a wheel installs package data as plain files
@@ -253,13 +245,12 @@ def served_models(
     """The models to serve: the flags when any were given, otherwise [models.*] in config."""
     if chat or embedding:
         # A flag names a store model; settings for it may still come from its config section.
-        by_model = {m.get("model", k): m for k, m in cfg.models.items()}
+        by_model = {m.model: m for m in cfg.models.values()}
         roles = [(n, "chat") for n in chat] + [(n, "embedding") for n in embedding]
-        wanted: list[tuple[str, Mapping[str, Any]]] = [
-            (n, {**by_model.get(n, {}), "role": role}) for n, role in roles
-        ]
+        wanted = [(n, replace(by_model.get(n) or ModelSettings(model=n), role=role))
+                  for n, role in roles]
     else:
-        wanted = [(m.get("model", k), m) for k, m in cfg.models.items()]
+        wanted = [(m.model, m) for m in cfg.models.values()]
     if not wanted:
         raise UsageError(
             "no models to serve",
@@ -269,10 +260,10 @@ def served_models(
     lock = Lock.load(home)
     store = BlobStore(home)
     binary: Path | None = None
-    if any(str(m.get("runtime", cfg.get("serve.runtime"))) != LLAMA_CPP_PYTHON
-           for _, m in wanted):
-        binary = find_binary(LLAMA_SERVER, str(cfg.get("serve.llama_server")))
-    threads = int(cfg.get("serve.n_threads")) or physical_cores()
+    # The preferred engine's binary, looked for when any model may run on it.
+    if any(choose(m.runtime or cfg.serve.runtime, binary_found=True).binary for _, m in wanted):
+        binary = find_binary(PREFERRED.binary, cfg.serve.llama_server)
+    threads = cfg.serve.n_threads or physical_cores()
     seen: set[str] = set()
     out: list[ServedModel] = []
     notes: list[str] = []
@@ -281,24 +272,25 @@ def served_models(
             raise ConfigError(f"model {name!r} is listed twice", hint="serve each model once")
         seen.add(name)
         entry = lock.get(name)
-        role = str(m.get("role", "chat"))
+        role = m.role or "chat"
         blob = store.path(entry.sha256)
         facts = _check_role(home, name, role, entry.sha256, blob)
-        wanted_runtime = str(m.get("runtime", cfg.get("serve.runtime")))
+        wanted_runtime = m.runtime or cfg.serve.runtime
         runtime, note = _choose_runtime(name, wanted_runtime, binary)
         if note:
             notes.append(note)
         projector = entry.mmproj
-        if projector is not None and runtime != LLAMA_SERVER:
+        if projector is not None and not engine(runtime).images:
             # llama-cpp-python's server loads a projector only through a per-family chat
             # handler, not from a GGUF projector alone: the image would be dropped silently.
+            can = able(lambda e: e.images)
             raise ConfigError(
-                f"{name} has a multimodal projector, and vision needs the llama-server runtime; "
-                f"{name} would run on llama-cpp-python",
-                hint=f"set runtime = \"llama-server\" in [serve] or [models.{name}] of sovctl.toml"
-                if wanted_runtime == LLAMA_CPP_PYTHON else SETUP_HINT)
-        parallel = int(m.get("parallel", cfg.get("serve.parallel")))
-        n_ctx = int(m.get("n_ctx", cfg.get("serve.n_ctx")))
+                f"{name} has a multimodal projector, and vision needs the {can} runtime; "
+                f"{name} would run on {runtime}",
+                hint=f"set runtime = \"{can}\" in [serve] or [models.{name}] of sovctl.toml"
+                if wanted_runtime != AUTO else SETUP_HINT)
+        parallel = cfg.serve.parallel if m.parallel is None else m.parallel
+        n_ctx = cfg.serve.n_ctx if m.n_ctx is None else m.n_ctx
         if role == "embedding" and facts and facts.context_length:
             # An encoder cannot look past what it was trained on (512 tokens for MiniLM).
             n_ctx = min(n_ctx, facts.context_length)
@@ -309,111 +301,51 @@ def served_models(
             size=entry.size,
             blob=str(blob),
             runtime=runtime,
-            parallel=parallel if runtime == LLAMA_SERVER else 1,
+            parallel=parallel if engine(runtime).parallel else 1,
             # Per-model settings win; the [serve] defaults are what a hardware profile sets.
             n_ctx=n_ctx,
-            n_gpu_layers=int(m.get("n_gpu_layers", cfg.get("serve.n_gpu_layers"))),
-            n_threads=int(m.get("n_threads", threads)),
-            n_batch=m.get("n_batch"),
-            chat_format=m.get("chat_format"),
-            chat_template=chat_template_file(name, m["chat_template"], runtime)
-            if m.get("chat_template") else None,
-            seed=m.get("seed"),
-            extra_args=tuple(str(a) for a in m.get("extra_args", ())),
+            n_gpu_layers=cfg.serve.n_gpu_layers if m.n_gpu_layers is None else m.n_gpu_layers,
+            n_threads=threads if m.n_threads is None else m.n_threads,
+            n_batch=m.n_batch,
+            chat_format=m.chat_format,
+            chat_template=chat_template_file(name, m.chat_template, runtime)
+            if m.chat_template else None,
+            seed=m.seed,
+            extra_args=m.extra_args,
             mmproj=str(store.path(projector.sha256)) if projector else None,
             mmproj_sha256=projector.sha256 if projector else "",
             mmproj_size=projector.size if projector else 0,
         ))
-    used = any(m.runtime == LLAMA_SERVER for m in out)
+    used = any(engine(m.runtime).binary for m in out)
     return Selection(tuple(out), tuple(notes), str(binary) if used and binary else None)
-
-
-def _llama_server_args(m: ServedModel, port: int, binary: str, key_file: str,
-                       workers: Sequence[str] = ()) -> list[str]:
-    args = [
-        binary,
-        "--model", m.blob,
-        "--alias", m.name,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        # llama-server divides its context among its slots: each request gets n_ctx.
-        "--ctx-size", str(m.n_ctx * m.parallel),
-        "--parallel", str(m.parallel),
-        "--n-gpu-layers", str(m.n_gpu_layers),
-        "--threads", str(m.n_threads),
-        # The key is read from a file: a command line is readable by every local user.
-        "--api-key-file", key_file,
-        "--no-webui",
-        "--offline",
-    ]
-    if m.role == "embedding":
-        # An embedding request is one batch: let the batch hold a whole context.
-        args += ["--embeddings", "--ubatch-size", str(m.n_ctx), "--batch-size", str(m.n_ctx)]
-    else:
-        args += ["--jinja"]
-    if workers:
-        args += ["--rpc", ",".join(workers), "--log-verbosity", str(RPC_LOG_VERBOSITY)]
-    for flag, value in (("--batch-size", m.n_batch if m.role != "embedding" else None),
-                        ("--mmproj", m.mmproj), ("--chat-template", m.chat_format),
-                        ("--chat-template-file", m.chat_template), ("--seed", m.seed)):
-        if value is not None:
-            args += [flag, str(value)]
-    return args
-
-
-def _llama_cpp_python_args(m: ServedModel, port: int) -> list[str]:
-    args = [
-        "llama_cpp.server",
-        "--model", m.blob,
-        "--model_alias", m.name,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--n_ctx", str(m.n_ctx),
-        "--n_gpu_layers", str(m.n_gpu_layers),
-        "--n_threads", str(m.n_threads),
-        # Never cut a streaming response short because another request arrived: the gateway
-        # queues requests itself, and a silently truncated stream is a lost request.
-        "--interrupt_requests", "False",
-    ]
-    if m.role == "embedding":
-        args += ["--embedding", "True"]
-    for flag, value in (("--n_batch", m.n_batch), ("--chat_format", m.chat_format),
-                        ("--seed", m.seed)):
-        if value is not None:
-            args += [flag, str(value)]
-    return args
 
 
 def runtime_argv(m: ServedModel, port: int, common_env: Mapping[str, str], key_file: str,
                  binary: str | None, workers: Sequence[str] = ()) -> Argv:
     """Every runtime starts through sovctl.runtime.launch (death with the supervisor, the
     egress recorder, a scrubbed environment); a native one is exec'd from there."""
+    e = engine(m.runtime)
     launch = [sys.executable, "-m", "sovctl.runtime.launch", m.name]
-    if m.runtime == LLAMA_SERVER:
+    if e.binary:
         assert binary is not None
-        args = [*launch, "--exec", *_llama_server_args(m, port, binary, key_file, workers)]
-        env = dict(common_env)
+        program = [*launch, "--exec", binary]
     else:
-        args = [*launch, *_llama_cpp_python_args(m, port)]
-        env = {**common_env, KEY_FILE_ENV: key_file}
-    return Argv(args=(*args, *m.extra_args), env=env)
+        program = [*launch, e.module]
+    env = {**common_env, KEY_FILE_ENV: key_file} if e.key_in_env else dict(common_env)
+    return Argv(args=(*program, *e.args(m, port, key_file, workers), *m.extra_args), env=env)
 
 
 def frontier_routes(cfg: Settings) -> tuple[Route, ...]:
     """One route per [providers.NAME]: requests naming "frontier/NAME/MODEL" go there."""
     return tuple(
         Route(model=f"{FRONTIER_PREFIX}{name}", role="chat", kind=PROVIDER, process="",
-              upstream=str(p["base_url"]).rstrip("/"), runtime="",
+              upstream=p.base_url.rstrip("/"), runtime="",
               parallel=0,  # the provider admits what it admits; its 429 reaches the client
               key_file=None,
               provider=Provider(
-                  name=name, api_key_env=str(p["api_key_env"]),
-                  daily_cap=float(p["daily_cap"]) if "daily_cap" in p else None,
-                  models={m: Price(float(price["input_per_mtok"]),
-                                   float(price["output_per_mtok"]),
-                                   f"[providers.{name}.models.{m!r}] prices")
-                          for m, price in p["models"].items()},
-                  max_concurrent=int(p["max_concurrent"]), max_tokens=int(p["max_tokens"])))
+                  name=name, api_key_env=p.api_key_env, daily_cap=p.daily_cap,
+                  models=dict(p.models), max_concurrent=p.max_concurrent,
+                  max_tokens=p.max_tokens))
         for name, p in sorted(cfg.providers.items()))
 
 
@@ -425,19 +357,18 @@ def local_prices(home: Home, cfg: Settings, models: Sequence[ServedModel]
         runs = history.load(home)
     except ConfigError as e:
         return {}, (f"the ledger records no local cost: {e.message}",)
-    cost_cfg = costs.CostConfig.from_settings(cfg)
     prices = {}
     for m in models:
         bench = costs.latest_bench(runs, m.sha256)
         if bench is not None:
-            prices[m.name] = costs.local_price(bench, cost_cfg)
+            prices[m.name] = costs.local_price(bench, cfg.cost)
     return prices, ()
 
 
 def clustered_model(cfg: Settings, served: Sequence[tuple[str, str]]) -> str | None:
     """Which of the served (name, role) models the [cluster] workers serve: [cluster] model,
     else the first chat model; None when that is no served chat model."""
-    wanted = str(cfg.get("cluster.model"))
+    wanted = cfg.cluster.model
     chat = [name for name, role in served if role != "embedding"]
     return (wanted if wanted in chat else None) if wanted else next(iter(chat), None)
 
@@ -447,10 +378,10 @@ def _cluster(cfg: Settings, models: tuple[ServedModel, ...]
     """(the models, the one using the [cluster] workers, the workers, notes). That model's
     layers are offloaded, or none would reach a worker; llama.cpp splits them over the devices
     by the free memory each reports."""
-    workers = tuple(str(w) for w in cfg.get("cluster.workers"))
+    workers = cfg.cluster.workers
     if not workers:
         return models, "", (), ()
-    wanted = str(cfg.get("cluster.model"))
+    wanted = cfg.cluster.model
     name = clustered_model(cfg, [(m.name, m.role) for m in models])
     target = next((m for m in models if m.name == name), None)
     if target is None:
@@ -458,9 +389,10 @@ def _cluster(cfg: Settings, models: tuple[ServedModel, ...]
             raise ConfigError(f"[cluster] model {wanted!r} is not a chat model being served",
                               hint="name a served chat model, or leave model out: the first")
         return models, "", (), ("[cluster] workers are unused: no chat model is served",)
-    if target.runtime != LLAMA_SERVER:
-        raise ConfigError(f"{target.name}: [cluster] workers need the llama-server runtime",
-                          hint=f"set [models.{target.name}] runtime = \"llama-server\"")
+    if not engine(target.runtime).rpc_workers:
+        can = able(lambda e: e.rpc_workers)
+        raise ConfigError(f"{target.name}: [cluster] workers need the {can} runtime",
+                          hint=f"set [models.{target.name}] runtime = \"{can}\"")
     notes: tuple[str, ...] = ()
     if target.n_gpu_layers == 0:
         notes = (f"{target.name}: every layer offloaded (n_gpu_layers = {ALL_LAYERS}) to spread "
@@ -479,7 +411,7 @@ def build(
 ) -> Plan:
     """Decide what would run. No side effects: nothing is written, no key is created (the
     caller creates the API key when `api_key_required` and it is about to start)."""
-    host, port = str(cfg.get("serve.host")), int(cfg.get("serve.port"))
+    host, port = cfg.serve.host, cfg.serve.port
     selection = served_models(home, cfg, chat, embedding)
     run = home.run
     common_env = {**OFFLINE_ENV, egress.ENV_LOG: str(run / "egress.jsonl")}
@@ -494,7 +426,7 @@ def build(
         procs.append(ProcessSpec(
             name=m.name, kind=ProcessKind.RUNTIME, argv=runtime_argv(m, rport, common_env, key_file,
                                                                selection.llama_server, workers),
-            port=rport, health_path=HEALTH_PATH[m.runtime], role=m.role, model=m.name,
+            port=rport, health_path=engine(m.runtime).health_path, role=m.role, model=m.name,
             sha256=m.sha256, runtime=m.runtime, key_file=key_file, workers=workers,
         ))
     routes_file = run / "routes.json"
@@ -508,17 +440,16 @@ def build(
     public = public_face.from_settings(home, cfg)
     if public is not None:
         procs.append(public_face.process(public, host, port, common_env))
-    supervision = cfg.section("serve")
     prices, price_notes = local_prices(home, cfg, models)
     return Plan(
         host=host, port=port, processes=tuple(procs), models=models,
         routes_file=str(routes_file), state_file=str(run / "state.json"),
         egress_log=str(run / "egress.jsonl"), logs_dir=str(home.logs),
         # A tunnel is a public face: the gateway requires the key even on loopback.
-        api_key_required=not is_loopback(host) or public is not None, supervision=supervision,
+        api_key_required=not is_loopback(host) or public is not None, supervision=cfg.serve,
         notes=selection.notes + cluster_notes + price_notes, tunnel=public,
         ledger=str(ledger_path(home)), frontier=frontier_routes(cfg), prices=prices,
-        ledger_max_rows=int(cfg.get("ledger.max_rows")),
+        ledger_max_rows=cfg.ledger.max_rows,
     )
 
 
@@ -530,7 +461,7 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
         port=plan.port,
         auth_required=plan.api_key_required,
         key_file=str(home.secrets / "api_key"),
-        limits=Limits.from_dict({f.name: plan.supervision[f.name] for f in fields(Limits)}),
+        limits=Limits.from_dict(asdict(plan.supervision)),
         state_file=plan.state_file,
         routes=tuple(
             Route(model=p.model, role=p.role, kind=LOCAL, process=p.name,

@@ -163,7 +163,7 @@ class Supervisor:
     def run(self) -> None:
         for p in self.procs:
             self._start(p)
-        interval = float(self.cfg["health_interval"])
+        interval = self.cfg.health_interval
         next_state = 0.0
         try:
             while not self.stopping:
@@ -192,8 +192,8 @@ class Supervisor:
         log = self._logs.get(name)
         if log is None:
             log = self._logs[name] = RotatingLog(Path(self.plan.logs_dir) / f"{name}.log",
-                                                 int(self.cfg["log_max_bytes"]),
-                                                 int(self.cfg["log_backups"]))
+                                                 self.cfg.log_max_bytes,
+                                                 self.cfg.log_backups)
         return log
 
     def _start(self, p: _Proc) -> None:
@@ -223,7 +223,7 @@ class Supervisor:
         self._event(p.spec.name, f"started pid {p.popen.pid}")
 
     def _ask_workers(self, endpoints: tuple[str, ...]) -> list[cluster.WorkerHealth]:
-        timeout = float(self.cfg["health_timeout"])
+        timeout = self.cfg.health_timeout
         return [cluster.probe_worker(w, timeout) for w in endpoints]
 
     def _with_live_workers(self, p: _Proc) -> Argv:
@@ -299,7 +299,7 @@ class Supervisor:
         loudly (5xx), never silently wrong; new ones wait for it at the gateway."""
         assert p.popen is not None
         self._event(p.spec.name, reason)
-        stop_group(p.popen.pid, float(self.cfg["stop_timeout"]), p.popen)
+        stop_group(p.popen.pid, self.cfg.stop_timeout, p.popen)
         p.popen, p.probe = None, None
         p.restarts += 1
         p.last_exit = reason
@@ -329,8 +329,8 @@ class Supervisor:
             reason = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
             self._crashed(p, reason)
             return
-        if p.status == Status.STARTING and now - p.started_at > float(self.cfg["start_timeout"]):
-            self._crashed(p, f"not healthy within {self.cfg['start_timeout']}s")
+        if p.status == Status.STARTING and now - p.started_at > self.cfg.start_timeout:
+            self._crashed(p, f"not healthy within {self.cfg.start_timeout}s")
             return
         if p.probe is not None and p.probe.done():
             result = p.probe.result()
@@ -352,7 +352,7 @@ class Supervisor:
                 p.next_probe = now  # its health is the remote forward's from now on: look now
             elif p.status == Status.UP:
                 p.probe_failures += 1
-                if p.probe_failures >= int(self.cfg["health_failures"]):
+                if p.probe_failures >= self.cfg.health_failures:
                     self._crashed(p, f"hung: {p.probe_failures} health checks failed")
                     return
         if p.workers and p.status == Status.UP:
@@ -366,7 +366,7 @@ class Supervisor:
             p.probe = self._probes.submit(_probe_listening, p.popen.pid, p.spec.port) \
                 if p.spec.kind == ProcessKind.WORKER else \
                 self._probes.submit(self._forward_held, p) if p.unprobed else \
-                self._probes.submit(_probe, url, float(self.cfg["health_timeout"]), p.popen.pid)
+                self._probes.submit(_probe, url, self.cfg.health_timeout, p.popen.pid)
             p.next_probe = now + (interval if p.status == Status.UP else 0.25)
 
     def _probe_refused(self, p: _Proc) -> bool:
@@ -420,12 +420,12 @@ class Supervisor:
 
     def _schedule_restart(self, p: _Proc, reason: str) -> None:
         now = time.monotonic()
-        window = float(self.cfg["restart_window"])
+        window = self.cfg.restart_window
         while p.recent and now - p.recent[0] > window:
             p.recent.popleft()
         # A tunnel fails with its network or its far host, which come back by themselves: it
         # keeps retrying at the longest backoff instead of being given up on as crash-looping.
-        if p.spec.kind != ProcessKind.TUNNEL and len(p.recent) >= int(self.cfg["max_restarts"]):
+        if p.spec.kind != ProcessKind.TUNNEL and len(p.recent) >= self.cfg.max_restarts:
             p.status = Status.FAILED
             self._event(p.spec.name, f"marked failed: {len(p.recent) + 1} failures within "
                                      f"{window:.0f}s, last: {reason}")
@@ -442,7 +442,7 @@ class Supervisor:
         for p in live:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.popen.pid, signal.SIGTERM)  # type: ignore[union-attr]
-        deadline = time.monotonic() + float(self.cfg["stop_timeout"])
+        deadline = time.monotonic() + self.cfg.stop_timeout
         for p in live:
             assert p.popen is not None
             stop_group(p.popen.pid, max(deadline - time.monotonic(), 0.1), p.popen)

@@ -118,7 +118,7 @@ def known_hosts_path(home: Home) -> Path:
 
 def from_settings(home: Home, cfg: Settings) -> Tunnel | None:
     """The tunnel [tunnel] (or the flags) asks for; None without `via`."""
-    via = str(cfg.get("tunnel.via")).strip()
+    via = cfg.tunnel.via.strip()
     if not via:
         return None
     # Flags are usage; anything from a file or the environment is configuration.
@@ -128,22 +128,22 @@ def from_settings(home: Home, cfg: Settings) -> Tunnel | None:
         raise error(f"tunnel target {via!r} is not USER@HOST[:PORT]",
                     hint="for example tunnel@vps.example.org, or tunnel@[2001:db8::1]:2222")
     user, host, port = parsed
-    remote_port = int(cfg.get("tunnel.remote_port"))
+    remote_port = cfg.tunnel.remote_port
     if not 0 < remote_port < 65536:
         raise error(f"tunnel.remote_port must be a port number (1-65535), got {remote_port}")
-    bind = str(cfg.get("tunnel.remote_bind")).strip()
+    bind = cfg.tunnel.remote_bind.strip()
     if bind not in ANY_ADDRESS and not _valid_host(bind):
         raise ConfigError(f"tunnel.remote_bind {bind!r} is not an address",
                           hint="leave it empty (the public host's GatewayPorts decides), or give "
                           "an address of the public host such as 127.0.0.1 or 0.0.0.0")
-    identity = str(cfg.get("tunnel.identity")).strip()
+    identity = cfg.tunnel.identity.strip()
     if identity:
         path = Path(identity).expanduser()
         if not path.is_file():
             raise error(f"tunnel identity {identity} is not a file",
                         hint="give the private key ssh logs in to the public host with")
         identity = str(path.resolve())
-    keepalive = (int(cfg.get("tunnel.keepalive_interval")), int(cfg.get("tunnel.keepalive_count")))
+    keepalive = (cfg.tunnel.keepalive_interval, cfg.tunnel.keepalive_count)
     if min(keepalive) < 1:
         raise ConfigError("tunnel.keepalive_interval and tunnel.keepalive_count must be at "
                           f"least 1, got {keepalive[0]} and {keepalive[1]}")

@@ -33,8 +33,11 @@ def credential(endpoint: str, hub_token: str | None) -> str | None:
     """What may be sent to `endpoint`: the Hub's token (HF_TOKEN) to the Hub alone; any other
     endpoint, a mirror on the LAN over plain http as likely as not, gets $SOVCTL_MIRROR_TOKEN
     and never the Hub's token, which would open the operator's Hub account to whoever runs it."""
-    if is_hub(endpoint):
-        return hub_token
+    return hub_token if is_hub(endpoint) else mirror_token()
+
+
+def mirror_token() -> str | None:
+    """The one credential sent to an endpoint other than the Hub: $SOVCTL_MIRROR_TOKEN."""
     return os.environ.get(MIRROR_TOKEN_ENV) or None
 
 

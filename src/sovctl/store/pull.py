@@ -6,19 +6,15 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from sovctl.errors import IntegrityError, UsageError
 from sovctl.fsutil import file_lock, fsync_path
 from sovctl.home import Home
 from sovctl.names import check_name, is_sha256_hex, name_from_filename
-from sovctl.result import utcnow
-from sovctl.store import gguf_info, hub, integrity, refs
-from sovctl.store.blobs import BlobStore, HashingWriter, Progress
+from sovctl.store import gguf_info, integrity
+from sovctl.store.blobs import BlobStore
 from sovctl.store.lock import Lock, LockEntry, ProjectorPin
-
-# (description, total bytes or None, bytes already done) -> a callback taking byte counts
-ProgressFactory = Callable[[str, int | None, int], Progress]
+from sovctl.store.sources import HubSource, ProgressFactory, Resolved, Source, source_for
 
 
 @dataclass(frozen=True)
@@ -40,13 +36,10 @@ class ReplicaResult:
 
 @dataclass(frozen=True)
 class _Download:
-    """One file to bring into the store: where from, and what its bytes must be."""
+    """One file to bring into the store: its source, and what its bytes must be."""
 
-    entry: LockEntry  # sha256/size may be provisional until the bytes are hashed
-    fetch_url: str | None  # None: copy from a local file
-    local: Path | None
-    expected_sha: str | None
-    expected_size: int | None
+    source: Source
+    want: Resolved
 
 
 def _check_sha(value: str | None, flag: str) -> str | None:
@@ -58,117 +51,25 @@ def _check_sha(value: str | None, flag: str) -> str | None:
     return v
 
 
-def _to_download(
-    ref_text: str,
-    ref: refs.Ref,
-    *,
-    revision: str,
-    sha256: str | None,
-    endpoint: str,
-    tofu: bool,
-    have: list[str],
-    token: str | None,
-) -> _Download:
-    now = utcnow()
-    common: dict[str, Any] = {"ref": ref_text, "pulled_at": now, "verified_at": now, "name": ""}
-    if isinstance(ref, refs.HubFile | refs.HubQuant):
-        res = hub.resolve(
-            endpoint,
-            ref.repo,
-            revision,
-            path=ref.path if isinstance(ref, refs.HubFile) else None,
-            quant=ref.quant if isinstance(ref, refs.HubQuant) else None,
-            have=have,
-            token=hub.credential(endpoint, token),
-        )
-        if sha256 and res.sha256 and sha256 != res.sha256:
-            raise IntegrityError(
-                f"--sha256 {sha256} disagrees with the Hub's sha256 {res.sha256} for "
-                f"{res.repo}/{res.path}@{res.commit[:12]}",
-                hint="check where your expected digest came from; nothing was downloaded",
-            )
-        expected = res.sha256 or sha256
-        if res.sha256 and sha256:
-            origin = "hub+flag"
-        elif expected:
-            origin = "hub" if res.sha256 else "flag"
-        else:
-            origin = _tofu_or_refuse(tofu, f"{endpoint} gives no sha256 for {res.path}")
-        entry = LockEntry(
-            **common,
-            sha256=expected or "",
-            size=res.size or 0,
-            source="hf",
-            digest_from=origin,
-            repo=res.repo,
-            path=res.path,
-            endpoint=endpoint,
-            revision=revision,
-            commit=res.commit,
-        )
-        return _Download(entry, res.url, None, expected, res.size)
-    if isinstance(ref, refs.Url):
-        origin = "flag" if sha256 else _tofu_or_refuse(tofu, f"a URL carries no digest: {ref.url}")
-        entry = LockEntry(
-            **common, sha256=sha256 or "", size=0, source="url", digest_from=origin, url=ref.url
-        )
-        return _Download(entry, ref.url, None, sha256, None)
-    entry = LockEntry(
-        **common,
-        sha256=sha256 or "",
-        size=ref.path.stat().st_size,
-        source="file",
-        digest_from="flag" if sha256 else "computed",
-        path=str(ref.path),
-    )
-    return _Download(entry, None, ref.path, sha256, entry.size)
-
-
-def _tofu_or_refuse(tofu: bool, why: str) -> str:
-    if not tofu:
-        raise IntegrityError(
-            f"refusing to download without an expected sha256: {why}",
-            hint="pass --sha256 HEX from a source you trust, or --trust-on-first-use",
-        )
-    return "trust-on-first-use"
-
-
 def _already(
     lock: Lock,
     store: BlobStore,
-    ref_text: str,
-    revision: str,
+    source: Source,
     name: str | None,
-    mmproj_text: str | None,
+    projector: Source | None,
 ) -> LockEntry | None:
-    def same(pin: LockEntry | ProjectorPin, ref: str) -> bool:
-        same_rev = pin.source != "hf" or revision in (pin.revision, pin.commit)
-        return pin.ref == ref and same_rev and store.has(pin.sha256, pin.size)
+    def same(pin: LockEntry | ProjectorPin, source: Source) -> bool:
+        return source.pins(pin) and store.has(pin.sha256, pin.size)
 
     for entry in lock.entries.values():
         if name is not None and entry.name != name:
             continue
-        if mmproj_text is not None and (entry.mmproj is None
-                                        or not same(entry.mmproj, mmproj_text)):
+        if projector is not None and (entry.mmproj is None
+                                      or not same(entry.mmproj, projector)):
             continue
-        if same(entry, ref_text):
+        if same(entry, source):
             return entry
     return None
-
-
-def _parse(ref_text: str, endpoint: str) -> tuple[refs.Ref, str]:
-    """The reference, and its text as pinned."""
-    ref = refs.parse_ref(ref_text)
-    if isinstance(ref, refs.HubFile | refs.HubQuant) and not endpoint.startswith(
-        ("http://", "https://")
-    ):
-        raise UsageError(
-            f"hub endpoint {endpoint!r} is not an http:// or https:// URL",
-            hint="check --endpoint, HF_ENDPOINT, SOVCTL_HUB__ENDPOINT or [hub] in sovctl.toml",
-        )
-    if isinstance(ref, refs.LocalFile):
-        ref_text = str(ref.path)  # the same file pins the same way from any working directory
-    return ref, ref_text
 
 
 def _disagrees(flag: str, wanted: str | None, pinned: str, name: str) -> None:
@@ -181,11 +82,12 @@ def _disagrees(flag: str, wanted: str | None, pinned: str, name: str) -> None:
 
 def _repin(dl: _Download, pinned: LockEntry | ProjectorPin) -> _Download:
     """The same source again, its blob lost: the bytes must be the ones that were pinned."""
-    return replace(
-        dl,
+    want = dl.want
+    return replace(dl, want=replace(
+        want,
         expected_sha=pinned.sha256,
-        entry=replace(dl.entry, sha256=pinned.sha256, digest_from=pinned.digest_from),
-    )
+        entry=replace(want.entry, sha256=pinned.sha256, digest_from=pinned.digest_from),
+    ))
 
 
 def _weights(label: str, facts: gguf_info.GgufFacts) -> None:
@@ -221,7 +123,7 @@ def pull(
     mmproj_sha256: str | None = None,
 ) -> PullResult:
     """Pin REF under a name; with `mmproj`, pin that projector with it, both or neither.
-    `token` is the Hub's (HF_TOKEN): sent to the Hub only (see hub.credential)."""
+    `token` is the Hub's (HF_TOKEN): given to the Hub's source only (see source_for)."""
     if name is not None:
         check_name(name)
     sha256 = _check_sha(sha256, "--sha256")
@@ -229,12 +131,13 @@ def pull(
     if mmproj_sha256 and mmproj is None:
         raise UsageError("--mmproj-sha256 is the digest of a projector; there is no --mmproj",
                          hint="add --mmproj REF, or drop --mmproj-sha256")
-    ref, ref_text = _parse(ref_text, endpoint)
-    projector_ref, mmproj_text = _parse(mmproj, endpoint) if mmproj else (None, None)
+    source = source_for(ref_text, endpoint=endpoint, revision=revision, hub_token=token)
+    projector_source = source_for(mmproj, endpoint=endpoint, revision=revision,
+                                  hub_token=token) if mmproj else None
     store = BlobStore(home)
     lock = Lock.load(home)
 
-    done = _already(lock, store, ref_text, revision, name, mmproj_text)
+    done = _already(lock, store, source, name, projector_source)
     if done is not None:
         _disagrees("--sha256", sha256, done.sha256, done.name)
         if done.mmproj is not None:
@@ -243,17 +146,17 @@ def pull(
                           "already-pinned" if mmproj else "")
 
     have = sorted(lock.entries)
-    dl = _to_download(ref_text, ref, revision=revision, sha256=sha256, endpoint=endpoint,
-                      tofu=trust_on_first_use, have=have, token=token)
-    final_name = name or name_from_filename(dl.entry.path or dl.entry.url.split("?")[0])
+    dl = _Download(source, source.resolve(sha256, tofu=trust_on_first_use, have=have))
+    final_name = name or name_from_filename(dl.want.entry.path
+                                            or dl.want.entry.url.split("?")[0])
     mm_dl = None
-    if projector_ref is not None and mmproj_text is not None:
-        mm_dl = _to_download(mmproj_text, projector_ref, revision=revision,
-                             sha256=mmproj_sha256, endpoint=endpoint, tofu=trust_on_first_use,
-                             have=have, token=token)
+    if projector_source is not None:
+        mm_dl = _Download(projector_source, projector_source.resolve(
+            mmproj_sha256, tofu=trust_on_first_use, have=have))
     existing = lock.entries.get(final_name)
     if existing is not None:
-        if existing.ref != ref_text or (dl.expected_sha or existing.sha256) != existing.sha256:
+        if existing.ref != source.ref \
+                or (dl.want.expected_sha or existing.sha256) != existing.sha256:
             raise UsageError(
                 f"name {final_name!r} already pins {existing.ref} (sha256 {existing.short_sha})",
                 hint=f"choose another --name, or 'sovctl rm {final_name}' first",
@@ -261,8 +164,8 @@ def pull(
         dl = _repin(dl, existing)
         pinned = existing.mmproj
         if mm_dl is not None and pinned is not None:
-            if pinned.ref != mmproj_text or (mm_dl.expected_sha or pinned.sha256) \
-                    != pinned.sha256:
+            if pinned.ref != mm_dl.source.ref \
+                    or (mm_dl.want.expected_sha or pinned.sha256) != pinned.sha256:
                 raise UsageError(
                     f"name {final_name!r} already pins the projector {pinned.ref} (sha256 "
                     f"{pinned.sha256[:12]})",
@@ -276,10 +179,10 @@ def pull(
     try:
         projector = None
         if mm_dl is not None:
-            projector = _fetch(home, store, mm_dl, f"{final_name}/mmproj", progress, token,
-                               have, _projector)
+            projector = _fetch(home, store, mm_dl, f"{final_name}/mmproj", progress, have,
+                               _projector)
             stored.append(projector.entry.sha256)
-        model = _fetch(home, store, dl, final_name, progress, token, have, _weights)
+        model = _fetch(home, store, dl, final_name, progress, have, _weights)
         stored.append(model.entry.sha256)
         entry = _record(home, store, replace(
             model.entry, name=final_name,
@@ -307,59 +210,39 @@ def _fetch(
     dl: _Download,
     label: str,
     progress: ProgressFactory | None,
-    token: str | None,
     have: list[str],
     accept: Callable[[str, gguf_info.GgufFacts], None],
 ) -> _Fetched:
     """Bring one file's bytes into the store, verified, and of the kind `accept` wants."""
     home.ensure(home.partials)
-    source = dl.fetch_url or str(dl.local)
-    key = dl.expected_sha or hashlib.sha256(source.encode()).hexdigest()
+    want = dl.want
+    key = want.expected_sha or hashlib.sha256(want.location.encode()).hexdigest()
     with file_lock(home.partials / f"{key}.flock", what=f"the download of {label}"):
-        if dl.expected_sha and store.has(dl.expected_sha, dl.expected_size):
+        if want.expected_sha and store.has(want.expected_sha, want.expected_size):
             # Another name, or a concurrent pull that just finished, already holds these bytes.
-            blob = store.path(dl.expected_sha)
-            accept(label, gguf_info.facts_for(home, dl.expected_sha, blob))
-            return _Fetched(replace(dl.entry, size=blob.stat().st_size), "linked", 0, 0)
+            blob = store.path(want.expected_sha)
+            accept(label, gguf_info.facts_for(home, want.expected_sha, blob))
+            return _Fetched(replace(want.entry, size=blob.stat().st_size), "linked", 0, 0)
         partial = store.partial(key)
-        if dl.local is not None:
-            digest, size, transferred, resumed = _copy(dl.local, partial, progress, label)
-        else:
-            assert dl.fetch_url is not None
-            # A credential goes to the endpoint it belongs to (the Hub's token to the Hub, the
-            # mirror's to a mirror), and none to an arbitrary URL.
-            sent = hub.credential(dl.entry.endpoint, token) if dl.entry.source == "hf" \
-                else None
-            digest, size, transferred, resumed = _download(
-                dl.fetch_url, partial, dl.expected_size, progress, label, sent, have,
-            )
+        got = dl.source.fetch(want, partial, label=label, progress=progress, have=have)
         try:
-            _check_digest(dl, digest, size, label)
-            facts = _facts_while_syncing(partial, label=f"{label} ({dl.entry.ref})")
+            if want.expected_sha and got.digest != want.expected_sha:
+                raise IntegrityError(
+                    f"{label}: sha256 mismatch: expected {want.expected_sha}, got {got.digest}; "
+                    "nothing was stored",
+                    hint="the bytes were altered on the way or at the source; try again or use "
+                    "another --endpoint",
+                )
+            facts = _facts_while_syncing(partial, label=f"{label} ({want.entry.ref})")
             accept(label, facts)
         except (IntegrityError, UsageError):
             partial.unlink(missing_ok=True)
             raise
-        store.adopt(partial, digest)
-        integrity.record(home, digest)
-        gguf_info.remember(home, digest, facts)
-    action = "imported" if dl.local is not None else "resumed" if resumed else "downloaded"
-    return _Fetched(replace(dl.entry, sha256=digest, size=size), action, transferred, resumed)
-
-
-def _check_digest(dl: _Download, digest: str, size: int, name: str) -> None:
-    if dl.expected_size is not None and dl.local is None and size != dl.expected_size:
-        raise IntegrityError(
-            f"{name}: received {size} bytes, expected {dl.expected_size}; nothing was stored",
-            hint="the source or a proxy altered the file; try again or use another --endpoint",
-        )
-    if dl.expected_sha and digest != dl.expected_sha:
-        raise IntegrityError(
-            f"{name}: sha256 mismatch: expected {dl.expected_sha}, got {digest}; "
-            "nothing was stored",
-            hint="the bytes were altered on the way or at the source; try again or use another "
-            "--endpoint",
-        )
+        store.adopt(partial, got.digest)
+        integrity.record(home, got.digest)
+        gguf_info.remember(home, got.digest, facts)
+    return _Fetched(replace(want.entry, sha256=got.digest, size=got.size), got.action,
+                    got.transferred, got.resumed_from)
 
 
 def _facts_while_syncing(partial: Path, label: str) -> gguf_info.GgufFacts:
@@ -419,89 +302,12 @@ def _drop_unpinned(home: Home, store: BlobStore, blobs: list[str]) -> None:
                 gguf_info.forget(home, sha256)
 
 
-def _copy(
-    src: Path, partial: Path, progress: ProgressFactory | None, name: str
-) -> tuple[str, int, int, int]:
-    total = src.stat().st_size
-    cb = progress(f"import {name}", total, 0) if progress else None
-    writer = HashingWriter(partial, resume=False, progress=cb)
-    try:
-        with src.open("rb", buffering=0) as f:
-            writer.copy_from(f)
-        digest, size = writer.finish()
-    except BaseException:
-        writer.discard()
-        raise
-    return digest, size, size, 0
-
-
-def _download(
-    url: str,
-    partial: Path,
-    expected_size: int | None,
-    progress: ProgressFactory | None,
-    name: str,
-    token: str | None,
-    have: list[str],
-) -> tuple[str, int, int, int]:
-    offset = partial.stat().st_size if partial.exists() else 0
-    if expected_size is not None and offset > expected_size:
-        offset = 0
-    if offset and offset == expected_size:
-        # An earlier run received every byte but stopped before storing them: hash, no fetch.
-        try:
-            writer = HashingWriter(partial, resume=True)
-        except IntegrityError:
-            partial.unlink(missing_ok=True)
-            raise
-        digest, size = writer.finish()
-        return digest, size, 0, offset
-    with hub.fetch(url, offset, token, have) as resp:
-        if resp.status in (200, 416):
-            # The server ignored or refused our range: start over from the first byte.
-            offset = 0
-        if resp.status == 416:
-            partial.unlink(missing_ok=True)
-            return _download(url, partial, expected_size, progress, name, token, have)
-        total = resp.total if resp.total is not None else expected_size
-        cb = progress(f"pull {name}", total, offset) if progress else None
-        try:
-            writer = HashingWriter(partial, resume=offset > 0)
-        except IntegrityError:
-            partial.unlink(missing_ok=True)
-            raise
-        transferred = 0
-        try:
-            for chunk in resp.chunks:
-                writer.write(chunk)
-                transferred += len(chunk)
-                if cb:
-                    cb(len(chunk))
-        except IntegrityError:
-            writer.discard()
-            raise
-        except hub.Interrupted as e:
-            writer.close()
-            raise hub.Interrupted(
-                f"download of {name} interrupted after {writer.size} of "
-                f"{total if total is not None else '?'} bytes ({e})",
-                hint="run the same 'sovctl pull' again: it resumes from the bytes on disk",
-            ) from None
-    digest, size = writer.finish()
-    if total is not None and size < total:
-        raise hub.Interrupted(
-            f"download of {name} ended early after {size} of {total} bytes",
-            hint="run the same 'sovctl pull' again: it resumes from the bytes on disk",
-        )
-    return digest, size, transferred, offset
-
-
 def _unmirrorable(e: LockEntry) -> str | None:
     """Why a pin cannot be fetched from a Hub endpoint at its commit, or None."""
     for what, pin in (("it", e), ("its projector", e.mmproj)):
         if pin is None:
             continue
-        if pin.source != "hf" or not pin.commit:
+        if pin.source != HubSource.kind or not pin.commit:
             return (f"{what} was pinned from {pin.url or pin.path or pin.ref}, not the Hub, so "
                     "no mirror serves it: copy the file and 'sovctl pull PATH --name "
                     f"{e.name} --sha256 {pin.sha256}'")

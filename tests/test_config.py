@@ -109,7 +109,7 @@ def test_hf_endpoint_is_an_alias_below_sovctl_hub_endpoint(home: Home) -> None:
         ("[nope]\n", "unknown section [nope]"),
         ("[serve]\nportt = 1\n", "unknown setting serve.portt"),
         ("models = 3\n", "[models] must be a table"),
-        ("[models.chat]\nrole = \"poet\"\n", "role must be chat, embedding or completion"),
+        ("[models.chat]\nrole = \"poet\"\n", "role must be chat, embedding, completion or rerank"),
         ("[models.chat]\nn_ctx = \"big\"\n", "models.chat.n_ctx must be a int"),
         ("[models.chat]\ncolour = 1\n", "unknown setting models.chat.colour"),
         ('profile = "../etc"\n', "is not valid"),

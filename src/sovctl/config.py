@@ -144,14 +144,18 @@ SECTIONS: dict[str, type] = {
 
 # -- the tables of sections -----------------------------------------------------------------------
 
+# What a served model does: which endpoints it answers (the gateway's ENDPOINT_ROLES).
+MODEL_ROLES = ("chat", "embedding", "completion", "rerank")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """A served model's section ([models.NAME]). None: not set here, so the [serve] setting of
     the same name applies."""
 
     model: str  # store name; the section's name unless set
-    role: str | None = None  # "chat" | "embedding" | "completion"; None: chat (`sovctl plan`: as
-    # the model's header says)
+    role: str | None = None  # one of MODEL_ROLES; None: chat (`sovctl plan`: as the model's
+    # header says)
     runtime: str | None = None  # an engine's name (sovctl.engines), or auto
     parallel: int | None = None
     n_ctx: int | None = None
@@ -450,9 +454,10 @@ def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
                 f"{origin}: models.{name}.{k} must be a {MODEL_KEYS[k].__name__}, got {v!r}"
             )
     role = body.get("role", "chat")
-    if role not in ("chat", "embedding", "completion"):
+    if role not in MODEL_ROLES:
         raise ConfigError(
-            f"{origin}: models.{name}.role must be chat, embedding or completion, got {role!r}"
+            f"{origin}: models.{name}.role must be {', '.join(MODEL_ROLES[:-1])} or "
+            f"{MODEL_ROLES[-1]}, got {role!r}"
         )
     _check_runtime(body.get("runtime", AUTO), f"{origin}: models.{name}.runtime")
     if body.get("parallel", 1) < 1:

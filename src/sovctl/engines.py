@@ -42,7 +42,8 @@ class Surface(StrEnum):
     EMBEDDINGS = "/v1/embeddings"
     MESSAGES = "/v1/messages"  # Anthropic's Messages API
     RESPONSES = "/v1/responses"  # OpenAI's Responses API
-    RERANK = "/v1/rerank"  # only when started to rerank (llama-server --reranking)
+    RERANK = "/v1/rerank"  # only when started to rerank (llama-server --reranking); it
+    # answers /rerank too
 
 
 class Served(Protocol):
@@ -92,11 +93,15 @@ class Engine:
     props_path: str  # where it tells what the loaded template does; "" none
     images: bool  # reads images, given the model's multimodal projector
     embeddings: bool  # serves an embedding model
-    reranking: bool  # started to rerank (sovctl starts none to: False for all today)
+    reranking: bool  # serves a reranker (role "rerank") on its rerank surface
     chat_template_file: bool  # takes a Jinja chat template from a file
     rpc_workers: bool  # spreads a model over [cluster] workers (ggml-rpc-server)
     surfaces: frozenset[Surface]  # the APIs the program speaks, routed or not
     summary: str  # what it is, in a few words
+
+
+# The roles whose model encodes its whole input at once (one pooled output, no generation).
+_ENCODER_ROLES = ("embedding", "rerank")
 
 
 def _llama_server_args(m: Served, port: int, key_file: str, workers: Sequence[str]
@@ -116,14 +121,16 @@ def _llama_server_args(m: Served, port: int, key_file: str, workers: Sequence[st
         "--no-webui",
         "--offline",
     ]
-    if m.role == "embedding":
-        # An embedding request is one batch: let the batch hold a whole context.
-        args += ["--embeddings", "--ubatch-size", str(m.n_ctx), "--batch-size", str(m.n_ctx)]
+    if m.role in _ENCODER_ROLES:
+        # An embedding request is one batch, and so is each (query, document) pair a reranker
+        # scores: let the batch hold a whole context.
+        args += ["--reranking" if m.role == "rerank" else "--embeddings",
+                 "--ubatch-size", str(m.n_ctx), "--batch-size", str(m.n_ctx)]
     else:
         args += ["--jinja"]
     if workers:
         args += ["--rpc", ",".join(workers), "--log-verbosity", str(RPC_LOG_VERBOSITY)]
-    for flag, value in (("--batch-size", m.n_batch if m.role != "embedding" else None),
+    for flag, value in (("--batch-size", m.n_batch if m.role not in _ENCODER_ROLES else None),
                         ("--mmproj", m.mmproj), ("--chat-template", m.chat_format),
                         ("--chat-template-file", m.chat_template), ("--seed", m.seed)):
         if value is not None:
@@ -161,7 +168,7 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
         name=LLAMA_SERVER, binary="llama-server", module="", args=_llama_server_args,
         # Public (no key), and 503 while the model loads.
         health_path="/health", key_in_env=False, parallel=True, tools=True,
-        props_path="/props", images=True, embeddings=True, reranking=False,
+        props_path="/props", images=True, embeddings=True, reranking=True,
         chat_template_file=True, rpc_workers=True,
         surfaces=_OPENAI | {Surface.MESSAGES, Surface.RESPONSES, Surface.RERANK},
         summary="llama.cpp's own server: continuous batching over parallel slots"),

@@ -22,6 +22,8 @@ ChatOpt = Annotated[list[str] | None, typer.Option(
     "--chat", help="Store name of a chat model to serve (repeatable).")]
 EmbedOpt = Annotated[list[str] | None, typer.Option(
     "--embedding", help="Store name of an embedding model to serve (repeatable).")]
+RerankOpt = Annotated[list[str] | None, typer.Option(
+    "--rerank", help="Store name of a reranker to serve on /v1/rerank (repeatable).")]
 HostOpt = Annotated[str | None, typer.Option(
     help="Gateway address (default 127.0.0.1; anything else requires the API key).")]
 PortOpt = Annotated[int | None, typer.Option(help="Gateway port (default 8088).")]
@@ -41,6 +43,7 @@ def serve(
     ctx: typer.Context,
     chat: ChatOpt = None,
     embedding: EmbedOpt = None,
+    rerank: RerankOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     detach: DetachOpt = False,
@@ -60,7 +63,7 @@ def serve(
     state = begin(ctx, json_out)
     home = state.home
     cfg = settings({"serve.host": host, "serve.port": port})
-    plan = build(home, cfg, chat or [], embedding or [])
+    plan = build(home, cfg, chat or [], embedding or [], rerank=rerank or [])
     if dry_run:
         procs = [{"name": p.name, "kind": p.kind, "runtime": p.runtime,
                   "argv": list(p.argv.args), "env": dict(p.argv.env), "port": p.port}

@@ -26,7 +26,7 @@ from starlette.routing import Route as HttpRoute
 
 from sovctl.engines import engine
 from sovctl.errors import ConfigError
-from sovctl.gateway import tools, validate
+from sovctl.gateway import anthropic, rerank, responses, tools, validate
 from sovctl.gateway.accounting import Ledger, StreamTally, ask_usage
 from sovctl.gateway.frontier import Frontier
 from sovctl.gateway.guard import Access, preflight_headers, with_cors
@@ -54,6 +54,15 @@ ENDPOINT_ROLES = {
     CHAT: ("chat",),
     "/v1/completions": ("completion", "chat"),
     "/v1/embeddings": ("embedding",),
+    rerank.ENDPOINT: ("rerank",),
+    responses.RESPONSES: ("chat",),
+    anthropic.MESSAGES: ("chat",),
+    anthropic.COUNT_TOKENS: ("chat",),
+}
+# The surfaces that tell their errors in a shape of their own (every other: OpenAI's).
+ERROR_SHAPES: dict[str, Callable[[JSONResponse], JSONResponse]] = {
+    anthropic.MESSAGES: anthropic.retell_error,
+    anthropic.COUNT_TOKENS: anthropic.retell_error,
 }
 
 
@@ -192,11 +201,14 @@ class Gateway:
             self.key = Path(table.key_file).read_text().strip().encode()
         self.status = RuntimeStatus(Path(table.state_file))
         self.metrics = Metrics()
+        # Recent Responses conversations, for previous_response_id: in the run folder.
+        self.responses = responses.Store(Path(table.state_file).parent / responses.STORE_FILE)
 
     def close(self) -> None:
         for route in self.routes.values():
             route.upstream.close()
         self.ledger.close()
+        self.responses.close()
 
     # -- plumbing ----------------------------------------------------------------------------
     def _authorised(self, given: bytes) -> bool:
@@ -205,13 +217,18 @@ class Gateway:
         scheme, _, token = given.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token, self.key)
 
+    def _authorised_key(self, given: bytes | None) -> bool:
+        """The key as Anthropic's clients send it, in x-api-key."""
+        return self.key is None or (given is not None and hmac.compare_digest(given, self.key))
+
     def _authorised_request(self, request: Request) -> bool:
         return self._authorised(request.headers.get("authorization", "").encode("latin-1"))
 
     def _unauthorised(self) -> JSONResponse:
         # Counted, never recorded in the ledger: whoever reaches the port could fill the disk.
         self.metrics.refuse("auth")
-        return error(401, "missing or wrong API key: send Authorization: Bearer <key>",
+        return error(401, "missing or wrong API key: send Authorization: Bearer <key> (or "
+                     "x-api-key: <key>)",
                      "invalid_request_error", "invalid_api_key",
                      headers={"WWW-Authenticate": "Bearer"})
 
@@ -360,9 +377,13 @@ class Gateway:
             if origin is not None:
                 # An allowed page reads every answer, a 401 for a key it lacks included.
                 send = with_cors(send, origin)
-            if not self._authorised(headers.get(b"authorization", b"")):
+            if not (self._authorised(headers.get(b"authorization", b""))
+                    or self._authorised_key(headers.get(b"x-api-key"))):
                 refused = self._unauthorised()
+        shape = ERROR_SHAPES.get(endpoint)
         if refused is not None:
+            if shape is not None:
+                refused = shape(refused)
             await refused(scope, receive, send)
             return
         try:
@@ -372,6 +393,8 @@ class Gateway:
             return
         if answer is not None:
             model, response = answer
+            if shape is not None and isinstance(response, JSONResponse):
+                response = shape(response)
             await response(scope, receive, send)
             seconds = time.perf_counter() - started
             self.metrics.request(model, endpoint, response.status_code, seconds)
@@ -405,15 +428,21 @@ class Gateway:
         route = self._pick(endpoint, model)
         if isinstance(route, Response):
             return "-", route
-        invalid = validate.check(endpoint, payload)
+        invalid = _check(endpoint, payload)
+        if invalid is None and endpoint == responses.RESPONSES:
+            invalid = responses.beyond_engine(route.model, route.engine)
+        seen = payload  # what the engine and image checks read: a chat request
+        if invalid is None and endpoint in anthropic.ENDPOINTS:
+            invalid = anthropic.beyond_engine(route.model, route.engine)
+            seen = anthropic.to_chat(payload)
         if invalid is None and route.limited:
-            invalid = validate.beyond_engine(route.model, payload, route.engine)
+            invalid = validate.beyond_engine(route.model, seen, route.engine)
         if invalid is None and route.kind == LOCAL and not route.vision:
             # Without a projector llama-server answers an image with a 500: say instead what
             # would read it.
-            invalid = validate.without_projector(route.model, payload)
+            invalid = validate.without_projector(route.model, seen)
         if invalid is None and route.vision:
-            invalid = self._images(payload)
+            invalid = self._images(seen)
         if invalid is not None:
             return "-", invalid_request(invalid)
         if "model" not in payload:
@@ -442,11 +471,20 @@ class Gateway:
                    if status == "failed" else ""),
                 "service_unavailable", "runtime_unavailable", headers={"Retry-After": wait})
         forced = None
-        if endpoint == CHAT and route.kind == LOCAL:
-            calls = await self._tool_policy(route, payload)
+        if endpoint in (CHAT, responses.RESPONSES, anthropic.MESSAGES) and route.kind == LOCAL:
+            calls = await self._tool_policy(
+                route, payload if endpoint == CHAT else responses.chat_tools(payload)
+                if endpoint == responses.RESPONSES else anthropic.tool_view(payload))
             if isinstance(calls, Response):
                 return route.model, calls
             forced = calls
+        sent: list[dict[str, Any]] | None = None
+        if endpoint == responses.RESPONSES:
+            # The conversation a previous_response_id continues, or its 400.
+            conversation = responses.conversation(payload, self.responses, route.model)
+            if isinstance(conversation, validate.Invalid):
+                return route.model, invalid_request(conversation)
+            sent = conversation
         if route.waiting >= self.queue_limit:
             return route.model, self._queue_full(route)
         route.waiting += 1
@@ -460,15 +498,22 @@ class Gateway:
         finally:
             route.waiting -= 1
         try:
+            if sent is not None:
+                return await self._respond(route, payload, sent, forced, receive, send,
+                                           started)
             if forced is not None:
                 return await self._call_tool(route, endpoint, payload, forced, send, started)
+            if endpoint == anthropic.MESSAGES and payload.get("stream"):
+                return await self._stream(route, endpoint, body, True, receive, send, started,
+                                          anthropic.Tally(route.model))
             if payload.get("stream"):
                 # Every stream is asked for its usage, for the ledger; the client sees it only
                 # when it asked too.
                 keep_usage = ask_usage(payload)
                 return await self._stream(route, endpoint, json.dumps(payload).encode(),
                                           keep_usage, receive, send, started)
-            return await self._forward(route, endpoint, body, send, started)
+            reshape = rerank.reshape(payload) if endpoint == rerank.ENDPOINT else None
+            return await self._forward(route, endpoint, body, send, started, reshape)
         finally:
             route.slot.release()
 
@@ -517,17 +562,23 @@ class Gateway:
             upstream.release(conn)
 
     async def _forward(self, route: RouteState, endpoint: str, body: bytes, send: Send,
-                       started: float) -> tuple[str, Response] | None:
+                       started: float, reshape: Callable[[bytes], bytes] | None = None
+                       ) -> tuple[str, Response] | None:
         try:
             status, content_type, content = await self._ask(route, b"POST", endpoint, body)
         except UpstreamError as e:
             return self._unanswered(route, e)
         if not 200 <= status < 300:
             return route.model, upstream_error(route.process, status, content)
+        if reshape is not None:
+            content = reshape(content)
+        if endpoint in anthropic.ENDPOINTS:
+            content, tokens = anthropic.answer(content, route.model)
+        else:
+            tokens = usage(content)
         await send(_start(status, content_type, len(content)))
         await send({"type": "http.response.body", "body": content})
-        self._account(route.model, endpoint, status, time.perf_counter() - started,
-                      *usage(content))
+        self._account(route.model, endpoint, status, time.perf_counter() - started, *tokens)
         return None
 
     def _account(self, model: str, endpoint: str, status: int, seconds: float, tokens_in: int,
@@ -544,10 +595,13 @@ class Gateway:
                          ) -> tuple[str, Response] | None:
         """A call the request demands, of one of `offered`: the runtime writes it whole under
         the call's schema, and the client gets it as an OpenAI tool call, or as the events
-        of one when it asked for a stream."""
+        of one when it asked for a stream; on Messages, as a message with one tool_use block
+        (or its events), the request retold as a chat one."""
+        messages = endpoint == anthropic.MESSAGES
+        chat = anthropic.to_chat(payload) if messages else payload
         try:
             status, _, content = await self._ask(
-                route, b"POST", endpoint, tools.constrained_request(payload, offered))
+                route, b"POST", CHAT, tools.constrained_request(chat, offered))
         except UpstreamError as e:
             return self._unanswered(route, e)
         if not 200 <= status < 300:
@@ -558,9 +612,57 @@ class Gateway:
             return route.model, error(
                 502, f"runtime for {route.model!r} answered with no call of the tools offered",
                 "server_error", "runtime_failed")
+        message = anthropic.from_chat(doc, route.model) if messages else None
         if payload.get("stream"):
-            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-            data = tools.stream_events(doc, include_usage)
+            if message is not None:
+                data = anthropic.stream_events(message)
+            else:
+                include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+                data = tools.stream_events(doc, include_usage)
+            self.metrics.ttft[route.model].observe(time.perf_counter() - started)
+            await send(_start(200, b"text/event-stream; charset=utf-8", len(data),
+                              STREAM_HEADERS))
+        else:
+            data = json.dumps(message if message is not None else doc).encode()
+            await send(_start(200, b"application/json", len(data)))
+        await send({"type": "http.response.body", "body": data})
+        self._account(route.model, endpoint, 200, time.perf_counter() - started,
+                      *usage(content))
+        return None
+
+    async def _respond(self, route: RouteState, payload: dict[str, Any],
+                       sent: list[dict[str, Any]], forced: list[dict[str, Any]] | None,
+                       receive: Receive, send: Send, started: float
+                       ) -> tuple[str, Response] | None:
+        """A Responses request (`responses`): streamed through from the runtime, or answered
+        whole (a demanded call too, retold as events when the client asked for a stream);
+        its conversation kept for a later previous_response_id."""
+        body = responses.runtime_request(payload, sent, forced)
+        if payload.get("stream") and forced is None:
+            tally = responses.ResponsesTally(route.model, payload)
+            answer = await self._stream(route, responses.RESPONSES, body, True, receive, send,
+                                        started, tally)
+            responses.remember(self.responses, payload, sent, tally.final)
+            return answer
+        try:
+            status, _, content = await self._ask(route, b"POST", responses.RESPONSES, body)
+        except UpstreamError as e:
+            return self._unanswered(route, e)
+        if not 200 <= status < 300:
+            return route.model, upstream_error(route.process, status, content)
+        try:
+            doc = responses.finish(json.loads(content), route.model, payload)
+            if forced is not None:
+                doc = responses.function_call_answer(doc, forced,
+                                                     payload.get("max_output_tokens"))
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return route.model, error(
+                502, f"runtime for {route.model!r} answered with no "
+                + ("call of the tools offered" if forced is not None else "valid response"),
+                "server_error", "runtime_failed")
+        responses.remember(self.responses, payload, sent, doc)
+        if payload.get("stream"):
+            data = responses.events(doc)
             self.metrics.ttft[route.model].observe(time.perf_counter() - started)
             await send(_start(200, b"text/event-stream; charset=utf-8", len(data),
                               STREAM_HEADERS))
@@ -568,14 +670,22 @@ class Gateway:
             data = json.dumps(doc).encode()
             await send(_start(200, b"application/json", len(data)))
         await send({"type": "http.response.body", "body": data})
-        self._account(route.model, endpoint, 200, time.perf_counter() - started,
-                      *usage(content))
+        self._account(route.model, responses.RESPONSES, 200, time.perf_counter() - started,
+                      *(responses.usage(doc) or (0, 0)))
         return None
 
     async def _frontier(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
                         model: str, payload: dict[str, Any], started: float
                         ) -> tuple[str, Response] | None:
         """A request that names a provider: served there, or refused; never locally."""
+        if endpoint in anthropic.ENDPOINTS:
+            return "-", error(400, f"frontier routes do not serve {endpoint} yet: send "
+                              "/v1/chat/completions", "invalid_request_error",
+                              "unsupported_value", param="model")
+        if endpoint == responses.RESPONSES:
+            return "-", error(400, "frontier routes do not serve /v1/responses yet: send "
+                              "/v1/chat/completions", "invalid_request_error",
+                              "unsupported_value", param="model")
         invalid = validate.check(endpoint, payload)
         if invalid is None and endpoint == CHAT:
             invalid = self._images(payload)
@@ -597,8 +707,8 @@ class Gateway:
         return None
 
     async def _stream(self, route: RouteState, endpoint: str, body: bytes, keep_usage: bool,
-                      receive: Receive, send: Send, started: float
-                      ) -> tuple[str, Response] | None:
+                      receive: Receive, send: Send, started: float,
+                      tally: StreamTally | None = None) -> tuple[str, Response] | None:
         upstream = route.upstream
         try:
             conn = await upstream.request(b"POST", endpoint, body)
@@ -608,7 +718,7 @@ class Gateway:
         # runtime is what tells it, and frees its slot.
         watcher = asyncio.ensure_future(_hang_up(receive, conn))
         streaming = False
-        tally = StreamTally(keep_usage)
+        tally = tally if tally is not None else StreamTally(keep_usage)
         code = 200
         try:
             try:
@@ -642,10 +752,13 @@ class Gateway:
                     raise _ClientGone from e
                 code = 502
                 # The status line is gone already: say so in the stream, never end it silently.
-                err = {"error": {"message": f"runtime for {route.model!r} failed mid-stream: "
-                                 f"{e}", "type": "server_error", "code": "runtime_failed"}}
+                said = f"runtime for {route.model!r} failed mid-stream: {e}"
+                err = {"error": {"message": said, "type": "server_error",
+                                 "code": "runtime_failed"}}
                 await send({"type": "http.response.body", "more_body": True,
-                            "body": f"data: {json.dumps(err)}\n\n".encode()})
+                            "body": anthropic.stream_error(said)
+                            if endpoint == anthropic.MESSAGES
+                            else f"data: {json.dumps(err)}\n\n".encode()})
             await send({"type": "http.response.body", "body": b""})
             return None
         finally:
@@ -665,6 +778,14 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     """A request's headers by their (lower-case, as ASGI gives them) names, built at C speed;
     of a repeated header the last."""
     return dict(scope["headers"])
+
+
+def _check(endpoint: str, payload: dict[str, Any]) -> validate.Invalid | None:
+    if endpoint in anthropic.ENDPOINTS:
+        return anthropic.check(endpoint, payload)
+    if endpoint == responses.RESPONSES:
+        return responses.check(payload)
+    return validate.check(endpoint, payload)
 
 
 def _too_deep() -> JSONResponse:

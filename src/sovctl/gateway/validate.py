@@ -40,6 +40,9 @@ TOOL_MODES = ("none", "auto", "required")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_STOP = 4
 MAX_INPUTS = 2048
+# What one rerank may score: every document is paired with the query and encoded.
+MAX_DOCUMENTS = 1000
+MAX_DOCUMENT_CHARS = 4_000_000
 # Levels of nesting a request body may have (objects and lists), and a JSON schema in it (a
 # tool's parameters, a response format): no OpenAI request needs more, and every parser on the
 # way (the gateway's, the runtime's, its schema-to-grammar converter) recurses per level.
@@ -445,10 +448,36 @@ def _embedding(p: dict[str, Any]) -> None:
     _string(p, "user", "")
 
 
+# -- /v1/rerank (llama-server's, Jina's and Cohere's shape) ---------------------------------
+def _rerank(p: dict[str, Any]) -> None:
+    _string(p, "query", "", required=True)
+    if not p["query"]:
+        _fail("query", "must not be an empty string")
+    if p.get("documents") is None:
+        _fail("documents", "is required", "missing_required_parameter")
+    documents = _list(p["documents"], "documents", "strings")
+    if len(documents) > MAX_DOCUMENTS:
+        _fail("documents", f"may hold at most {MAX_DOCUMENTS} documents; got "
+              f"{len(documents)}", "array_above_max_length")
+    size = 0
+    for i, document in enumerate(documents):
+        if not isinstance(document, str):
+            _wrong_type(f"documents[{i}]", "a string", document)
+        size += len(document)
+    if size > MAX_DOCUMENT_CHARS:
+        _fail("documents", f"may hold at most {MAX_DOCUMENT_CHARS} characters in all; got "
+              f"{size}", "string_above_max_length")
+    _integer(p, "top_n", "", lo=1)
+    _boolean(p, "return_documents", "")
+    if p.get("stream"):
+        _fail("stream", "is not supported: a rerank answers at once", "unsupported_value")
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "/v1/chat/completions": _chat,
     "/v1/completions": _completion,
     "/v1/embeddings": _embedding,
+    "/v1/rerank": _rerank,
 }
 
 

@@ -73,7 +73,7 @@ ALL_LAYERS = 999
 @dataclass(frozen=True)
 class ServedModel:
     name: str
-    role: str  # "chat" | "embedding" | "completion"
+    role: str  # one of config.MODEL_ROLES: "chat" | "embedding" | "completion" | "rerank"
     sha256: str
     size: int
     blob: str
@@ -216,6 +216,19 @@ def _check_role(home: Home, name: str, role: str, sha256: str, blob: Path
     if not blob.exists():
         return None  # the weights check before start refuses it, with the better message
     facts = gguf_info.facts_for(home, sha256, blob, write=False)
+    if role == "rerank" and not facts.rerank:
+        raise UsageError(
+            f"{name} is a {facts.architecture} model without a reranker's head (its GGUF "
+            "neither pools by rank nor has a cls.output classifier); it cannot serve rerank",
+            hint=f"serve it with --{'embedding' if facts.embedding else 'chat'} {name}, and "
+            "pull a reranker GGUF (such as bge-reranker-v2-m3) for --rerank",
+        )
+    if role != "rerank" and facts.rerank:
+        raise UsageError(
+            f"{name} is a reranker ({facts.architecture}, it scores query and document pairs); "
+            f"it cannot serve {role}",
+            hint=f"serve it with --rerank {name} (role = \"rerank\" in its [models.{name}])",
+        )
     if role in ("chat", "completion") and facts.embedding:
         raise UsageError(
             f"{name} is an embedding model ({facts.architecture}, it pools its output into one "
@@ -240,13 +253,15 @@ class Selection:
 
 
 def served_models(
-    home: Home, cfg: Settings, chat: Sequence[str] = (), embedding: Sequence[str] = ()
+    home: Home, cfg: Settings, chat: Sequence[str] = (), embedding: Sequence[str] = (),
+    rerank: Sequence[str] = (),
 ) -> Selection:
     """The models to serve: the flags when any were given, otherwise [models.*] in config."""
-    if chat or embedding:
+    if chat or embedding or rerank:
         # A flag names a store model; settings for it may still come from its config section.
         by_model = {m.model: m for m in cfg.models.values()}
-        roles = [(n, "chat") for n in chat] + [(n, "embedding") for n in embedding]
+        roles = ([(n, "chat") for n in chat] + [(n, "embedding") for n in embedding]
+                 + [(n, "rerank") for n in rerank])
         wanted = [(n, replace(by_model.get(n) or ModelSettings(model=n), role=role))
                   for n, role in roles]
     else:
@@ -254,7 +269,8 @@ def served_models(
     if not wanted:
         raise UsageError(
             "no models to serve",
-            hint="pass --chat NAME and/or --embedding NAME, or add [models.NAME] sections to "
+            hint="pass --chat NAME, --embedding NAME or --rerank NAME, or add [models.NAME] "
+            "sections to "
             f"{home.config_path}",
         )
     lock = Lock.load(home)
@@ -289,9 +305,16 @@ def served_models(
                 f"{name} would run on {runtime}",
                 hint=f"set runtime = \"{can}\" in [serve] or [models.{name}] of sovctl.toml"
                 if wanted_runtime != AUTO else SETUP_HINT)
+        if role == "rerank" and not engine(runtime).reranking:
+            can = able(lambda e: e.reranking)
+            raise ConfigError(
+                f"{name} is served to rerank, and reranking needs the {can} runtime; {name} "
+                f"would run on {runtime}, which cannot rerank",
+                hint=f"set runtime = \"{can}\" in [serve] or [models.{name}] of sovctl.toml"
+                if wanted_runtime != AUTO else SETUP_HINT)
         parallel = cfg.serve.parallel if m.parallel is None else m.parallel
         n_ctx = cfg.serve.n_ctx if m.n_ctx is None else m.n_ctx
-        if role == "embedding" and facts and facts.context_length:
+        if role in ("embedding", "rerank") and facts and facts.context_length:
             # An encoder cannot look past what it was trained on (512 tokens for MiniLM).
             n_ctx = min(n_ctx, facts.context_length)
         out.append(ServedModel(
@@ -369,7 +392,7 @@ def clustered_model(cfg: Settings, served: Sequence[tuple[str, str]]) -> str | N
     """Which of the served (name, role) models the [cluster] workers serve: [cluster] model,
     else the first chat model; None when that is no served chat model."""
     wanted = cfg.cluster.model
-    chat = [name for name, role in served if role != "embedding"]
+    chat = [name for name, role in served if role in ("chat", "completion")]
     return (wanted if wanted in chat else None) if wanted else next(iter(chat), None)
 
 
@@ -408,11 +431,12 @@ def build(
     chat: Sequence[str] = (),
     embedding: Sequence[str] = (),
     egress_probe: str | None = None,
+    rerank: Sequence[str] = (),
 ) -> Plan:
     """Decide what would run. No side effects: nothing is written, no key is created (the
     caller creates the API key when `api_key_required` and it is about to start)."""
     host, port = cfg.serve.host, cfg.serve.port
-    selection = served_models(home, cfg, chat, embedding)
+    selection = served_models(home, cfg, chat, embedding, rerank)
     run = home.run
     common_env = {**OFFLINE_ENV, egress.ENV_LOG: str(run / "egress.jsonl")}
     if egress_probe:

@@ -7,7 +7,7 @@ change, so the facts are computed once (at pull time) and kept beside the blob b
 from __future__ import annotations
 
 import json
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +25,18 @@ def is_embedding(arch: str, keys: Container[str]) -> bool:
     return arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in keys
 
 
+# llama.cpp's LLAMA_POOLING_TYPE_RANK: the model scores a (query, document) pair through its
+# classifier head (the cls.* tensors), as a reranker does.
+POOLING_RANK = 4
+_CLASSIFIER = "cls.output.weight"
+
+
+def is_reranker(arch: str, kv: Mapping[str, object], tensors: Container[str]) -> bool:
+    """The one rule for "a reranker": a header that pools by rank, or a classifier head
+    (`tensors`, its tensors' names) that llama-server's --reranking scores with."""
+    return kv.get(f"{arch}.pooling_type") == POOLING_RANK or _CLASSIFIER in tensors
+
+
 @dataclass(frozen=True)
 class GgufFacts:
     architecture: str
@@ -33,6 +45,7 @@ class GgufFacts:
     context_length: int | None
     chat_template: bool
     embedding: bool
+    rerank: bool  # a reranker (is_reranker); an older cache lacks it and is read again
     tensors: int
 
 
@@ -76,6 +89,7 @@ def read_facts(path: Path, label: str | None = None) -> GgufFacts:
         context_length=int(ctx) if ctx is not None else None,
         chat_template="tokenizer.chat_template" in kv,
         embedding=is_embedding(arch, kv),
+        rerank=is_reranker(arch, kv, {t.name for t in header.tensors}),
         tensors=len(header.tensors),
     )
 

@@ -291,21 +291,23 @@ class Verdicts:
 
 
 def compare(results: dict[tuple[str, int], list[Burst]], level: int,
-            figure: Callable[[Burst], float]) -> tuple[float, float, float, float]:
-    """(llama-server's median round, sovctl's median round, the median of the rounds' own
+            figure: Callable[[Burst], float], base: str = "llama-server", path: str = "sovctl"
+            ) -> tuple[float, float, float, float]:
+    """(the base's median round, the path's median round, the median of the rounds' own
     ratios, the ratio of the two best rounds). A round's two runs follow each other, so its
     ratio sees the same machine; a noisy round moves the median of the ratios less than it
     moves any other figure."""
-    direct = [figure(b) for b in results[("llama-server", level)]]
-    ours = [figure(b) for b in results[("sovctl", level)]]
+    direct = [figure(b) for b in results[(base, level)]]
+    ours = [figure(b) for b in results[(path, level)]]
     paired = statistics.median(o / d for o, d in zip(ours, direct, strict=True))
     return statistics.median(direct), statistics.median(ours), paired, max(ours) / max(direct)
 
 
 def rounds_line(results: dict[tuple[str, int], list[Burst]], level: int,
-                figure: Callable[[Burst], float], digits: int) -> str:
+                figure: Callable[[Burst], float], digits: int,
+                names: tuple[str, ...] = ("llama-server", "sovctl")) -> str:
     return "; ".join(f"{n} {[round(figure(b), digits) for b in results[(n, level)]]}"
-                     for n in ("llama-server", "sovctl"))
+                     for n in names)
 
 
 def report_chat(results: dict[tuple[str, int], list[Burst]], v: Verdicts) -> None:

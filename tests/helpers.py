@@ -24,8 +24,9 @@ def run(home: Path, *args: str, env: dict[str, str] | None = None, timeout: floa
     return proc
 
 
-def run_json(home: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    proc = run(home, "--json", *args, env=env)
+def run_json(home: Path, *args: str, env: dict[str, str] | None = None,
+             timeout: float = 180) -> dict[str, Any]:
+    proc = run(home, "--json", *args, env=env, timeout=timeout)
     doc = json.loads(proc.stdout)
     doc["_rc"] = proc.returncode
     doc["_stderr"] = proc.stderr

@@ -91,7 +91,8 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert "full re-hash" in checks[2]["evidence"]
     assert "GET /ready 200" in checks[3]["evidence"]
     for part in ("tiny chat 200", "tiny chat_stream 200", "tiny completion 200",
-                 "minilm embeddings 200", "/v1/models 200"):
+                 "tiny messages 200", "tiny responses 200", "minilm embeddings 200",
+                 "/v1/models 200"):
         assert part in checks[4]["evidence"]
     assert "identical" in checks[5]["evidence"]
     assert "recorded just now" in checks[5]["evidence"]
@@ -152,7 +153,8 @@ def test_audit_with_a_tool_call_and_an_image(tmp_path: Path) -> None:
     run(home, "pull", str(CHAT_MODEL), "--name", "smol", "--mmproj", str(MMPROJ), check=True)
     (home / "sovctl.toml").write_text(
         '[models.smol]\nrole = "chat"\nchat_template = "chatml-tools"\n')
-    doc = run_json(home, "audit", "blackout")
+    # A real 360M model answering seven requests twice (baseline, blackout) on 2 cores.
+    doc = run_json(home, "audit", "blackout", timeout=420)
     assert doc["_rc"] == 0 and doc["ok"], doc["_stderr"] + json.dumps(doc["data"], indent=1)
     checks = by_id(doc)
     assert all(c["passed"] for c in checks.values())
@@ -160,8 +162,8 @@ def test_audit_with_a_tool_call_and_an_image(tmp_path: Path) -> None:
     assert 'smol tool_call 200 (get_weather({"city": ' in service
     assert re.search(r"smol image 200 \(\d+ chars, prompt of \d+ tokens with the image", service)
     assert checks[4]["details"]["skipped"] == {} and "skipped" not in service
-    assert "smol: chat, chat_stream, completion, tool_call, image identical" in \
-        checks[5]["evidence"]
+    assert "smol: chat, chat_stream, completion, tool_call, image, messages, responses " \
+        "identical" in checks[5]["evidence"]
     assert "mmproj" in checks[2]["evidence"]
     recorded = json.loads((home / "audit" / "baselines" / "smol"
                            / f"sha256-{sha256(CHAT_MODEL)}.json").read_text())["answers"]
@@ -210,6 +212,10 @@ def test_python_runtime_audit_then_baseline_of_another_runtime(tmp_path: Path) -
                                     for n in ("tiny", "minilm", "gateway")}
     assert "tiny (python" in checks[6]["evidence"]
     assert baseline_engine(home, "tiny", TINY_MODEL)["runtime"] == "llama-cpp-python"
+    # llama-cpp-python speaks neither Messages nor Responses: said, not sent.
+    assert ("image skipped (no vision projector: pulled without --mmproj), messages skipped "
+            "(the llama-cpp-python runtime does not speak /v1/messages), responses skipped "
+            "(the llama-cpp-python runtime does not speak /v1/responses)") in checks[4]["evidence"]
     assert_nothing_left(home)
 
     doc = run_json(home, *AUDIT)
@@ -221,7 +227,7 @@ def test_python_runtime_audit_then_baseline_of_another_runtime(tmp_path: Path) -
     evidence = checks[5]["evidence"]
     assert "tiny: its baseline was recorded with llama-cpp-python" in evidence
     assert "this stack serves it with llama-server" in evidence and "not compared" in evidence
-    assert "tiny: chat, chat_stream, completion identical" in evidence
+    assert "tiny: chat, chat_stream, completion, messages, responses identical" in evidence
     for name, path in (("tiny", TINY_MODEL), ("minilm", EMBED_MODEL)):
         assert baseline_engine(home, name, path)["runtime"] == "llama-server"
     assert_nothing_left(home)
@@ -449,3 +455,40 @@ def test_refused_namespaces_for_real(tmp_path: Path) -> None:
     assert "sysctl -w user.max_user_namespaces=" in err
     assert "Traceback" not in r.stderr
     assert not (home / "reports").exists()
+
+
+def test_a_baseline_from_before_messages_and_responses(tmp_path: Path) -> None:
+    """A baseline recorded before the audit sent Messages and Responses requests stays
+    readable: those answers are said not compared, the others compared as before."""
+    from sovctl.audit import baseline, checks
+    from sovctl.home import Home
+    from sovctl.runtime.plan import ServedModel
+
+    home = Home(tmp_path / "home")
+    model = ServedModel("tiny", "chat", "ab" * 32, 1, "blob")
+    sent, _ = baseline.requests_for(model, {"tools": False, "vision": False})
+    assert [r for r, _, _ in sent] == ["chat", "chat_stream", "completion", "messages",
+                                       "responses"]
+    assert [e for _, e, _ in sent][-2:] == ["/v1/messages", "/v1/responses"]
+    assert baseline.RESPONSES_BODY["temperature"] == baseline.MESSAGES_BODY["temperature"] == 0
+    answers = tuple(baseline.Answer("tiny", r, e, 200, 0.1, text="once", finish_reason="stop")
+                    for r, e, _ in sent)
+    old = {"model": "tiny", "sha256": model.sha256, "recorded_at": "then", "answers": {
+        r: {"text": "once"} for r in ("chat", "chat_stream", "completion")}}
+    path = baseline.baseline_path(home, "tiny", model.sha256)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(old))
+    found = baseline.find(home, model)
+    assert baseline.compare(model, found, answers) == []
+    assert baseline.unrecorded(found, answers) == ["messages", "responses"]
+    exchange = baseline.Exchange(answers, 200, ("tiny",))
+    c5 = checks.behaviour(home, [model], exchange, [], {}, {})
+    assert c5.passed, c5.evidence
+    assert "tiny: chat, chat_stream, completion identical" in c5.evidence
+    assert "tiny: messages, responses not compared: its baseline predates them" in c5.evidence
+    assert c5.details["unrecorded"] == {"tiny": ["messages", "responses"]}
+    # A changed answer on a recorded surface is still a difference.
+    old["answers"]["messages"] = {"text": "twice"}  # type: ignore[index]
+    path.write_text(json.dumps(old))
+    assert baseline.compare(model, baseline.find(home, model), answers) == [
+        "tiny/messages: text differs: baseline 'twice', now 'once'"]

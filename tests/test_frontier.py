@@ -328,6 +328,12 @@ models = { m = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }
 base_url = "https://203.0.113.5/v1"
 api_key_env = "SOVCTL_TEST_UNSET_KEY"
 models = { m = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }
+
+[providers.claude]
+kind = "anthropic"
+base_url = "https://203.0.113.6"
+api_key_env = "SOVCTL_TEST_UNSET_KEY"
+models = { m = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }
 """)
     doc = run_json(home, "audit", "blackout", "--chat", "tiny")
     checks = {c["id"]: c for c in doc["data"]["checks"]}
@@ -335,7 +341,8 @@ models = { m = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }
     c8 = checks[8]
     assert c8["name"] == "exception routes"
     probes = {p["what"]: p for p in c8["details"]["probes"]}
-    for name in ("named", "literal"):
+    # The anthropic provider is probed on /v1/messages, the surface it speaks.
+    for name in ("named", "literal", "claude"):
         p = probes[f"frontier/{name}/m"]  # the provider's first listed model
         assert p["status"] == 502 and p["seconds"] < 5
     assert probes["tiny"]["status"] == 200
@@ -343,7 +350,7 @@ models = { m = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }
     c6 = checks[6]
     assert c6["details"]["attempts"] == []
     routed = c6["details"]["routed"]
-    assert {a["provider"] for a in routed} == {"named", "literal"}
+    assert {a["provider"] for a in routed} == {"named", "literal", "claude"}
     assert any(a["target"] == "203.0.113.5:443" for a in routed)
     assert "listed apart, not egress" in c6["evidence"]
     assert "exception routes" in checks[7]["evidence"]

@@ -184,7 +184,10 @@ class ProviderSettings:
     """A frontier API a request may be routed to by exception ([providers.NAME]); the request
     opts in by naming it, model "frontier/NAME/MODEL", MODEL one of its `models`."""
 
-    base_url: str  # OpenAI-compatible, ending in /v1: requests go to base_url/chat/completions
+    # kind "openai": OpenAI-compatible, ending in /v1 (requests go to base_url/chat/completions
+    # and base_url/responses); kind "anthropic": as the Anthropic SDK's base_url, without /v1
+    # (requests go to base_url/v1/messages)
+    base_url: str
     api_key_env: str  # the environment variable holding the key; the key is in no file
     # [providers.NAME.models."MODEL"] {input_per_mtok, output_per_mtok}: the only models sent
     # there, each at its price in cost.currency
@@ -194,6 +197,7 @@ class ProviderSettings:
     # its worst case.
     max_concurrent: int = 4  # requests in flight at once; beyond, 429
     max_tokens: int = 4096  # the most a request may generate; applied when it asks for no limit
+    kind: str = "openai"  # the API it speaks: one of PROVIDER_KINDS
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,9 @@ PROVIDER_REQUIRED = tuple(f.name for f in fields(ProviderSettings) if f.default 
 PROVIDER_MINIMUMS = {"daily_cap": 0, "max_concurrent": 1, "max_tokens": 1}
 # A model's price, in cost.currency: a million prompt tokens, a million generated ones.
 PRICE_KEYS = ("input_per_mtok", "output_per_mtok")
+# The APIs a provider may speak: OpenAI's (Chat Completions and Responses) or Anthropic's
+# (Messages). A request reaches a provider only on a surface of its kind.
+PROVIDER_KINDS = ("openai", "anthropic")
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # A provider's model name as its API takes it ("gpt-4o-mini", "meta-llama/Llama-3-70b"):
 # printable, no spaces, as long as the ledger keeps a model's name with its prefix.
@@ -516,13 +523,27 @@ def _check_provider(name: str, body: Any, origin: str) -> dict[str, Any]:
         raise ConfigError(f"{where}.models is empty: no request could be sent",
                           hint=f"add [providers.{name}.models.\"MODEL\"] with input_per_mtok and "
                           "output_per_mtok")
+    kind = body.get("kind", "openai")
+    if kind not in PROVIDER_KINDS:
+        raise ConfigError(f"{where}.kind must be one of {', '.join(map(repr, PROVIDER_KINDS))}"
+                          f", got {kind!r}", hint="the API the provider speaks: \"openai\" "
+                          "(Chat Completions, Responses) or \"anthropic\" (Messages)")
     if "base_url" in body:
         url = urlsplit(body["base_url"])
-        if url.scheme not in ("http", "https") or not url.hostname \
-                or not url.path.rstrip("/").endswith("/v1"):
+        with_v1 = url.path.rstrip("/").endswith("/v1")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"{where}.base_url must be an http(s) URL, got "
+                              f"{body['base_url']!r}", hint="as the provider's SDK takes it, "
+                              "e.g. https://api.openai.com/v1")
+        if kind == "openai" and not with_v1:
             raise ConfigError(f"{where}.base_url must be an http(s) URL ending in /v1, got "
                               f"{body['base_url']!r}", hint="as an OpenAI client's base_url, "
                               "e.g. https://api.openai.com/v1")
+        if kind == "anthropic" and with_v1:
+            raise ConfigError(f"{where}.base_url of an anthropic provider does not end in /v1 "
+                              f"(requests go to base_url/v1/messages), got "
+                              f"{body['base_url']!r}", hint="as an Anthropic client's "
+                              "base_url, e.g. https://api.anthropic.com")
         literal = ip_literal(url.hostname)
         if url.scheme == "http" and url.hostname != "localhost" \
                 and not (literal is not None and literal.is_loopback):

@@ -5,7 +5,12 @@ at temperature 0 with a fixed seed: a chat model answers a chat request (plain, 
 and a completion; a completion model a completion; an embedding model one embeddings request.
 A chat model that takes tools (the gateway's `/v1/models` says so in `capabilities`) also
 answers a request that names the tool it must call, and one with vision a request with an
-image; a chat model without them has these requests skipped, and the exchange says why.
+image; a chat model without them has these requests skipped, and the exchange says why. A chat
+model on an engine that speaks Anthropic's Messages API and OpenAI's Responses API (its
+`surfaces`) also answers the chat request's question once on each, at temperature 0; on
+another engine these are skipped, and said. A baseline recorded before these requests lacks
+their answers: they are then not compared, and the comparison says so (`unrecorded`), until
+`sovctl audit baseline` records a new one.
 
 A baseline is recorded per model and per model file, under
 `HOME/audit/baselines/NAME/sha256-<hex>.json`, with the engine that served it (runtime and
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovctl.engines import DISTRIBUTION, ENGINES
+from sovctl.engines import DISTRIBUTION, ENGINES, Surface
 from sovctl.fsutil import atomic_write
 from sovctl.home import Home
 from sovctl.llamacpp import build_info
@@ -93,6 +98,19 @@ CAPABLE_REQUESTS = (
     ("tool_call", "tools", TOOL_CALL_BODY, "no tool support in its template"),
     ("image", "vision", IMAGE_BODY, "no vision projector: pulled without --mmproj"),
 )
+# The chat request's question on the other surfaces a chat model may be served on: (request id,
+# surface, body without "model"). Appended after the others, so that an older baseline's
+# answers come from the same sequence of requests.
+MESSAGES_BODY = {"system": CHAT_MESSAGES[0]["content"], "messages": CHAT_MESSAGES[1:],
+                 "temperature": 0, "max_tokens": MAX_TOKENS}
+RESPONSES_BODY = {"instructions": CHAT_MESSAGES[0]["content"],
+                  "input": CHAT_MESSAGES[1]["content"], "temperature": 0,
+                  "max_output_tokens": MAX_TOKENS, "store": False}
+SURFACE_REQUESTS = (
+    ("messages", Surface.MESSAGES, MESSAGES_BODY),
+    ("responses", Surface.RESPONSES, RESPONSES_BODY),
+)
+SURFACE_IDS = tuple(request for request, _, _ in SURFACE_REQUESTS)
 
 
 def requests_for(model: ServedModel, capabilities: Mapping[str, Any] | None
@@ -110,6 +128,12 @@ def requests_for(model: ServedModel, capabilities: Mapping[str, Any] | None
         else:
             skipped.append((request, why if have is False else
                             f"the gateway did not say whether it takes {capability}"))
+    engine = ENGINES.get(model.runtime)
+    for request, surface, body in SURFACE_REQUESTS:
+        if engine is not None and surface in engine.surfaces:
+            sent.append((request, str(surface), body))
+        else:
+            skipped.append((request, f"the {model.runtime} runtime does not speak {surface}"))
     return sent, skipped
 
 
@@ -118,7 +142,9 @@ class Answer:
     """One fixed request through the gateway and what came back."""
 
     model: str
-    request: str  # "chat" | "chat_stream" | "completion" | "embeddings" | "tool_call" | "image"
+    # "chat" | "chat_stream" | "completion" | "embeddings" | "tool_call" | "image" | "messages"
+    # | "responses"
+    request: str
     endpoint: str
     status: int  # HTTP status; 0 when no response arrived
     seconds: float
@@ -198,6 +224,16 @@ def _one(client: Any, base: str, headers: dict[str, str], model: str, request: s
         if r.status_code != 200:
             return Answer(model, request, endpoint, r.status_code, seconds, error=r.text[:300])
         doc = r.json()
+        if request == "messages":
+            text = "".join(b.get("text") or "" for b in doc["content"] if b["type"] == "text")
+            return Answer(model, request, endpoint, 200, seconds, text=text,
+                          finish_reason=doc.get("stop_reason"))
+        if request == "responses":
+            text = "".join(part.get("text") or "" for item in doc["output"]
+                           if item.get("type") == "message"
+                           for part in item.get("content") or ())
+            return Answer(model, request, endpoint, 200, seconds, text=text,
+                          finish_reason=doc.get("status"))
         if request == "embeddings":
             vectors = [d["embedding"] for d in sorted(doc["data"], key=lambda d: d["index"])]
             return Answer(model, request, endpoint, 200, seconds, vectors=vectors)
@@ -391,6 +427,8 @@ def compare(model: ServedModel, found: Found, answers: Sequence[Answer]) -> list
     recorded = found.doc.get("answers", {})
     for a in answers:
         base = recorded.get(a.request)
+        if base is None and a.request in SURFACE_IDS:
+            continue  # a baseline from before these requests: `unrecorded` says so
         if base is None:
             diffs.append(f"{model.name}/{a.request}: not in the baseline")
             continue
@@ -419,6 +457,13 @@ def compare(model: ServedModel, found: Found, answers: Sequence[Answer]) -> list
             diffs.append(f"{model.name}/image: prompt of {a.prompt_tokens} tokens, baseline "
                          f"{base.get('prompt_tokens')}")
     return diffs
+
+
+def unrecorded(found: Found, answers: Sequence[Answer]) -> list[str]:
+    """The requests on the Messages and Responses surfaces that the baseline predates: sent,
+    not compared."""
+    recorded = (found.doc or {}).get("answers") or {}
+    return [a.request for a in answers if a.request in SURFACE_IDS and a.request not in recorded]
 
 
 def describe_call(call: Mapping[str, Any] | None) -> str:

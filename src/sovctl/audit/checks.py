@@ -292,6 +292,8 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
     diffs: list[str] = []
     parts: list[str] = []
     used: dict[str, str] = {}
+    notes: list[str] = []
+    unrecorded: dict[str, list[str]] = {}  # model -> the requests its baseline predates
     for m in models:
         found = baseline.find(home, m)
         if found.status == "missing":
@@ -300,6 +302,7 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
         used[m.name] = str(found.path)
         answers = exchange.for_model(m.name)
         d = baseline.compare(m, found, answers)
+        older = baseline.unrecorded(found, answers)
         # Same runtime (another one is recorded again, never compared), maybe another build:
         # name both, as a build may legitimately change the answers.
         engine, was = served_by.get(m.name), (found.doc or {}).get("engine")
@@ -309,13 +312,17 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
         diffs += d
         if not d:
             worst = baseline.max_embedding_diff(found, answers)
-            same = ", ".join(a.request for a in answers if a.request != "embeddings")
+            same = ", ".join(a.request for a in answers
+                             if a.request != "embeddings" and a.request not in older)
             bits = [f"{same} identical"] if same else []
             if worst is not None:
                 bits.append(f"embeddings max |Δ| {worst:.2g} ≤ {baseline.EMBEDDING_TOLERANCE:g}")
             when = found.doc.get("recorded_at") if found.doc else "?"
             parts.append(f"{m.name}: {'; '.join(bits)} (baseline of {when})")
-    notes = []
+        if older:
+            unrecorded[m.name] = older
+            notes.append(f"{m.name}: {', '.join(older)} not compared: its baseline predates "
+                         "them (record one with 'sovctl audit baseline')")
     new = [n for n in recorded_now if n not in replaced]
     if new:
         notes.append(f"baseline recorded just now, with the network available, for "
@@ -329,6 +336,7 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
     evidence = "; ".join(diffs + parts + notes + _skipped(exchange))
     return result(5, not diffs, evidence, time.perf_counter() - t0,
                   {"differences": diffs, "baselines": used, "recorded_now": list(recorded_now),
+                   "unrecorded": unrecorded,
                    "replaced": dict(replaced), "engines": dict(served_by),
                    "skipped": {n: dict(s) for n, s in exchange.skipped.items()}})
 
@@ -699,12 +707,16 @@ def _post(base: str, headers: Mapping[str, str], endpoint: str, body: Mapping[st
 
 
 def probe_routes(base: str, headers: Mapping[str, str], plan: Plan) -> list[RouteProbe]:
-    """One opted-in request to each configured provider, then one request to a local model:
-    the routed ones must fail fast, and the local one must still be answered."""
+    """One opted-in request to each configured provider (on its kind's surface), then one
+    request to a local model: the routed ones must fail fast, and the local one must still be
+    answered."""
     probes = []
     for r in plan.frontier:
         model = probe_model(r)
-        probes.append(_post(base, headers, "/v1/chat/completions", {
+        # On the surface the provider speaks: Anthropic's Messages, or Chat Completions.
+        anthropic = r.provider is not None and r.provider.kind == "anthropic"
+        probes.append(_post(base, headers, "/v1/messages" if anthropic
+                            else "/v1/chat/completions", {
             "model": model, "max_tokens": 1,
             "messages": [{"role": "user", "content": "ping"}]}, model))
     m = next((m for m in plan.models if m.role in ("chat", "completion")), None)

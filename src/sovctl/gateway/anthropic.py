@@ -393,6 +393,12 @@ def _usage(u: Any) -> tuple[int, int]:
         return 0, 0
 
 
+def message_usage(doc: Any) -> tuple[int, int] | None:
+    """(input, output) tokens of a message's usage; None when it has none."""
+    u = doc.get("usage") if isinstance(doc, dict) else None
+    return _usage(u) if isinstance(u, dict) else None
+
+
 def answer(content: bytes, model: str) -> tuple[bytes, tuple[int, int]]:
     """The runtime's message as the client gets it (under the model's name here, not the
     runtime's file), with its (input, output) tokens. A count_tokens answer uses none."""

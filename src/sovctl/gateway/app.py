@@ -677,26 +677,23 @@ class Gateway:
     async def _frontier(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
                         model: str, payload: dict[str, Any], started: float
                         ) -> tuple[str, Response] | None:
-        """A request that names a provider: served there, or refused; never locally."""
-        if endpoint in anthropic.ENDPOINTS:
-            return "-", error(400, f"frontier routes do not serve {endpoint} yet: send "
-                              "/v1/chat/completions", "invalid_request_error",
-                              "unsupported_value", param="model")
-        if endpoint == responses.RESPONSES:
-            return "-", error(400, "frontier routes do not serve /v1/responses yet: send "
-                              "/v1/chat/completions", "invalid_request_error",
-                              "unsupported_value", param="model")
-        invalid = validate.check(endpoint, payload)
+        """A request that names a provider: served there (on a surface its kind speaks), or
+        refused, in the surface's error shape; never locally."""
+        invalid = _check(endpoint, payload)
         if invalid is None and endpoint == CHAT:
             invalid = self._images(payload)
+        if invalid is None and endpoint == anthropic.MESSAGES:
+            invalid = self._images(anthropic.to_chat(payload))
         if invalid is not None:
             return "-", invalid_request(invalid)
         out = await self.frontier.serve(endpoint, model, payload, scope["headers"], receive,
                                         send)
         if out.refusal is not None:
             r = out.refusal
-            await error(r.status, r.message, r.type, r.code, headers=r.headers or None,
-                        param=r.param)(scope, receive, send)
+            refusal = error(r.status, r.message, r.type, r.code, headers=r.headers or None,
+                            param=r.param)
+            shape = ERROR_SHAPES.get(endpoint)
+            await (shape(refusal) if shape is not None else refusal)(scope, receive, send)
         seconds = time.perf_counter() - started
         # Metrics by provider: the model part is the client's to choose, without bound.
         label = FRONTIER_PREFIX + out.route if out.route != UNROUTED else "-"

@@ -1,13 +1,19 @@
 """Exception routing: a request that names model "frontier/NAME/MODEL" goes to provider NAME.
 
 Nothing else ever leaves: every other model name is served locally or refused. A routed
-request is sent to the provider's base_url + /chat/completions as model MODEL, with the key
-from the environment variable the provider's `api_key_env` names (the gateway inherits
-`sovctl serve`'s environment; no file sovctl writes holds a key). Policy, in this order:
+request is sent as model MODEL on the surface it came in on, to a provider that speaks it
+(its `kind`): an "openai" provider takes /v1/chat/completions (at base_url + /chat/completions)
+and /v1/responses (base_url + /responses); an "anthropic" one /v1/messages and
+/v1/messages/count_tokens (base_url + /v1/messages...). Another surface is a 400 naming the
+ones it speaks. The key comes from the environment variable the provider's `api_key_env` names
+(the gateway inherits `sovctl serve`'s environment; no file sovctl writes holds a key): as a
+bearer token to OpenAI's kind, as `x-api-key` (with `anthropic-version`) to Anthropic's.
+Policy, the same on every surface, in this order:
 - a request marked `X-Sovctl-Private` (any value but 0/false/no) is never routed out: 403;
 - MODEL must be one of the provider's `models`, each with its price: else 403, naming them;
-- it may ask to generate at most the provider's `max_tokens` (400 beyond); one that asks for
-  no limit gets that one;
+- it may ask to generate at most the provider's `max_tokens` (400 beyond): `max_tokens` or
+  `max_completion_tokens` on chat, `max_tokens` on messages, `max_output_tokens` on
+  responses; one that asks for no limit gets that one;
 - at most `max_concurrent` requests are in flight to a provider: beyond, 429;
 - the `daily_cap` (money a UTC day) holds the day's spend (the ledger's, on a restart) plus a
   reservation for each request in flight: its worst case, the prompt's estimated tokens and
@@ -16,12 +22,14 @@ from the environment variable the provider's `api_key_env` names (the gateway in
   prompts' estimates fall short). When a request ends, its reservation gives way to its cost;
 - a provider that cannot be reached gets its request a 502, fast: the connect, name lookup
   included, is bounded by CONNECT_TIMEOUT_S, so in a blackout it fails at once.
-Tokens come from the usage each answer reports (a stream is asked for it), priced at the
-model's prices. An answer without usage (the client hung up mid-stream, which stops the
-generation; the stream broke off; a provider that reports none) is still billed by the
-provider: it is recorded as an estimate, the prompt's estimated tokens and the tokens of what
-was received, and counts towards the cap. A provider's error message reaches the client with
-anything that looks like a credential replaced by [redacted].
+Tokens come from the usage each answer reports (a chat stream is asked for it; a Messages
+stream has it in `message_start` and `message_delta`, a Responses one in `response.completed`),
+priced at the model's prices. A count_tokens request generates nothing and costs nothing: it
+reserves nothing against the cap and is recorded at 0. An answer without usage (the client
+hung up mid-stream, which stops the generation; the stream broke off; a provider that reports
+none) is still billed by the provider: it is recorded as an estimate, the prompt's estimated
+tokens and the tokens of what was received, and counts towards the cap. A provider's error
+message reaches the client with anything that looks like a credential replaced by [redacted].
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from sovctl.errors import ConfigError
+from sovctl.gateway import anthropic, responses
 from sovctl.gateway.accounting import StreamTally, answer_chars, ask_usage, reported_usage
 from sovctl.ledger.store import UNROUTED, spent_since
 from sovctl.prices import Price
@@ -56,6 +65,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 ENDPOINT = "/v1/chat/completions"
+ANTHROPIC_VERSION = "2023-06-01"
 PRIVATE_HEADER = b"x-sovctl-private"
 NOT_PRIVATE = (b"0", b"false", b"no", b"")
 CONNECT_TIMEOUT_S = 2.0
@@ -80,6 +90,133 @@ MIN_KEY_CHARS = 8  # a configured key shorter than this is not searched for in a
 log = logging.getLogger("sovctl.gateway.frontier")
 STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def _messages_chars(doc: Any) -> int:
+    """Characters a Messages answer generated: its text and its tool calls' input."""
+    blocks = doc.get("content") if isinstance(doc, dict) else None
+    total = 0
+    for b in blocks if isinstance(blocks, list) else ():
+        if isinstance(b, dict):
+            said = b.get("text") or b.get("thinking")
+            total += len(said) if isinstance(said, str) else len(json.dumps(b.get("input")))
+    return total
+
+
+def _responses_chars(doc: Any) -> int:
+    """Characters a Responses answer generated: its messages' text and its calls' arguments."""
+    output = doc.get("output") if isinstance(doc, dict) else None
+    total = 0
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("arguments"), str):
+            total += len(item["arguments"])
+        for part in item.get("content") or () if isinstance(item.get("content"), list) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                total += len(part["text"])
+    return total
+
+
+def _delta_chars(doc: Any) -> int:
+    """Characters a Messages or Responses stream event carries, generated."""
+    if not isinstance(doc, dict):
+        return 0
+    delta = doc.get("delta")
+    if isinstance(delta, str):  # Responses: output_text, function_call_arguments, reasoning
+        return len(delta)
+    if isinstance(delta, dict):  # Messages: text_delta, input_json_delta, thinking_delta
+        said = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
+        return len(said) if isinstance(said, str) else 0
+    return 0
+
+
+class EventTally(StreamTally):
+    """Follows a Messages or Responses stream from a provider as it passes, unchanged: the
+    characters it carries (for an estimate) and the usage of its `message_start` and
+    `message_delta`, or of its `response.completed`."""
+
+    def __init__(self) -> None:
+        super().__init__(keep_usage=True, count_text=True)
+        self.tokens_in = 0
+
+    @staticmethod
+    def _chars(event: bytes) -> int:
+        start = event.find(b"{")
+        try:
+            return _delta_chars(json.loads(event[start:])) if start >= 0 else 0
+        except ValueError:
+            return 0
+
+    def _is_usage(self, event: bytes) -> bool:
+        start = event.find(b"{")
+        try:
+            doc = json.loads(event[start:]) if start >= 0 else None
+        except ValueError:
+            return False
+        if not isinstance(doc, dict):
+            return False
+        kind = doc.get("type")
+        if kind == "message_start":
+            found = anthropic.message_usage(doc.get("message"))
+            self.tokens_in = found[0] if found else 0
+        elif kind == "message_delta":
+            found = anthropic.message_usage(doc)
+            if found is not None:
+                self.usage = (found[0] or self.tokens_in, found[1])
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            found = responses.usage(doc.get("response"))
+            if found is not None:
+                self.usage = found
+        return False  # passed on as it came
+
+
+def _openai_stream_error(err: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps({'error': err})}\n\n".encode()
+
+
+def _responses_stream_error(err: dict[str, Any]) -> bytes:
+    doc = {"type": "error", "code": err["code"], "message": err["message"], "param": None}
+    return f"event: error\ndata: {json.dumps(doc)}\n\n".encode()
+
+
+def _messages_stream_error(err: dict[str, Any]) -> bytes:
+    return anthropic.stream_error(err["message"])
+
+
+@dataclass(frozen=True)
+class Way:
+    """How the requests of one surface go to a provider, and how its answers are read."""
+
+    path: str  # after the provider's base_url
+    prompt_keys: tuple[str, ...]  # the fields that hold the prompt, for its estimate
+    max_fields: tuple[str, ...]  # the fields that bound generation; the first applied if none
+    usage: Callable[[Any], tuple[int, int] | None]  # (in, out) tokens of a whole answer
+    chars: Callable[[Any], int]  # characters a whole answer generated, for an estimate
+    stream_error: Callable[[dict[str, Any]], bytes]  # the event that ends a broken stream
+    billed: bool = True  # count_tokens is not: it reserves and costs nothing
+
+
+_MESSAGES_PROMPT = ("system", "messages", "tools")
+# Each kind of provider: the surfaces it speaks, the first one the one to send instead.
+SURFACES: dict[str, dict[str, Way]] = {
+    "openai": {
+        ENDPOINT: Way("/chat/completions", ("messages", "tools"), MAX_TOKENS_FIELDS,
+                      reported_usage, lambda doc: answer_chars(doc, "message"),
+                      _openai_stream_error),
+        responses.RESPONSES: Way("/responses", ("instructions", "input", "tools"),
+                                 ("max_output_tokens",), responses.usage, _responses_chars,
+                                 _responses_stream_error),
+    },
+    "anthropic": {
+        anthropic.MESSAGES: Way("/v1/messages", _MESSAGES_PROMPT, ("max_tokens",),
+                                anthropic.message_usage, _messages_chars,
+                                _messages_stream_error),
+        anthropic.COUNT_TOKENS: Way("/v1/messages/count_tokens", _MESSAGES_PROMPT, (),
+                                    lambda doc: None, lambda doc: 0, _messages_stream_error,
+                                    billed=False),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -113,6 +250,7 @@ class Admission:
     body: dict[str, Any]  # the client's, the provider's model name, its generation bounded
     prompt_tokens: int  # estimated from the prompt's size
     worst: float  # what it costs if it generates all it may: reserved while it is in flight
+    way: Way = SURFACES["openai"][ENDPOINT]  # the surface it came in on
 
 
 def _today() -> dt.date:
@@ -129,10 +267,11 @@ def _until_midnight() -> str:
     return str(int(wait.total_seconds()) + 1)
 
 
-def prompt_tokens(body: Mapping[str, Any]) -> int:
-    """The prompt's tokens, estimated from its characters (the messages and tools as JSON,
-    which overcounts the markup a little: an estimate that errs high reserves enough)."""
-    text = json.dumps([body.get("messages"), body.get("tools")], ensure_ascii=False)
+def prompt_tokens(body: Mapping[str, Any], keys: Sequence[str] = ("messages", "tools")) -> int:
+    """The prompt's tokens, estimated from its characters (the messages and tools, or the
+    surface's `keys`, as JSON, which overcounts the markup a little: an estimate that errs
+    high reserves enough)."""
+    text = json.dumps([body.get(k) for k in keys], ensure_ascii=False)
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
@@ -166,7 +305,8 @@ class ProviderState:
         assert route.provider is not None
         provider = route.provider
         self.name = provider.name
-        self.url = route.upstream + "/chat/completions"
+        self.kind = provider.kind
+        self.base = route.upstream
         parts = urlsplit(route.upstream)
         self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         self.models = provider.models
@@ -197,10 +337,15 @@ class ProviderState:
 
     def headers(self, stream: bool) -> dict[str, str]:
         assert self.key is not None
-        return {"authorization": f"Bearer {self.key}", "content-type": "application/json",
+        auth = ({"x-api-key": self.key, "anthropic-version": ANTHROPIC_VERSION}
+                if self.kind == "anthropic" else {"authorization": f"Bearer {self.key}"})
+        return {**auth, "content-type": "application/json",
                 "accept": "text/event-stream" if stream else "application/json",
                 # A stream must pass as it comes, not wait on a decompressor's buffer.
                 "accept-encoding": "identity"}
+
+    def speaks(self) -> str:
+        return ", ".join(SURFACES.get(self.kind, {}))
 
     def allowed(self) -> str:
         return ", ".join(f"{FRONTIER_PREFIX}{self.name}/{m}" for m in self.models)
@@ -273,9 +418,12 @@ class Frontier:
             return self._refuse(p.name, 400, f"model {model!r} names no model of {name}: "
                                 f"use one of {p.allowed()}", "invalid_request_error",
                                 "model_not_found", param="model")
-        if endpoint != ENDPOINT:
-            return self._refuse(p.name, 400, f"a frontier route serves {ENDPOINT} only, not "
-                                f"{endpoint}", "invalid_request_error", "endpoint_not_routed")
+        way = SURFACES.get(p.kind, {}).get(endpoint)
+        if way is None:
+            return self._refuse(p.name, 400, f"provider {name} (kind = \"{p.kind}\") speaks "
+                                f"{p.speaks()}, not {endpoint}: send the request there, or "
+                                f"name a provider that speaks {endpoint}",
+                                "invalid_request_error", "endpoint_not_routed", param="model")
         if _private(headers):
             return self._refuse(p.name, 403, f"the request is marked private "
                                 f"(X-Sovctl-Private), and {model!r} would leave this machine: "
@@ -288,17 +436,17 @@ class Frontier:
                                 f"([providers.{name}.models] in sovctl.toml)",
                                 "permission_denied", "model_not_allowed", param="model")
         body = {**payload, "model": upstream_model}
-        asked = {k: v for k in MAX_TOKENS_FIELDS if isinstance(v := body.get(k), int)}
+        asked = {k: v for k in way.max_fields if isinstance(v := body.get(k), int)}
         for k, v in asked.items():
             if v > p.max_tokens:
                 return self._refuse(p.name, 400, f"{k} {v} is above provider {name}'s limit "
                                     f"of {p.max_tokens} (providers.{name}.max_tokens)",
                                     "invalid_request_error", "max_tokens_above_limit", param=k)
-        if not asked:
-            body["max_tokens"] = p.max_tokens
-        prompt = prompt_tokens(body)
-        bound = min(asked.values(), default=p.max_tokens)
-        worst = price.cost(prompt, bound)
+        if not asked and way.max_fields:
+            body[way.max_fields[0]] = p.max_tokens
+        prompt = prompt_tokens(body, way.prompt_keys)
+        bound = min(asked.values(), default=p.max_tokens) if way.billed else 0
+        worst = price.cost(prompt, bound) if way.billed else 0.0
         if p.key is None:
             return self._refuse(p.name, 503, f"provider {name} has no key: ${p.key_env} is not "
                                 "set in the environment of 'sovctl serve'", "service_unavailable",
@@ -308,7 +456,7 @@ class Frontier:
                                 f"flight, its limit (providers.{name}.max_concurrent)",
                                 "rate_limit_exceeded", "provider_busy",
                                 {"Retry-After": str(BUSY_RETRY_S)})
-        if p.cap is not None:
+        if p.cap is not None and way.billed:
             spent = p.spent_today()
             left = p.cap - spent
             if spent >= p.cap:
@@ -330,7 +478,7 @@ class Frontier:
                                     f"left of its daily cap; this one may cost up to "
                                     f"{worst:.4g}: retry when they end", "rate_limit_exceeded",
                                     "daily_cap_reserved", {"Retry-After": str(CAP_RETRY_S)})
-        return p, Admission(price, body, prompt, worst)
+        return p, Admission(price, body, prompt, worst, way)
 
     async def serve(self, endpoint: str, model: str, payload: dict[str, Any],
                     headers: Sequence[tuple[bytes, bytes]], receive: Receive, send: Send
@@ -354,8 +502,10 @@ class Frontier:
     async def _send(self, p: ProviderState, a: Admission, receive: Receive, send: Send
                     ) -> Outcome:
         stream = bool(a.body.get("stream"))
-        keep_usage = ask_usage(a.body) if stream else True
-        request = p.client.build_request("POST", p.url, content=json.dumps(a.body).encode(),
+        # Only a chat stream is asked for its usage; the others report it unasked.
+        keep_usage = ask_usage(a.body) if stream and a.way.path == "/chat/completions" else True
+        request = p.client.build_request("POST", p.base + a.way.path,
+                                         content=json.dumps(a.body).encode(),
                                          headers=p.headers(stream))
         try:
             response = await p.client.send(request, stream=True)
@@ -382,15 +532,17 @@ class Frontier:
             doc = json.loads(content)
         except ValueError:
             doc = None
-        usage = reported_usage(doc)
+        usage = a.way.usage(doc)
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": [(b"content-type", response.headers.get(
                         "content-type", "application/json").encode("latin-1")),
                         (b"content-length", b"%d" % len(content))]})
         await send({"type": "http.response.body", "body": content})
         out = Outcome(p.name, response.status_code)
+        if not a.way.billed:
+            return out
         if usage is None:
-            return self._billed(out, a, generated_tokens(answer_chars(doc, "message")))
+            return self._billed(out, a, generated_tokens(a.way.chars(doc)))
         return dataclasses.replace(out, tokens_in=usage[0], tokens_out=usage[1],
                                    cost=a.price.cost(*usage))
 
@@ -428,7 +580,8 @@ class Frontier:
 
     async def _stream(self, p: ProviderState, a: Admission, response: httpx.Response,
                       keep_usage: bool, receive: Receive, send: Send) -> Outcome:
-        tally = StreamTally(keep_usage, count_text=True)
+        tally = (StreamTally(keep_usage, count_text=True) if a.way.path == "/chat/completions"
+                 else EventTally())
         await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
         status = 200
 
@@ -446,11 +599,10 @@ class Frontier:
             except httpx.HTTPError as e:
                 status = 502
                 # The status line is gone already: say so in the stream, never end it silently.
-                err = {"error": {"message": f"provider {p.name} failed mid-stream: "
-                                 f"{type(e).__name__}", "type": "server_error",
-                                 "code": "provider_failed"}}
+                err = {"message": f"provider {p.name} failed mid-stream: "
+                       f"{type(e).__name__}", "type": "server_error", "code": "provider_failed"}
                 await send({"type": "http.response.body", "more_body": True,
-                            "body": f"data: {json.dumps(err)}\n\n".encode()})
+                            "body": a.way.stream_error(err)})
             await send({"type": "http.response.body", "body": b""})
 
         # A client that hangs up stops the generation, which the provider would bill for.

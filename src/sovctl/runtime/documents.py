@@ -27,8 +27,8 @@ from sovctl.prices import Price
 STATE_SCHEMA = "sovctl.state/3"
 # /4: a provider's allowed models with a price each, its concurrency and max_tokens bounds;
 # the ledger's row bound; the gateway's image, connection and header-time limits and the Host
-# and Origin names it admits.
-ROUTES_SCHEMA = "sovctl.routes/4"
+# and Origin names it admits. /5: a provider's kind, the API it speaks.
+ROUTES_SCHEMA = "sovctl.routes/5"
 # /1: the plan a detached supervisor runs (sovctl.runtime.plan.Plan), from the CLI that made it.
 PLAN_SCHEMA = "sovctl.plan/1"
 
@@ -198,6 +198,9 @@ class Provider:
     models: dict[str, Price]
     max_concurrent: int  # requests in flight at once; beyond, 429
     max_tokens: int  # the most a request may ask to generate; applied when it asks for none
+    # The API it speaks (config.PROVIDER_KINDS): "openai" (Chat Completions, Responses) or
+    # "anthropic" (Messages); a request on another surface is refused.
+    kind: str = "openai"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Self:

@@ -368,7 +368,7 @@ def frontier_routes(cfg: Settings) -> tuple[Route, ...]:
               provider=Provider(
                   name=name, api_key_env=p.api_key_env, daily_cap=p.daily_cap,
                   models=dict(p.models), max_concurrent=p.max_concurrent,
-                  max_tokens=p.max_tokens))
+                  max_tokens=p.max_tokens, kind=p.kind))
         for name, p in sorted(cfg.providers.items()))
 
 

@@ -114,6 +114,14 @@ def test_rerank_orders_documents(stack: Stack) -> None:
                       top_n=50).json()["results"]) == len(DOCUMENTS)
 
 
+def test_an_input_longer_than_the_model_takes_is_a_400(stack: Stack) -> None:
+    # llama-server answers it with a 500 that tells its operator to raise the batch size.
+    r = rerank(stack, model="rr", query=QUERY, documents=["word " * 3000])
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "shorten or split" in err["message"]
+
+
 def test_rerank_is_counted(stack: Stack) -> None:
     assert rerank(stack, model="rr", query=QUERY, documents=DOCUMENTS[:2]).status_code == 200
     metrics = httpx.get(f"{stack.base}/metrics").text

@@ -83,6 +83,10 @@ MAX_UPSTREAM_MESSAGE = 500
 IDENTIFIER = re.compile(r"[\w.\[\]-]{1,100}")
 
 
+# llama-server's answer to an embedding or rerank input longer than its batch: a 500 there.
+_TOO_LONG = re.compile(r"^input \((\d+) tokens\) is too large to process")
+
+
 def upstream_error(process: str, status: int, content: bytes) -> JSONResponse:
     """A runtime's error answer, retold in the OpenAI format with nothing internal in it.
 
@@ -100,6 +104,13 @@ def upstream_error(process: str, status: int, content: bytes) -> JSONResponse:
             and "\n" not in message and not LEAK.search(message)):
         what = "failed on" if status >= 500 else "rejected"
         message = f"the runtime {what} the request (HTTP {status}); see 'sovctl logs {process}'"
+    too_long = _TOO_LONG.search(message) if status == 500 else None
+    if too_long is not None:
+        # The client's input, not the runtime, is at fault: llama-server's own hint (a larger
+        # batch) is the operator's remedy, not the client's.
+        return error(400, f"the input is {too_long[1]} tokens, more than the model takes at "
+                     "once; shorten or split it", "invalid_request_error",
+                     "context_length_exceeded")
     code, param = detail.get("code"), detail.get("param")
     return error(status, message, "server_error" if status >= 500 else "invalid_request_error",
                  code if isinstance(code, str) and IDENTIFIER.fullmatch(code) else None,

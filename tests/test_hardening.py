@@ -199,7 +199,7 @@ def test_state_of_another_schema_is_a_clear_error(tmp_path: Path) -> None:
     (home / "run" / "state.json").write_text(json.dumps({"version": 1, "processes": []}))
     r = run(home, "status")
     assert r.returncode == 3
-    assert "is not a sovctl.state/3 document" in r.stderr and "Traceback" not in r.stderr
+    assert "is not a sovctl.state/4 document" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_documents_round_trip(tmp_path: Path) -> None:

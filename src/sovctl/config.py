@@ -56,6 +56,8 @@ class ServeSettings:
     n_gpu_layers: int = 0  # layers offloaded to the GPU unless [models.NAME] says (-1: all)
     queue_limit: int = 16  # requests waiting per runtime before the gateway answers 429
     queue_timeout: float = 120.0  # seconds a request may wait for its runtime before 503
+    # seconds a request for an unloaded (load = "on-demand") model may wait for it to load
+    load_timeout: float = 120.0
     max_body_bytes: int = 8 * 1024 * 1024
     # What one request may make a runtime decode: image parts, and each image's bytes and
     # pixels (read from its header; a small file may declare a huge canvas).
@@ -167,6 +169,23 @@ class ModelSettings:
     chat_template: str | None = None
     seed: int | None = None
     extra_args: tuple[str, ...] = ()
+    # "always": started with the stack; "on-demand": started by the first request for it
+    load: str = "always"
+    # an on-demand model's runtime is stopped once idle this long ("15m", "90s", "1h");
+    # "0": never
+    idle_unload: str = "0"
+
+
+# [models.NAME] load
+LOAD_MODES = ("always", "on-demand")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)?")
+_UNITS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration written "90", "90s", "15m", "1.5h"; None when it is not one."""
+    found = _DURATION.fullmatch(text.strip())
+    return float(found[1]) * _UNITS[found[2]] if found else None
 
 
 @dataclass(frozen=True)
@@ -469,6 +488,14 @@ def _check_model(name: str, body: Any, origin: str) -> dict[str, Any]:
     _check_runtime(body.get("runtime", AUTO), f"{origin}: models.{name}.runtime")
     if body.get("parallel", 1) < 1:
         raise ConfigError(f"{origin}: models.{name}.parallel must be at least 1")
+    load = body.get("load", "always")
+    if load not in LOAD_MODES:
+        raise ConfigError(f"{origin}: models.{name}.load must be always or on-demand, "
+                          f"got {load!r}")
+    if "idle_unload" in body and parse_duration(body["idle_unload"]) is None:
+        raise ConfigError(f"{origin}: models.{name}.idle_unload must be a duration, got "
+                          f"{body['idle_unload']!r}",
+                          hint='write seconds, minutes or hours: "90s", "15m", "1h"; "0": never')
     return dict(body)
 
 
@@ -595,7 +622,7 @@ def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
 # The lowest value each numeric gateway limit takes ([serve]); max_images 0 refuses images.
 GATEWAY_MINIMUMS: dict[str, float] = {
     "max_images": 0, "max_image_bytes": 1, "max_image_pixels": 1, "max_connections": 1,
-    "header_timeout": 0.1,
+    "header_timeout": 0.1, "load_timeout": 0.1,
 }
 _HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?", re.IGNORECASE)
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", re.IGNORECASE)
@@ -687,6 +714,13 @@ def load(
         if "ref" not in pbody:
             raise ConfigError(f"[pull.{pname}] has no ref",
                               hint="add ref = \"hf://ORG/REPO/FILE.gguf\" (or a path)")
+    for mname, mbody in models.items():
+        if mbody.get("load", "always") != "on-demand" and \
+                parse_duration(mbody.get("idle_unload", "0")):
+            raise ConfigError(f"models.{mname}.idle_unload needs load = \"on-demand\": a model "
+                              "loaded always stays loaded",
+                              hint=f"set [models.{mname}] load = \"on-demand\", or remove "
+                              "idle_unload")
     for pname, pbody in providers.items():
         lacking = [k for k in PROVIDER_REQUIRED if k not in pbody]
         if lacking:

@@ -147,7 +147,8 @@ def _status_table(c: Console, processes: Sequence[ProcessState],
         t.add_column(col)
     from sovctl.runtime.documents import Status
 
-    colours = {Status.UP: "green", Status.FAILED: "red", Status.STOPPED: "dim"}
+    colours = {Status.UP: "green", Status.FAILED: "red", Status.STOPPED: "dim",
+               Status.UNLOADED: "blue"}
     now = time.time()
     for p in processes:
         colour = colours.get(p.status, "yellow")

@@ -33,6 +33,7 @@ from sovctl.gateway.guard import Access, preflight_headers, with_cors
 from sovctl.gateway.metrics import Metrics
 from sovctl.gateway.upstream import PROPS_TIMEOUT_S, Connection, Upstream, UpstreamError
 from sovctl.ledger.store import UNROUTED
+from sovctl.runtime.demand import Usage
 from sovctl.runtime.documents import (
     FRONTIER_PREFIX,
     LOCAL,
@@ -140,7 +141,7 @@ class RouteState:
     """A route and its admission control: as many requests in flight as the runtime has
     slots, the rest waiting in a bounded queue."""
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, run: Path) -> None:
         self.model = route.model
         self.role = route.role
         self.kind = route.kind
@@ -157,6 +158,8 @@ class RouteState:
         key = Path(route.key_file).read_text().strip() if route.key_file else None
         self.upstream = Upstream(route.upstream, key)
         self.tools = tools.Capability()  # whether the model's chat template renders tools
+        # An on-demand model's requests, as the supervisor sees them (sovctl.runtime.demand).
+        self.usage = Usage(run, route.model) if route.on_demand else None
 
 
 class RuntimeStatus:
@@ -167,9 +170,9 @@ class RuntimeStatus:
         self._at = 0.0
         self._procs: dict[str, ProcessState] = {}
 
-    def processes(self) -> dict[str, ProcessState]:
+    def processes(self, fresh: bool = False) -> dict[str, ProcessState]:
         now = time.monotonic()
-        if now - self._at > 0.2:
+        if fresh or now - self._at > 0.2:
             self._at = now
             try:
                 state = StackState.read(self.path)
@@ -178,8 +181,8 @@ class RuntimeStatus:
             self._procs = {p.name: p for p in state.processes} if state else {}
         return self._procs
 
-    def status(self, process: str) -> str:
-        p = self.processes().get(process)
+    def status(self, process: str, fresh: bool = False) -> str:
+        p = self.processes(fresh).get(process)
         return str(p.status) if p else "unknown"
 
 
@@ -193,18 +196,24 @@ def _start(status: int, content_type: bytes, length: int | None = None,
 
 # The states of a runtime that is on its way up again: a request waits for it.
 RESTARTING = ("pending", "starting", "backoff")
+# An on-demand model's runtime, not running: a request asks for it and waits for it to load.
+UNLOADED = "unloaded"
+# The states of a runtime that /ready counts as ready: an unloaded one loads on demand.
+READY = ("up", UNLOADED)
 STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 
 
 class Gateway:
     def __init__(self, table: RoutesTable) -> None:
         self.table = table
-        self.routes = {r.model: RouteState(r) for r in table.routes if r.kind == LOCAL}
+        run = Path(table.state_file).parent
+        self.routes = {r.model: RouteState(r, run) for r in table.routes if r.kind == LOCAL}
         self.frontier = Frontier(table.routes, table.ledger)
         self.ledger = Ledger(table)
         self.limits = table.limits
         self.queue_limit = table.limits.queue_limit
         self.queue_timeout = table.limits.queue_timeout
+        self.load_timeout = table.limits.load_timeout
         self.max_body = table.limits.max_body_bytes
         self.access = Access(table.limits, table.auth_required)
         self.key: bytes | None = None
@@ -319,7 +328,7 @@ class Gateway:
         if not self._authorised_request(request):
             return self._unauthorised()
         runtimes = {r.process: self.status.status(r.process) for r in self.routes.values()}
-        ok = all(s == "up" for s in runtimes.values())
+        ok = all(s in READY for s in runtimes.values())
         return JSONResponse({"ready": ok, "runtimes": runtimes}, status_code=200 if ok else 503)
 
     async def models(self, request: Request) -> Response:
@@ -459,8 +468,31 @@ class Gateway:
         if "model" not in payload:
             payload["model"] = route.model
             body = json.dumps(payload).encode()
-        status = self.status.status(route.process)
-        if status in RESTARTING:
+        usage = route.usage
+        if usage is None:
+            return await self._local(route, endpoint, payload, body, receive, send, started)
+        # An on-demand model: the request is counted in flight, so its runtime is not unloaded
+        # under it; while the supervisor is unloading it, the request waits for that first.
+        deadline = time.monotonic() + self.load_timeout
+        while (first := usage.enter()) is None:
+            if time.monotonic() >= deadline:
+                return route.model, error(
+                    503, f"runtime for {route.model!r} is being unloaded; retry later",
+                    "service_unavailable", "runtime_unavailable", headers={"Retry-After": "2"})
+            await asyncio.sleep(0.1)
+        try:
+            return await self._local(route, endpoint, payload, body, receive, send, started,
+                                     fresh=first)
+        finally:
+            usage.leave()
+
+    async def _local(self, route: RouteState, endpoint: str, payload: dict[str, Any],
+                     body: bytes, receive: Receive, send: Send, started: float,
+                     fresh: bool = False) -> tuple[str, Response] | None:
+        """A request for a local model, checked: waits for its runtime, then serves it.
+        `fresh`: the runtime's status is read afresh, not from the last 0.2 s."""
+        status = self.status.status(route.process, fresh)
+        if status in RESTARTING or (status == UNLOADED and route.usage is not None):
             # A quick restart (a crash, a lost or returning worker) is waited out, up to the
             # queue's bounds, rather than answered with 503; the state file is read at most
             # every 0.2 s however many requests wait. A runtime given up on is not waited for.
@@ -468,9 +500,16 @@ class Gateway:
                 return route.model, self._queue_full(route)
             route.waiting += 1
             try:
-                deadline = time.monotonic() + self.queue_timeout
-                while status in RESTARTING and time.monotonic() < deadline:
-                    await asyncio.sleep(0.25)
+                # A cold model gets the time a load takes; one restarting, the queue's.
+                deadline = time.monotonic() + (self.load_timeout if status == UNLOADED
+                                               else self.queue_timeout)
+                while (status in RESTARTING or status == UNLOADED) \
+                        and time.monotonic() < deadline:
+                    if status == UNLOADED and route.usage is not None:
+                        # One request file however many wait; written again if the model
+                        # was unloaded once more meanwhile. A client hanging up cancels nothing.
+                        route.usage.request_load()
+                    await asyncio.sleep(0.1 if status == UNLOADED else 0.25)
                     status = self.status.status(route.process)
             finally:
                 route.waiting -= 1

@@ -47,7 +47,9 @@ def start_detached(home: Home, plan: Plan) -> StackStatus:
                 hint=f"see {home.logs / 'supervisor.out'}",
             )
         st = status(home)
-        if st.running and st.processes and all(p.status == Status.UP for p in st.processes):
+        # An on-demand model is ready unloaded: its first request loads it.
+        if st.running and st.processes and all(p.status in (Status.UP, Status.UNLOADED)
+                                               for p in st.processes):
             return st
         failed = [p.name for p in st.processes if p.status == Status.FAILED]
         if failed:

@@ -23,14 +23,24 @@ from sovctl.fsutil import atomic_write
 from sovctl.ledger.store import MAX_ROWS
 from sovctl.prices import Price
 
-# /3: the [cluster] workers each runtime uses, with their health and memory.
-STATE_SCHEMA = "sovctl.state/3"
+# /3: the [cluster] workers each runtime uses, with their health and memory. /4: the status
+# "unloaded", of an on-demand model's runtime not running until a request asks for it.
+STATE_SCHEMA = "sovctl.state/4"
 # /4: a provider's allowed models with a price each, its concurrency and max_tokens bounds;
 # the ledger's row bound; the gateway's image, connection and header-time limits and the Host
-# and Origin names it admits. /5: a provider's kind, the API it speaks.
-ROUTES_SCHEMA = "sovctl.routes/5"
+# and Origin names it admits. /5: a provider's kind, the API it speaks. /6: a route's model
+# loaded on demand; the gateway's load_timeout.
+ROUTES_SCHEMA = "sovctl.routes/6"
 # /1: the plan a detached supervisor runs (sovctl.runtime.plan.Plan), from the CLI that made it.
-PLAN_SCHEMA = "sovctl.plan/1"
+# /2: a runtime's load mode and idle unload.
+PLAN_SCHEMA = "sovctl.plan/2"
+
+# The gateway and the supervisor about on-demand models, in the run folder (see
+# sovctl.runtime.demand): LOAD_DIR/NAME asks the supervisor to load NAME; USED_DIR/NAME's mtime
+# is when NAME's last request ended, and the gateway holds a shared lock on it while any is in
+# flight.
+LOAD_DIR = "load"
+USED_DIR = "used"
 
 
 class Status(StrEnum):
@@ -42,6 +52,7 @@ class Status(StrEnum):
     BACKOFF = "backoff"  # crashed or hung; waiting to be restarted
     FAILED = "failed"  # crash-looped; given up on until the stack restarts
     STOPPED = "stopped"
+    UNLOADED = "unloaded"  # an on-demand model's runtime, not running: a request loads it
 
 
 def check_schema(doc: Any, expected: str, path: Path) -> dict[str, Any]:
@@ -224,6 +235,7 @@ class Route:
     # its Provider
     price: Price | None = None
     provider: Provider | None = None  # set on PROVIDER routes only
+    on_demand: bool = False  # its runtime is loaded by a request, and may be unloaded idle
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Self:
@@ -250,6 +262,7 @@ class Limits:
     header_timeout: float = _SERVE.header_timeout
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    load_timeout: float = _SERVE.load_timeout  # for an on-demand model's runtime to load
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Self:

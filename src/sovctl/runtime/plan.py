@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from sovctl.bench import costs, history
-from sovctl.config import ModelSettings, ServeSettings, Settings
+from sovctl.config import ModelSettings, ServeSettings, Settings, parse_duration
 from sovctl.engines import AUTO, LLAMA_SERVER, PREFERRED, able, choose, engine
 from sovctl.errors import ConfigError, UsageError
 from sovctl.fsutil import atomic_write
@@ -90,6 +90,11 @@ class ServedModel:
     mmproj: str | None = None  # the multimodal projector's blob: the model reads images
     mmproj_sha256: str = ""
     mmproj_size: int = 0
+    load: str = "always"  # [models.NAME] load: "always" | "on-demand"
+    idle_unload: float = 0.0  # seconds; 0: never
+
+
+ON_DEMAND = "on-demand"
 
 
 @dataclass(frozen=True)
@@ -338,6 +343,8 @@ def served_models(
             mmproj=str(store.path(projector.sha256)) if projector else None,
             mmproj_sha256=projector.sha256 if projector else "",
             mmproj_size=projector.size if projector else 0,
+            load=m.load,
+            idle_unload=parse_duration(m.idle_unload) or 0.0,
         ))
     used = any(engine(m.runtime).binary for m in out)
     return Selection(tuple(out), tuple(notes), str(binary) if used and binary else None)
@@ -412,6 +419,11 @@ def _cluster(cfg: Settings, models: tuple[ServedModel, ...]
             raise ConfigError(f"[cluster] model {wanted!r} is not a chat model being served",
                               hint="name a served chat model, or leave model out: the first")
         return models, "", (), ("[cluster] workers are unused: no chat model is served",)
+    if target.load == ON_DEMAND:
+        raise ConfigError(f"{target.name} uses the [cluster] workers and cannot be loaded on "
+                          "demand: a clustered model stays loaded",
+                          hint=f"set [models.{target.name}] load = \"always\", or name "
+                          "another model in [cluster] model")
     if not engine(target.runtime).rpc_workers:
         can = able(lambda e: e.rpc_workers)
         raise ConfigError(f"{target.name}: [cluster] workers need the {can} runtime",
@@ -452,6 +464,7 @@ def build(
                                                                selection.llama_server, workers),
             port=rport, health_path=engine(m.runtime).health_path, role=m.role, model=m.name,
             sha256=m.sha256, runtime=m.runtime, key_file=key_file, workers=workers,
+            load=m.load, idle_unload=m.idle_unload,
         ))
     routes_file = run / "routes.json"
     gateway = Argv(
@@ -491,7 +504,8 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
             Route(model=p.model, role=p.role, kind=LOCAL, process=p.name,
                   upstream=f"http://127.0.0.1:{p.port}", runtime=p.runtime,
                   parallel=by_name[p.model].parallel, key_file=p.key_file,
-                  vision=by_name[p.model].mmproj is not None, price=plan.prices.get(p.model))
+                  vision=by_name[p.model].mmproj is not None, price=plan.prices.get(p.model),
+                  on_demand=p.load == ON_DEMAND)
             for p in plan.processes if p.kind == ProcessKind.RUNTIME
         ) + plan.frontier,
         ledger=plan.ledger, ledger_max_rows=plan.ledger_max_rows,

@@ -48,6 +48,8 @@ class ProcessSpec:
     runtime: str = ""  # a runtime's engine
     key_file: str | None = None  # a runtime's internal key, written at each start
     workers: tuple[str, ...] = ()  # RPC workers ([cluster]) its --rpc names, checked each start
+    load: str = "always"  # a runtime's [models.NAME] load: "always" | "on-demand"
+    idle_unload: float = 0.0  # seconds idle after which an on-demand runtime is stopped; 0 never
 
 
 def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | None = None,

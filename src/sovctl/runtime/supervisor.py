@@ -24,7 +24,7 @@ from enum import Enum
 from pathlib import Path
 
 from sovctl.errors import BusyError
-from sovctl.runtime import cluster
+from sovctl.runtime import cluster, demand
 from sovctl.runtime.documents import (
     Event,
     ProcessKind,
@@ -35,7 +35,7 @@ from sovctl.runtime.documents import (
     WorkerStatus,
 )
 from sovctl.runtime.logfiles import Pump, RotatingLog
-from sovctl.runtime.plan import Plan, inherited_env, provider_keys
+from sovctl.runtime.plan import ON_DEMAND, Plan, inherited_env, provider_keys
 from sovctl.runtime.ports import listener, owned_by
 from sovctl.runtime.procs import Argv, ProcessSpec, spawn, stop_group
 from sovctl.runtime.tunnel import diagnose, forward_confirmed, probe_refused
@@ -62,6 +62,8 @@ class _Proc:
     next_watch: float = 0.0
     connected: set[str] = field(default_factory=set)  # workers seen connected since this start
     unprobed: str = ""  # a tunnel whose public host refuses its end-to-end probe: why
+    next_idle: float = 0.0  # an on-demand runtime's next look at its idleness (monotonic)
+    loaded_at: float = 0.0  # wall clock of its last start
 
 
 # How often a clustered runtime running without some of its workers asks them again.
@@ -155,19 +157,28 @@ class Supervisor:
         self._pumps: dict[str, Pump] = {}
         self._provider_keys = provider_keys(plan)
         self._last_keyed: list[tuple[Status, int, int | None]] = []
+        self._run = Path(plan.state_file).parent
+        self._on_demand = {p.spec.name: p for p in self.procs if p.spec.load == ON_DEMAND}
 
     # -- lifecycle ----------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
         self.stopping = True
 
     def run(self) -> None:
+        if self._on_demand:
+            demand.prepare(self._run)
         for p in self.procs:
-            self._start(p)
+            if p.spec.load == ON_DEMAND:
+                p.status = Status.UNLOADED  # the first request for it loads it
+            else:
+                self._start(p)
         interval = self.cfg.health_interval
         next_state = 0.0
         try:
             while not self.stopping:
                 now = time.monotonic()
+                if self._on_demand:
+                    self._on_demand_tick(now)
                 for p in self.procs:
                     self._tick(p, now, interval)
                 if now >= next_state or self._state_changed():
@@ -215,12 +226,51 @@ class Supervisor:
         self._pumps[p.spec.name] = Pump(out, self._log(p.spec.name))
         p.status = Status.STARTING
         p.started_at = time.monotonic()
+        if p.spec.load == ON_DEMAND:
+            p.loaded_at = time.time()
+            demand.mark_loaded(self._run, p.spec.name)
         p.up_since = None
         p.probe_failures = 0
         p.next_probe = p.started_at + 0.2
         # A look at the last start's workers, still running, is of no use to this one.
         p.watch, p.rejoin, p.connected = None, None, set()
         self._event(p.spec.name, f"started pid {p.popen.pid}")
+
+    # -- on demand (see sovctl.runtime.demand) --------------------------------------------------
+    def _on_demand_tick(self, now: float) -> None:
+        """Load what requests asked for; unload what has been idle too long."""
+        for name in demand.take_load_requests(self._run):
+            p = self._on_demand.get(name)
+            if p is not None and p.status == Status.UNLOADED:  # else loaded already: once
+                self._event(name, "loading: a request asked for it")
+                self._start(p)
+        for p in self._on_demand.values():
+            ttl = p.spec.idle_unload
+            if not ttl or p.status != Status.UP or now < p.next_idle:
+                continue
+            p.next_idle = now + 0.5
+            if demand.idle_for(self._run, p.spec.name, p.loaded_at) < ttl:
+                continue
+            fd = demand.lock_idle(self._run, p.spec.name)
+            if fd is None:
+                continue  # a request is in flight
+            try:
+                idle = demand.idle_for(self._run, p.spec.name, p.loaded_at)
+                if idle >= ttl:  # no request ended since the look above
+                    self._unload(p, idle)
+            finally:
+                demand.release(fd)
+
+    def _unload(self, p: _Proc, idle: float) -> None:
+        """Stop an idle on-demand runtime, the way a stack stops it, and say so in state.json
+        before the gateway may send it another request (the caller holds the lock)."""
+        assert p.popen is not None
+        reason = f"unloaded after {idle:.0f}s idle"
+        self._event(p.spec.name, reason)
+        stop_group(p.popen.pid, self.cfg.stop_timeout, p.popen)
+        p.popen, p.probe = None, None
+        p.status, p.up_since, p.last_exit = Status.UNLOADED, None, reason
+        self._write_state()
 
     def _ask_workers(self, endpoints: tuple[str, ...]) -> list[cluster.WorkerHealth]:
         timeout = self.cfg.health_timeout
@@ -317,7 +367,7 @@ class Supervisor:
         self._schedule_restart(p, reason)
 
     def _tick(self, p: _Proc, now: float, interval: float) -> None:
-        if p.status in (Status.FAILED, Status.STOPPED):
+        if p.status in (Status.FAILED, Status.STOPPED, Status.UNLOADED):
             return
         if p.status == Status.BACKOFF:
             if now >= p.next_start:

@@ -1,0 +1,120 @@
+"""Models loaded on demand: how the gateway and the supervisor speak of them, through files in
+the run folder.
+
+- `load/NAME`, created by the gateway when a request finds NAME unloaded (created once however
+  many requests wait: O_EXCL), is taken (removed) by the supervisor, which starts NAME's runtime
+  if it is still unloaded. A client that hangs up cancels nothing: the file was written.
+- `used/NAME`: the gateway holds a shared lock on it while any request for NAME is in flight
+  and sets its mtime when the last one ends. The supervisor unloads NAME only once that mtime
+  (or the load, if later) is older than its idle_unload, and only under an exclusive lock,
+  which it keeps until the stop is done and written to state.json: no request is in flight
+  while it unloads, and none starts on the runtime being stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from sovctl.runtime.documents import LOAD_DIR, USED_DIR
+
+
+def prepare(run: Path) -> None:
+    """The folders, empty: a request left from an earlier stack loads nothing."""
+    for sub in (LOAD_DIR, USED_DIR):
+        d = run / sub
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        for f in d.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+
+
+# -- the gateway's side ---------------------------------------------------------------------------
+class Usage:
+    """One on-demand model's requests, as the gateway tells them to the supervisor."""
+
+    def __init__(self, run: Path, name: str) -> None:
+        self.load_file = run / LOAD_DIR / name
+        self.used_file = run / USED_DIR / name
+        self.in_flight = 0
+        self._fd: int | None = None
+
+    def request_load(self) -> None:
+        """Ask the supervisor to load the model; one request file however many ask."""
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.load_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    def enter(self) -> bool | None:
+        """Count a request in. True when it is the first in flight (the lock was taken now:
+        read the runtime's status afresh), False when others are, None while the supervisor
+        is unloading the model (count it in later)."""
+        if self.in_flight:
+            self.in_flight += 1
+            return False
+        fd = os.open(self.used_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        self._fd = fd
+        self.in_flight = 1
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._fd is not None:
+            os.utime(self._fd)  # idle from now
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- the supervisor's side ------------------------------------------------------------------------
+def take_load_requests(run: Path) -> list[str]:
+    """The models requests asked to load since the last look; their files removed."""
+    d = run / LOAD_DIR
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(d / name)
+    return names
+
+
+def mark_loaded(run: Path, name: str) -> None:
+    """Idle counts from the load, until a request ends."""
+    path = run / USED_DIR / name
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.utime(path)
+
+
+def idle_for(run: Path, name: str, loaded_at: float) -> float:
+    """Seconds since the model's last request ended, or since it was loaded (wall clock)
+    if later or it has had none."""
+    try:
+        used = os.stat(run / USED_DIR / name).st_mtime
+    except FileNotFoundError:
+        used = 0.0
+    return time.time() - max(used, loaded_at)
+
+
+def lock_idle(run: Path, name: str) -> int | None:
+    """An exclusive lock on the model's use (a descriptor to `release`), or None while a
+    request for it is in flight."""
+    fd = os.open(run / USED_DIR / name, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release(fd: int) -> None:
+    os.close(fd)

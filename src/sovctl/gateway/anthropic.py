@@ -16,13 +16,25 @@ import json
 import re
 import secrets
 from collections.abc import Collection
-from typing import Any, NoReturn
+from typing import Any
 
 from starlette.responses import JSONResponse
 
 from sovctl.engines import Engine, Surface, able
 from sovctl.gateway.accounting import StreamTally
-from sovctl.gateway.validate import Invalid
+from sovctl.gateway.validate import (
+    Invalid,
+    _Bad,
+    _fail,
+    _is_int,
+    _kind,
+    _not_one_of,
+    _number,
+    _object,
+    _required_object,
+    _string,
+    _wrong_type,
+)
 
 MESSAGES = "/v1/messages"
 COUNT_TOKENS = "/v1/messages/count_tokens"
@@ -68,74 +80,9 @@ def stream_error(message: str) -> bytes:
 
 
 # -- the request's shape -----------------------------------------------------------------------
-class _Bad(Exception):
-    def __init__(self, param: str, reason: str, code: str) -> None:
-        super().__init__(f"'{param}' {reason}")
-        self.param = param
-        self.code = code
-
-
-def _fail(param: str, reason: str, code: str = "invalid_value") -> NoReturn:
-    raise _Bad(param, reason, code)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "a list" if isinstance(value, list) else "an object"
-
-
-def _type(param: str, expected: str, value: Any) -> NoReturn:
-    _fail(param, f"must be {expected}, got {_kind(value)}", "invalid_type")
-
-
 def _one_of(param: str, choices: Collection[str], value: Any) -> None:
     if value not in choices:
-        got = repr(value) if isinstance(value, str) and len(value) <= 40 else _kind(value)
-        _fail(param, f"must be one of {', '.join(repr(c) for c in choices)}; got {got}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(p: dict[str, Any], key: str, lo: float, hi: float) -> None:
-    value = p.get(key)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        _type(key, "a number", value)
-    if not lo <= value <= hi:
-        _fail(key, f"must be between {lo:g} and {hi:g}; got {value!r}")
-
-
-def _string(obj: dict[str, Any], key: str, at: str, required: bool = False) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            _fail(at + key, "is required", "missing_required_parameter")
-        return None
-    if not isinstance(value, str):
-        _type(at + key, "a string", value)
-    return value
-
-
-def _object(obj: dict[str, Any], key: str, at: str, required: bool = False
-            ) -> dict[str, Any] | None:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            _fail(at + key, "is required", "missing_required_parameter")
-        return None
-    if not isinstance(value, dict):
-        _type(at + key, "an object", value)
-    return value
+        _not_one_of(param, choices, value)
 
 
 def _list(obj: dict[str, Any], key: str, at: str, what: str, required: bool = False,
@@ -146,7 +93,7 @@ def _list(obj: dict[str, Any], key: str, at: str, what: str, required: bool = Fa
             _fail(at + key, "is required", "missing_required_parameter")
         return []
     if not isinstance(value, list):
-        _type(at + key, f"a list of {what}", value)
+        _wrong_type(at + key, f"a list of {what}", value)
     if not value and not empty_ok:
         _fail(at + key, f"must be a non-empty list of {what}", "empty_array")
     return value
@@ -168,17 +115,17 @@ def _request(p: dict[str, Any], counting: bool) -> None:
         if max_tokens is None:
             _fail("max_tokens", "is required", "missing_required_parameter")
         if not _is_int(max_tokens):
-            _type("max_tokens", "an integer", max_tokens)
+            _wrong_type("max_tokens", "an integer", max_tokens)
         if max_tokens < 1:
             _fail("max_tokens", f"must be at least 1; got {max_tokens}")
-        _number(p, "temperature", 0, 1)
-        _number(p, "top_p", 0, 1)
+        _number(p, "temperature", "", 0, 1)
+        _number(p, "top_p", "", 0, 1)
         top_k = p.get("top_k")
         if top_k is not None and (not _is_int(top_k) or top_k < 0):
             _fail("top_k", "must be an integer >= 0", "invalid_type")
         stream = p.get("stream")
         if stream is not None and not isinstance(stream, bool):
-            _type("stream", "true or false", stream)
+            _wrong_type("stream", "true or false", stream)
         stops = _list(p, "stop_sequences", "", "strings")
         if len(stops) > MAX_STOP_SEQUENCES:
             _fail("stop_sequences", f"may hold at most {MAX_STOP_SEQUENCES} sequences",
@@ -192,7 +139,7 @@ def _request(p: dict[str, Any], counting: bool) -> None:
     system = p.get("system")
     if system is not None and not isinstance(system, str):
         if not isinstance(system, list):
-            _type("system", "a string or a list of text blocks", system)
+            _wrong_type("system", "a string or a list of text blocks", system)
         for i, block in enumerate(system):
             _block(block, f"system[{i}]", ("text",))
     messages = _list(p, "messages", "", "message objects", required=True, empty_ok=False)
@@ -211,18 +158,18 @@ def _request(p: dict[str, Any], counting: bool) -> None:
             _fail("tool_choice", "demands a tool call but the request has no 'tools'")
         flag = choice.get("disable_parallel_tool_use")
         if flag is not None and not isinstance(flag, bool):
-            _type("tool_choice.disable_parallel_tool_use", "true or false", flag)
+            _wrong_type("tool_choice.disable_parallel_tool_use", "true or false", flag)
 
 
 def _message(m: Any, at: str) -> None:
     if not isinstance(m, dict):
-        _type(at, "a message object", m)
+        _wrong_type(at, "a message object", m)
     _one_of(at + ".role", ROLES, m.get("role"))
     content = m.get("content")
     if isinstance(content, str):
         return
     if not isinstance(content, list):
-        _type(at + ".content", "a string or a list of content blocks", content)
+        _wrong_type(at + ".content", "a string or a list of content blocks", content)
     allowed = ("text", "image", "tool_result") if m["role"] == "user" else ("text", "tool_use")
     for j, block in enumerate(content):
         _block(block, f"{at}.content[{j}]", allowed)
@@ -230,7 +177,7 @@ def _message(m: Any, at: str) -> None:
 
 def _block(block: Any, at: str, allowed: tuple[str, ...]) -> None:
     if not isinstance(block, dict):
-        _type(at, "a content block", block)
+        _wrong_type(at, "a content block", block)
     kind = block.get("type")
     if kind not in allowed:
         got = repr(kind) if isinstance(kind, str) and len(kind) <= 40 else _kind(kind)
@@ -243,7 +190,7 @@ def _block(block: Any, at: str, allowed: tuple[str, ...]) -> None:
     if kind == "text":
         _string(block, "text", at, required=True)
     elif kind == "image":
-        source = _object(block, "source", at, required=True)
+        source = _required_object(block, "source", at)
         assert source is not None
         if source.get("type") != "base64":
             _fail(at + "source.type", "must be 'base64': the gateway fetches no URL, nor any "
@@ -253,23 +200,23 @@ def _block(block: Any, at: str, allowed: tuple[str, ...]) -> None:
     elif kind == "tool_use":
         _string(block, "id", at, required=True)
         _string(block, "name", at, required=True)
-        _object(block, "input", at, required=True)
+        _required_object(block, "input", at)
     elif kind == "tool_result":
         _string(block, "tool_use_id", at, required=True)
         content = block.get("content")
         if content is not None and not isinstance(content, str):
             if not isinstance(content, list):
-                _type(at + "content", "a string or a list of content blocks", content)
+                _wrong_type(at + "content", "a string or a list of content blocks", content)
             for k, part in enumerate(content):
                 _block(part, f"{at}content[{k}]", ("text", "image"))
         flag = block.get("is_error")
         if flag is not None and not isinstance(flag, bool):
-            _type(at + "is_error", "true or false", flag)
+            _wrong_type(at + "is_error", "true or false", flag)
 
 
 def _tool(tool: Any, at: str) -> str:
     if not isinstance(tool, dict):
-        _type(at, "a tool object", tool)
+        _wrong_type(at, "a tool object", tool)
     kind = tool.get("type")
     if kind not in (None, "custom"):
         _fail(at + ".type", f"{str(kind)[:40]!r} is a server tool, which local models do not "
@@ -280,7 +227,7 @@ def _tool(tool: Any, at: str) -> str:
     if not TOOL_NAME.fullmatch(name):
         _fail(at + ".name", "must be 1 to 64 letters, digits, '_' or '-'")
     _string(tool, "description", at + ".")
-    _object(tool, "input_schema", at + ".", required=True)
+    _required_object(tool, "input_schema", at + ".")
     return name
 
 

@@ -176,14 +176,15 @@ def _boolean(obj: dict[str, Any], key: str, at: str) -> None:
         _wrong_type(at + key, "true or false", value)
 
 
-def _string(obj: dict[str, Any], key: str, at: str, required: bool = False) -> None:
+def _string(obj: dict[str, Any], key: str, at: str, required: bool = False) -> str | None:
     value = obj.get(key)
     if value is None:
         if required:
             _fail(at + key, "is required", "missing_required_parameter")
-        return
+        return None
     if not isinstance(value, str):
         _wrong_type(at + key, "a string", value)
+    return value
 
 
 def _choice(obj: dict[str, Any], key: str, at: str, choices: Collection[str],

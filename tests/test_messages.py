@@ -14,9 +14,9 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from tests.conftest import CHAT_MODEL
 from tests.test_gateway_guard import serving
-from tests.test_serve import Stack, start_stack, stop_stack
+from tests.test_serve import Stack
+from tests.test_tools import tools_stack
 
 from sovctl.gateway import anthropic as messages
 from sovctl.gateway import tools
@@ -129,13 +129,7 @@ def test_stream_tally_reads_usage_and_renames_the_model() -> None:
 # -- with the anthropic SDK against a real stack -----------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("messages")
-    (home / "sovctl.toml").write_text(
-        '[serve]\nparallel = 2\n\n[models.smol]\nrole = "chat"\nchat_template = "chatml-tools"\n'
-        '\n[models.plain]\nrole = "chat"\n')
-    s = start_stack(home, models=((CHAT_MODEL, "smol"), (CHAT_MODEL, "plain")))
-    yield s
-    stop_stack(s)
+    yield from tools_stack(tmp_path_factory, "messages")
 
 
 def client(stack: Stack) -> anthropic.Anthropic:

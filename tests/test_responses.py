@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from tests.conftest import CHAT_MODEL
-from tests.test_serve import Stack, start_stack, stop_stack
+from tests.test_serve import Stack
+from tests.test_tools import tools_stack
 
 from sovctl.gateway import responses
 from sovctl.gateway.validate import Invalid
@@ -94,13 +94,7 @@ def test_store_is_private_and_bounded(tmp_path: Path) -> None:
 # -- through the gateway, on real runtimes -----------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("responses")
-    (home / "sovctl.toml").write_text(
-        '[serve]\nparallel = 2\n\n[models.smol]\nrole = "chat"\nchat_template = "chatml-tools"\n'
-        '\n[models.plain]\nrole = "chat"\n')
-    s = start_stack(home, models=((CHAT_MODEL, "smol"), (CHAT_MODEL, "plain")))
-    yield s
-    stop_stack(s)
+    yield from tools_stack(tmp_path_factory, "responses")
 
 
 def bad_request(call: Any) -> dict[str, Any]:

@@ -166,16 +166,21 @@ def test_capability_is_asked_once_and_again_after_a_failure() -> None:
 
 
 # -- through the gateway, on real runtimes -----------------------------------------------------
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """SmolLM2 twice: as `smol` with sovctl's chatml-tools template, as `plain` with its own."""
-    home = tmp_path_factory.mktemp("tools")
+def tools_stack(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Stack]:
+    """SmolLM2 twice: as `smol` with sovctl's chatml-tools template, as `plain` with its own
+    (whose template renders no tools). The tool tests of every surface run on it."""
+    home = tmp_path_factory.mktemp(name)
     (home / "sovctl.toml").write_text(
         '[serve]\nparallel = 2\n\n[models.smol]\nrole = "chat"\nchat_template = "chatml-tools"\n'
         '\n[models.plain]\nrole = "chat"\n')
     s = start_stack(home, models=((CHAT_MODEL, "smol"), (CHAT_MODEL, "plain")))
     yield s
     stop_stack(s)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from tools_stack(tmp_path_factory, "tools")
 
 
 def check_call(call: Any, names: set[str]) -> Any:

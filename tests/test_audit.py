@@ -122,7 +122,11 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert report.parent == home / "reports"
     assert re.fullmatch(r"blackout-\d{8}T\d{6}Z(-\d+)?\.json", report.name)
     saved = json.loads(report.read_text())
-    assert saved["schema"] == "sovctl.audit.report/v1"
+    assert saved["schema"] == "sovctl.audit.report/v3"
+    # The stack's bill of materials, filed beside the report, named by its digest.
+    bom = Path(saved["bom"]["path"])
+    assert bom.parent == report.parent and saved["bom"]["spec"] == "CycloneDX 1.6"
+    assert hashlib.sha256(bom.read_bytes()).hexdigest() == saved["bom"]["sha256"]
     assert saved["versions"]["sovctl"] and saved["versions"]["llama-cpp-python"]
     assert saved["host"]["fingerprint"] and saved["host"]["kernel"]
     assert {m["name"]: m["sha256"] for m in saved["models"]} == {
@@ -131,11 +135,17 @@ def test_passing_audit(tmp_path: Path) -> None:
     assert saved["timings"]["total"] > 0
     assert_nothing_left(home)
 
-    # Again, for people, with the models taken from sovctl.toml: the baseline is reused.
+    # Again, for people, with the models taken from sovctl.toml: the baseline is reused. Both
+    # are loaded on demand under a budget that holds only one of them (tiny 136 MiB, minilm
+    # 196 MiB by the estimate): inside the namespace each is loaded by its requests, evicting
+    # the other, and still watched and checked.
     (home / "sovctl.toml").write_text(
-        '[models.tiny]\nrole = "chat"\n\n[models.minilm]\nrole = "embedding"\n')
+        '[serve]\nmemory_limit = "300MiB"\n\n[models.tiny]\nrole = "chat"\nload = "on-demand"\n\n'
+        '[models.minilm]\nrole = "embedding"\nload = "on-demand"\n')
     r = run(home, "audit", "blackout")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    final = json.loads((home / "audit" / "blackout" / "run" / "state.json").read_text())
+    assert sum(p.get("evictions", 0) for p in final["processes"]) >= 1
     for col in ("CHECK", "RESULT", "EVIDENCE", "TIME", *NAMES):
         assert col in r.stdout
     assert r.stdout.count("PASS") >= 8 and "FAIL" not in r.stdout

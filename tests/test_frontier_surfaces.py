@@ -219,7 +219,7 @@ def test_routes_table_carries_the_kind(stack: dict[str, Any], tmp_path: Path) ->
                      "oai-capped": "openai"}
     path = tmp_path / "routes.json"
     table.write(path)
-    assert json.loads(path.read_text())["schema"] == "sovctl.routes/6"
+    assert json.loads(path.read_text())["schema"] == "sovctl.routes/7"
     assert RoutesTable.read(path) == table
     assert set(frontier.SURFACES) == set(config.PROVIDER_KINDS)
 

@@ -20,6 +20,7 @@ from tests.conftest import EMBED_MODEL, ROOT, TINY_MODEL
 from tests.helpers import run, run_json
 
 from sovctl.net import is_loopback
+from sovctl.runtime.documents import STATE_SCHEMA
 
 
 # -- one loopback rule, names resolved ----------------------------------------------------------
@@ -199,7 +200,29 @@ def test_state_of_another_schema_is_a_clear_error(tmp_path: Path) -> None:
     (home / "run" / "state.json").write_text(json.dumps({"version": 1, "processes": []}))
     r = run(home, "status")
     assert r.returncode == 3
-    assert "is not a sovctl.state/4 document" in r.stderr and "Traceback" not in r.stderr
+    assert f"is not a {STATE_SCHEMA} document" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_stop_takes_down_a_stack_of_another_version(tmp_path: Path) -> None:
+    """A stack whose state another sovctl version wrote (here: its schema made another) is
+    still stopped, never left running with nothing that owns it."""
+    from tests.helpers import pid_alive
+    from tests.test_serve import free_port
+
+    home = tmp_path / "home"
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    started = run_json(home, "serve", "--chat", "tiny", "-d", "--port", str(free_port()))
+    assert started["_rc"] == 0, started["_stderr"]
+    pids = [started["data"]["supervisor_pid"]] + [
+        p["pid"] for p in started["data"]["processes"] if p["pid"]]
+    state = home / "run" / "state.json"
+    doc = json.loads(state.read_text())
+    state.write_text(json.dumps({**doc, "schema": "sovctl.state/999"}))
+    assert run(home, "status").returncode == 3
+    stopped = run(home, "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not [p for p in pids if pid_alive(p)]
 
 
 def test_documents_round_trip(tmp_path: Path) -> None:

@@ -144,10 +144,13 @@ def test_local_price_from_the_latest_bench_of_that_model() -> None:
 # -- the ledger's store and report ---------------------------------------------------------------
 
 def put_rows(path: Path, rows: list[tuple[Any, ...]], max_rows: int = store.MAX_ROWS) -> None:
-    """Writes records as the gateway does; one given without its sources is measured."""
+    """Writes records as the gateway does; one given without its sources is measured, one
+    without its app the default app's."""
     w = store.Writer(path, max_rows)
     for r in rows:
-        w.put(r if len(r) == 11 else (*r, "measured", None if r[8] is None else "measured"))
+        if len(r) == 9:
+            r = (*r, "measured", None if r[8] is None else "measured")
+        w.put(r if len(r) == 12 else (*r, store.DEFAULT_APP))
     w.close()
 
 
@@ -185,7 +188,8 @@ def test_writer_put_never_blocks() -> None:
     w = store.Writer(Path("/proc/no-ledger-here/ledger.sqlite3"))  # cannot be created
     t0 = time.perf_counter()
     for _ in range(10000):
-        w.put((0.0, "local", "m", "/v1/embeddings", 200, 1, 0, 0.0, 0.0, "measured", "measured"))
+        w.put((0.0, "local", "m", "/v1/embeddings", 200, 1, 0, 0.0, 0.0, "measured", "measured",
+               "default"))
     assert time.perf_counter() - t0 < 0.5
     w.close()
 

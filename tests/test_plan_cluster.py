@@ -20,11 +20,11 @@ import pytest
 from tests.conftest import CHAT_MODEL
 from tests.helpers import run, run_json, wait_for
 
+from sovctl import sizing
 from sovctl.errors import ExitCode
-from sovctl.provision import sizing
-from sovctl.provision.sizing import Budget, Device, ModelShape
 from sovctl.runtime import cluster
 from sovctl.runtime.ports import free_port
+from sovctl.sizing import Budget, Device, ModelShape
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -23,12 +23,14 @@ from tests.conftest import CHAT_MODEL, EMBED_MODEL, MMPROJ, TINY_MODEL
 from tests.helpers import pid_alive, run, run_json
 from tests.hubserver import COMMIT, REPO, Counting, DropsMidFile, serve
 
-from sovctl import config
+from sovctl import config, sizing
 from sovctl.errors import ConfigError, ExitCode
 from sovctl.home import Home
 from sovctl.provision import facts as facts_mod
-from sovctl.provision import header, profiles, sizing
+from sovctl.provision import profiles
 from sovctl.provision.facts import detect
+from sovctl.store import header
+from sovctl.units import parse_size
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -330,7 +332,7 @@ def test_kv_cache_per_layer_when_the_metadata_has_an_array(tmp_path: Path) -> No
     ("100MB", 100_000_000), ("512MiB", 512 * MiB), ("8G", 8 * GiB), ("1.5GiB", int(1.5 * GiB)),
     ("0", 0), ("4096", 4096)])
 def test_sizes(text: str, size: int) -> None:
-    assert sizing.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 def test_bad_size_is_a_usage_error(cli) -> None:

@@ -90,6 +90,12 @@ def test_the_test_reranker_is_one(reranker: Path) -> None:
     assert not read_facts(CHAT_MODEL).rerank
 
 
+def test_plan_names_a_reranker_so(reranker: Path, tmp_path: Path) -> None:
+    doc = run_json(tmp_path / "home", "plan", str(reranker))
+    assert doc["_rc"] == 0, doc["_stderr"]
+    assert doc["data"]["fit"]["role"] == "rerank"
+
+
 def test_rerank_orders_documents(stack: Stack) -> None:
     r = rerank(stack, model="rr", query=QUERY, documents=DOCUMENTS)
     assert r.status_code == 200, r.text

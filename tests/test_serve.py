@@ -513,9 +513,9 @@ def test_plan_json_carries_its_schema_and_another_is_refused() -> None:
              state_file="state.json", egress_log="egress.jsonl", logs_dir="logs",
              api_key_required=False)
     doc = json.loads(p.to_json())
-    assert doc["schema"] == PLAN_SCHEMA == "sovctl.plan/2"
+    assert doc["schema"] == PLAN_SCHEMA == "sovctl.plan/3"
     assert Plan.from_json(p.to_json()) == p
     unversioned = {k: v for k, v in doc.items() if k != "schema"}
     for other in ({**doc, "schema": "sovctl.plan/0"}, unversioned):
-        with pytest.raises(ConfigError, match=r"run/plan.json is not a sovctl.plan/2 document"):
+        with pytest.raises(ConfigError, match=r"run/plan.json is not a sovctl.plan/3 document"):
             Plan.from_json(json.dumps(other), "run/plan.json")

@@ -23,12 +23,14 @@ from types import UnionType
 from typing import Any, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from sovctl.apikey import APP_NAME, OTHER_APP
 from sovctl.engines import AUTO, RUNTIME_CHOICES
 from sovctl.errors import ConfigError, UsageError
 from sovctl.home import Home
 from sovctl.names import check_name, is_sha256_hex
 from sovctl.net import ip_literal
 from sovctl.prices import Price
+from sovctl.units import parse_size
 
 # -- the sections ---------------------------------------------------------------------------------
 # Each [section] is one frozen dataclass, the one home of its keys: a field is a key, its type
@@ -58,6 +60,11 @@ class ServeSettings:
     queue_timeout: float = 120.0  # seconds a request may wait for its runtime before 503
     # seconds a request for an unloaded (load = "on-demand") model may wait for it to load
     load_timeout: float = 120.0
+    # The memory the stack's runtimes may hold together, as the plan estimates each ("600MiB",
+    # "8GiB"); "" = what is available when the stack starts, less memory_reserve. A runtime
+    # loaded on demand is admitted under it by unloading idle ones, least recently used first.
+    memory_limit: str = ""
+    memory_reserve: str = "1GiB"  # kept free for the rest of the machine when memory_limit is ""
     max_body_bytes: int = 8 * 1024 * 1024
     # What one request may make a runtime decode: image parts, and each image's bytes and
     # pixels (read from its header; a small file may declare a huge canvas).
@@ -138,6 +145,15 @@ class LedgerSettings:
     max_rows: int = 2_000_000
 
 
+@dataclass(frozen=True)
+class TrustSettings:
+    """[trust]: the public keys whose signatures this box accepts (`sovctl sign`, `verify`,
+    `pull --lock`), `keys = {NAME = "PATH"}`: PEM files, a relative PATH under the home. Not a
+    section of SECTIONS: a table has no one default value for the environment to override."""
+
+    keys: Mapping[str, str] = field(default_factory=dict)  # NAME -> absolute path
+
+
 SECTIONS: dict[str, type] = {
     "hub": HubSettings, "serve": ServeSettings, "bench": BenchSettings, "cost": CostSettings,
     "tunnel": TunnelSettings, "cluster": ClusterSettings, "ledger": LedgerSettings,
@@ -174,6 +190,8 @@ class ModelSettings:
     # an on-demand model's runtime is stopped once idle this long ("15m", "90s", "1h");
     # "0": never
     idle_unload: str = "0"
+    # never unloaded to make room for another model (an idle_unload still applies)
+    pin: bool = False
 
 
 # [models.NAME] load
@@ -220,6 +238,44 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True)
+class AppSettings:
+    """An app's limits ([apps.NAME]), NAME being the name of its key (`sovctl keys add NAME`),
+    or "default": the main key's, and that of requests that name no app. None: no limit."""
+
+    requests_per_minute: int | None = None  # requests admitted in any 60 s; beyond, 429
+    tokens_per_day: int | None = None  # prompt + generated tokens a UTC day; beyond, 429
+    max_concurrent: int | None = None  # requests in flight at once; beyond, 429
+    # The [providers.NAME] its requests may be routed to; None: every one; (): none.
+    providers: tuple[str, ...] | None = None
+    # Money a UTC day its requests may spend on frontier routes ([cost] currency); then 429.
+    frontier_daily_cap: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One of the operator's golden prompts ([eval.NAME]) and what its answer must be:
+    `sovctl upgrade` asks it of the model served now and of the candidate, at temperature 0,
+    and says which passes. Exactly one expectation: exact, regex, json_schema or tool."""
+
+    prompt: str  # the user's message (a chat model), or the prompt (a completion model)
+    system: str | None = None  # a system message before it (a chat model)
+    models: tuple[str, ...] | None = None  # the model names it is for; None: every one
+    max_tokens: int = 64
+    exact: str | None = None  # the answer, exactly (leading and trailing space aside)
+    regex: str | None = None  # a Python regular expression found in the answer (re.search)
+    # the answer is a JSON document valid against this JSON Schema (validated with jsonschema)
+    json_schema: Mapping[str, Any] | None = None
+    # {name, parameters[, description]}: the model is offered this one function and must call
+    # it (tool_choice "required"), with arguments that parse and are valid against parameters
+    tool: Mapping[str, Any] | None = None
+
+
+# An [eval.NAME] case's expectations: one of them.
+EVAL_EXPECTATIONS = ("exact", "regex", "json_schema", "tool")
+EVAL_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
 class HardwareSettings:
     """A profile's [hardware] section: the machine class it is written for. It describes the
     profile (`sovctl profiles`, `sovctl init`), sets no setting, and belongs in profiles only."""
@@ -250,12 +306,17 @@ def _kind(annotation: Any) -> type:
 _KINDS_OF: dict[type, dict[str, type]] = {
     cls: {name: _kind(annotation) for name, annotation in get_type_hints(cls).items()}
     for cls in (*SECTIONS.values(), ModelSettings, PullSettings, ProviderSettings,
-                HardwareSettings)}
+                HardwareSettings, AppSettings, EvalCase)}
 KINDS = {name: _KINDS_OF[cls] for name, cls in SECTIONS.items()}
 MODEL_KEYS = _KINDS_OF[ModelSettings]
 PULL_KEYS = _KINDS_OF[PullSettings]
 PROVIDER_KEYS = _KINDS_OF[ProviderSettings]
 HARDWARE_KEYS = _KINDS_OF[HardwareSettings]
+APP_KEYS = _KINDS_OF[AppSettings]
+EVAL_KEYS = _KINDS_OF[EvalCase]
+# The lowest value of each of an app's limits: 0 requests or tokens would be a revoked key.
+APP_MINIMUMS = {"requests_per_minute": 1, "tokens_per_day": 1, "max_concurrent": 1,
+                "frontier_daily_cap": 0}
 PROVIDER_REQUIRED = tuple(f.name for f in fields(ProviderSettings) if f.default is MISSING)
 # The lowest value of each of a provider's numbers.
 PROVIDER_MINIMUMS = {"daily_cap": 0, "max_concurrent": 1, "max_tokens": 1}
@@ -348,6 +409,9 @@ class Settings:
     pulls: Mapping[str, PullSettings] = field(default_factory=dict)  # [pull.NAME]
     hardware: HardwareSettings = field(default_factory=HardwareSettings)  # the profile's
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)  # [providers.NAME]
+    apps: Mapping[str, AppSettings] = field(default_factory=dict)  # [apps.NAME]
+    trust: TrustSettings = field(default_factory=TrustSettings)  # [trust]
+    evals: Mapping[str, EvalCase] = field(default_factory=dict)  # [eval.NAME]: golden prompts
 
     def source(self, key: str) -> str:
         return self.sources[key]
@@ -418,9 +482,29 @@ def _apply_layer(
     pulls: dict[str, dict[str, Any]] | None = None,
     hardware: dict[str, Any] | None = None,
     providers: dict[str, dict[str, Any]] | None = None,
+    apps: dict[str, dict[str, Any]] | None = None,
+    trust: dict[str, str] | None = None,
+    evals: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     for section, body in layer.items():
         if section == "profile":
+            continue
+        if section == "eval" and evals is not None:
+            if not isinstance(body, dict):
+                raise ConfigError(f"{origin}: [eval] must be a table of golden prompts")
+            for ename, ebody in body.items():
+                evals[ename] = _check_eval(ename, ebody, origin)
+            continue
+        if section == "trust" and trust is not None:
+            trust.update(_check_trust(body, origin))
+            continue
+        if section == "apps" and apps is not None:
+            if not isinstance(body, dict):
+                raise ConfigError(f"{origin}: [apps] must be a table of apps' limits")
+            for aname, abody in body.items():
+                apps[aname] = {**apps.get(aname, {}), **_check_app(aname, abody, origin)}
+                # Where each limit came from, as for a section's keys: apps.NAME.KEY.
+                sources.update({f"apps.{aname}.{k}": label for k in abody})
             continue
         if section == "providers" and providers is not None:
             if not isinstance(body, dict):
@@ -452,8 +536,8 @@ def _apply_layer(
         if section not in SECTIONS or not isinstance(body, dict):
             raise ConfigError(
                 f"{origin}: unknown section [{section}]",
-                hint=f"known sections: "
-                f"{', '.join(sorted([*SECTIONS, 'models', 'providers', 'pull']))}",
+                hint="known sections: " + ", ".join(sorted(
+                    [*SECTIONS, "apps", "eval", "models", "providers", "pull", "trust"])),
             )
         for name, value in body.items():
             key = f"{section}.{name}"
@@ -585,6 +669,81 @@ def _check_provider(name: str, body: Any, origin: str) -> dict[str, Any]:
     return dict(body)
 
 
+def _check_app(name: str, body: Any, origin: str) -> dict[str, Any]:
+    where = f"{origin}: apps.{name}"
+    if not APP_NAME.fullmatch(name) or name == OTHER_APP:
+        raise ConfigError(f"{origin}: [apps.{name}]: an app's name is 1 to 64 letters, digits, "
+                          f"'.', '_' and '-', and not \"{OTHER_APP}\"",
+                          hint="it is the NAME of 'sovctl keys add NAME'")
+    if not isinstance(body, dict):
+        raise ConfigError(f"{origin}: [apps.{name}] must be a table")
+    for k, v in body.items():
+        if k not in APP_KEYS:
+            raise ConfigError(f"{where}.{k} is not an app setting",
+                              hint=f"known: {', '.join(sorted(APP_KEYS))}")
+        if not _is_a(v, APP_KEYS[k]) or (k == "providers"
+                                         and not all(isinstance(p, str) for p in v)):
+            raise ConfigError(f"{where}.{k} has the wrong type: {v!r}")
+        lowest = APP_MINIMUMS.get(k)
+        if lowest is not None and v < lowest:
+            raise ConfigError(f"{where}.{k} must be at least {lowest}, got {v!r}")
+    return dict(body)
+
+
+def _check_eval(name: str, body: Any, origin: str) -> dict[str, Any]:
+    """An [eval.NAME] case: its keys and types, one expectation, a regex that compiles, a
+    schema that is one."""
+    where = f"{origin}: eval.{name}"
+    hint = 'e.g. [eval.capital] prompt = "Capital of France?" regex = "Paris"'
+    if not PROVIDER_NAME.fullmatch(name):
+        raise ConfigError(f"{origin}: [eval.{name}]: a case's name is 1 to 64 letters, digits, "
+                          "'.', '_' and '-'", hint=hint)
+    if not isinstance(body, dict):
+        raise ConfigError(f"{origin}: [eval.{name}] must be a table", hint=hint)
+    for k, v in body.items():
+        if k not in EVAL_KEYS:
+            raise ConfigError(f"{where}.{k} is not a setting of a case",
+                              hint=f"known: {', '.join(sorted(EVAL_KEYS))}")
+        if not _is_a(v, EVAL_KEYS[k]) or (k == "models"
+                                          and not all(isinstance(m, str) for m in v)):
+            raise ConfigError(f"{where}.{k} has the wrong type: {v!r}", hint=hint)
+    if "prompt" not in body:
+        raise ConfigError(f"{where} has no prompt", hint=hint)
+    given = [k for k in EVAL_EXPECTATIONS if k in body]
+    if len(given) != 1:
+        raise ConfigError(f"{where} needs exactly one expectation of "
+                          f"{', '.join(EVAL_EXPECTATIONS)}; it has "
+                          f"{', '.join(given) or 'none'}", hint=hint)
+    if body.get("max_tokens", 1) < 1:
+        raise ConfigError(f"{where}.max_tokens must be at least 1")
+    if "regex" in body:
+        try:
+            re.compile(body["regex"])
+        except re.error as e:
+            raise ConfigError(f"{where}.regex is not a regular expression: {e}") from None
+    schemas = [("json_schema", body.get("json_schema"))]
+    if "tool" in body:
+        tool = body["tool"]
+        if not EVAL_TOOL_NAME.fullmatch(str(tool.get("name", ""))) or \
+                set(tool) - {"name", "parameters", "description"}:
+            raise ConfigError(f"{where}.tool must be {{name, parameters[, description]}}, the "
+                              "name 1 to 64 letters, digits, '_' and '-'",
+                              hint='tool = {name = "get_weather", parameters = {type = '
+                              '"object", properties = {city = {type = "string"}}}}')
+        schemas.append(("tool.parameters", tool.get("parameters", {"type": "object"})))
+    for key, schema in schemas:
+        if schema is None:
+            continue
+        # Imported only where a case has a schema: loading the settings stays light.
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise ConfigError(f"{where}.{key} is not a JSON Schema: {e.message}") from None
+    return dict(body)
+
+
 def _check_price(where: str, model: str, price: Any) -> None:
     if not PROVIDER_MODEL.fullmatch(model):
         raise ConfigError(f"{where}: a model's name is 1 to 180 printable characters, no spaces",
@@ -602,6 +761,27 @@ def _check_price(where: str, model: str, price: Any) -> None:
     if lacking:
         raise ConfigError(f"{where} lacks {', '.join(lacking)}",
                           hint="a model needs both prices, per million tokens")
+
+
+def _check_trust(body: Any, origin: str) -> dict[str, str]:
+    """[trust] keys = {NAME = "PATH", ...}: each a name and the path of a public key."""
+    hint = 'write [trust] keys = {NAME = "/path/to/public-key.pem"}'
+    if not isinstance(body, dict) or set(body) - {"keys"}:
+        raise ConfigError(f"{origin}: [trust] takes one key, keys", hint=hint)
+    keys = body.get("keys", {})
+    if not isinstance(keys, dict):
+        raise ConfigError(f"{origin}: trust.keys must be a table of names and paths", hint=hint)
+    for name, path in keys.items():
+        if not PROVIDER_NAME.fullmatch(name) or not isinstance(path, str) or not path:
+            raise ConfigError(f"{origin}: trust.keys.{name} must name a public key file "
+                              f"by a non-empty path, got {path!r}", hint=hint)
+    return dict(keys)
+
+
+def _under(home: Home, path: str) -> Path:
+    """A path as sovctl.toml gives it: ~ expanded, a relative one under the home."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else home.root / p
 
 
 def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
@@ -685,6 +865,8 @@ def load(
     pulls: dict[str, dict[str, Any]] = {}
     hardware: dict[str, Any] = {}
     providers: dict[str, dict[str, Any]] = {}
+    apps: dict[str, dict[str, Any]] = {}
+    evals: dict[str, dict[str, Any]] = {}
     for section, cls in SECTIONS.items():
         for f in fields(cls):
             values[f"{section}.{f.name}"] = f.default
@@ -694,6 +876,7 @@ def load(
     if config_file and home.config_path.exists():
         user = _read_toml(home.config_path, "config")
 
+    trust: dict[str, str] = {}
     profile = profile or env.get("SOVCTL_PROFILE") or user.get("profile")
     if profile is not None:
         if not isinstance(profile, str) or not profile.replace("-", "").isalnum():
@@ -706,10 +889,10 @@ def load(
                 f"{', '.join(map(str, _profile_dirs(home, env)))}",
             )
         _apply_layer(_read_toml(found, "profile"), str(found), "profile", values, sources,
-                     models, pulls, hardware, providers)
+                     models, pulls, hardware, providers, apps, trust, evals)
 
     _apply_layer(user, str(home.config_path), "config", values, sources, models, pulls,
-                 hardware, providers)
+                 hardware, providers, apps, trust, evals)
     for pname, pbody in pulls.items():
         if "ref" not in pbody:
             raise ConfigError(f"[pull.{pname}] has no ref",
@@ -728,6 +911,13 @@ def load(
                               hint="a provider needs base_url, api_key_env and models "
                               f"([providers.{pname}.models.\"MODEL\"] with input_per_mtok and "
                               "output_per_mtok)")
+    for aname, abody in apps.items():
+        unknown = [p for p in abody.get("providers", ()) if p not in providers]
+        if unknown:
+            raise ConfigError(f"apps.{aname}.providers names {', '.join(map(repr, unknown))}, "
+                              "not a configured provider",
+                              hint=f"configured: {', '.join(sorted(providers)) or 'none'} "
+                              "([providers.NAME])")
 
     for key in list(values):
         for name in (*ENV_ALIASES.get(key, ()), env_name(key)):  # lowest rank first
@@ -748,6 +938,13 @@ def load(
         raise ConfigError(f"ledger.max_rows must be at least 1 (from "
                           f"{sources['ledger.max_rows']})")
     _check_gateway_limits(values, sources)
+    for key in ("serve.memory_limit", "serve.memory_reserve"):
+        if values[key]:
+            try:
+                parse_size(values[key])
+            except UsageError as e:
+                raise ConfigError(f"{key}: {e.message} (from {sources[key]})",
+                                  hint=e.hint) from None
     cost = _section(CostSettings, "cost", values)
     _check_cost(cost)
     return Settings(
@@ -760,7 +957,10 @@ def load(
             str(a) for a in m.get("extra_args", ())]}) for k, m in models.items()},
         profile=profile, pulls={k: _typed(PullSettings, p) for k, p in pulls.items()},
         hardware=_typed(HardwareSettings, hardware),
-        providers={k: _provider(k, p) for k, p in providers.items()})
+        providers={k: _provider(k, p) for k, p in providers.items()},
+        apps={k: _typed(AppSettings, a) for k, a in apps.items()},
+        evals={k: _typed(EvalCase, e) for k, e in evals.items()},
+        trust=TrustSettings(keys={k: str(_under(home, v)) for k, v in trust.items()}))
 
 
 _T = TypeVar("_T")

@@ -27,7 +27,7 @@ import base64
 import functools
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,8 +254,10 @@ def _one(client: Any, base: str, headers: dict[str, str], model: str, request: s
 
 
 def exercise(base: str, models: Sequence[ServedModel], headers: Mapping[str, str],
-             timeout: float = 120.0) -> Exchange:
-    """Send every fixed request through the gateway at `base` (http://host:port)."""
+             timeout: float = 120.0, after: Callable[[str], None] | None = None) -> Exchange:
+    """Send every fixed request through the gateway at `base` (http://host:port); `after`
+    is called with each model's name once its requests are answered, while its runtime is
+    surely loaded (one loaded on demand may be unloaded for the next)."""
     import httpx
 
     t0 = time.perf_counter()
@@ -282,6 +284,8 @@ def exercise(base: str, models: Sequence[ServedModel], headers: Mapping[str, str
             for request, endpoint, body in sent:
                 answers.append(_one(client, base, dict(headers), m.name, request, endpoint,
                                     body))
+            if after is not None:
+                after(m.name)
     return Exchange(tuple(answers), status, listed, error, time.perf_counter() - t0,
                     capabilities=capabilities,
                     skipped={n: s for n, s in skipped.items() if s})

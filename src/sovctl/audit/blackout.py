@@ -8,7 +8,8 @@ blackout:
     failed check 2);
  4. run `python -m sovctl.audit.inside` in a fresh network namespace: it starts the stack,
     runs checks 1 and 3-7, stops the stack and hands its findings back in a file;
- 5. write the report under HOME/reports and return it.
+ 5. write the report under HOME/reports, with the stack's bill of materials beside it, and
+    return it.
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ from typing import Any
 
 from sovctl import config
 from sovctl.audit import baseline, bridge, checks, stack
-from sovctl.audit.report import AuditReport, ModelInfo, host_fingerprint, versions, write
+from sovctl.audit.report import (
+    AuditReport,
+    ModelInfo,
+    changes_since,
+    host_fingerprint,
+    versions,
+    write,
+)
 from sovctl.errors import IsolationError, RuntimeStartError
 from sovctl.home import Home
 from sovctl.netns import current_netns, preflight
+from sovctl.provenance.bom import bom_document
 from sovctl.result import utcnow
 from sovctl.runtime.plan import build
 
@@ -229,6 +238,10 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
 
     found = sorted([c2, *(checks.CheckResult.from_dict(c) for c in inside["checks"])],
                    key=lambda c: c.id)
+    # 5. What the audited stack is made of: its bill of materials, filed with the report.
+    t = time.perf_counter()
+    bom = bom_document(home, cfg)
+    timings["bom"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     report = AuditReport(
         kind="blackout",
@@ -251,5 +264,7 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
         versions=versions(),
         extra={"log_dir": str(run_home.logs), "egress_probe": egress_probe}
         if egress_probe else {"log_dir": str(run_home.logs)},
+        # The models switched to other weights since the last blackout report (sovctl upgrade).
+        changes=changes_since(home, "blackout"),
     )
-    return write(home, report, when)
+    return write(home, report, when, bom)

@@ -92,7 +92,14 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
             results.append(checks.stack_starts(base, headers, started_in, start_error,
                                                lambda: control.status(run_home).processes))
             if start_error is None:
-                exchange = baseline.exercise(base, plan.models, headers)
+                def watch(name: str) -> None:
+                    # A runtime loaded on demand is seen while its requests have it loaded: by
+                    # the end, another may have taken its memory.
+                    pid = next((p.pid for p in control.status(run_home).processes
+                                if p.name == name), None)
+                    observed[name] = tracing.observe(pid) if pid else None
+
+                exchange = baseline.exercise(base, plan.models, headers, after=watch)
                 timings["requests"] = round(exchange.seconds, 3)
                 results.append(checks.service(plan.models, exchange))
                 results.append(checks.behaviour(home, plan.models, exchange,
@@ -102,8 +109,8 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
                 results.append(checks.exception_routes(
                     plan, checks.probe_routes(base, headers, plan), placeholders))
                 st = control.status(run_home)
-                observed = {p.name: tracing.observe(p.pid) if p.pid else None
-                            for p in st.processes}
+                observed |= {p.name: tracing.observe(p.pid) if p.pid else None
+                             for p in st.processes if p.pid or p.name not in observed}
                 live_env = {n: o.env if o else None for n, o in observed.items()}
             else:
                 why = "the stack did not start"

@@ -34,6 +34,9 @@ _LAZY_GROUPS = {
     "audit": ("sovctl.cli.audit", "Prove the stack works with no network at all."),
     "bench": ("sovctl.cli.bench", "Measure models and endpoints: throughput, telemetry, "
               "energy per token and cost per million tokens."),
+    "keys": ("sovctl.cli.keys", "Give each app its own API key: add, list, revoke, rotate."),
+    "bundle": ("sovctl.cli.bundle", "Carry this stack to a machine with no network: its "
+               "wheels, weights and settings in one directory."),
 }
 # Single commands whose module loads only when used: the module's function NAME is the command.
 _LAZY_COMMANDS = {
@@ -55,8 +58,14 @@ _LAZY_COMMANDS = {
             "stack's gateway."),
     "tunnel": ("sovctl.cli.tunnel", "Add an SSH reverse tunnel from a public host you own to "
                "the running stack's gateway."),
+    "bom": ("sovctl.cli.bom", "Write the bill of materials (CycloneDX JSON): models, the "
+            "llama.cpp build and every Python package, with hashes."),
     "worker": ("sovctl.cli.worker", "Run an RPC worker (llama.cpp's ggml-rpc-server) for a "
                "head's [cluster], supervised."),
+    "upgrade": ("sovctl.cli.upgrade", "Pull a candidate beside a model's pin, compare the two "
+                "side by side; --apply switches to it with no failed request."),
+    "rollback": ("sovctl.cli.upgrade", "Switch a model back to the pin it had before its last "
+                 "upgrade, the same way."),
 }
 _LAZY = {**_LAZY_COMMANDS, **_LAZY_GROUPS}
 

@@ -9,9 +9,11 @@ import typer
 from sovctl.cli._common import JsonOpt, begin, emit
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
 
-    from sovctl.ledger.cost import CostAnswer
+    from sovctl.ledger.cost import AppCost, CostAnswer, Figure
 
 LABELS = {
     "hardware_price": "hardware price",
@@ -47,6 +49,12 @@ def cost(
     cloud_price: Annotated[float | None, _opt(
         "Cloud price per million tokens [default: [cost] prices, by the ledger's mix].")
     ] = None,
+    app: Annotated[str | None, typer.Option(
+        metavar="NAME", help="Also show what app NAME (its key's name: sovctl keys) cost over "
+        "the last 30 days, here and on the meter.", show_default=False)] = None,
+    chart: Annotated[bool, typer.Option(
+        "--chart", help="Also draw the cumulative cost of owning against the meter, month by "
+        "month, with the break-even marked (--json: adds data.curve).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Break-even of owning vs the cloud: cost per million tokens each way, months to break
@@ -59,14 +67,33 @@ def cost(
         "hardware_price": hardware_price, "lifetime_years": lifetime_years, "watts": watts,
         "tokens_per_s": tokens_per_s, "tariff": tariff, "daily_tokens": daily_tokens,
         "cloud_per_mtok": cloud_price})
-    emit(result, lambda c: render(c, result))
+    if app is not None:
+        import dataclasses
+
+        from sovctl.ledger.cost import app_cost
+
+        result = dataclasses.replace(result, app=app_cost(state.home, settings(), app))
+    if not chart:
+        emit(result, lambda c: render(c, result))
+        return
+    from sovctl.cli import charts
+    from sovctl.ledger.dashboard import curve
+    from sovctl.result import jsonable
+
+    drawn = curve(result)
+
+    def both(c: Console) -> None:
+        charts.curve(c, drawn)
+        c.print()
+        render(c, result)
+
+    emit({**jsonable(result), "curve": jsonable(drawn)}, both)
 
 
 def render(c: Console, a: CostAnswer) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from sovctl.ledger.cost import Figure
     from sovctl.ledger.figures import MARKS, mark
 
     def money(f: Figure) -> str:
@@ -109,5 +136,28 @@ def render(c: Console, a: CostAnswer) -> None:
     if a.defaults:
         lines.append(f"built-in defaults used for: {', '.join(LABELS[d] for d in a.defaults)} "
                      "(set them by flag, or in sovctl.toml [cost] and [bench])")
+    if a.app is not None:
+        lines += _app_lines(a.app, money)
     for line in lines:
         c.print(line, highlight=False, markup=False)
+
+
+def _app_lines(p: AppCost, money: Callable[[Figure], str]) -> list[str]:
+    from sovctl.ledger.figures import mark
+    from sovctl.units import human_tokens
+
+    def tokens(f: Figure) -> str:
+        return mark(f.source, human_tokens(f.value or 0))
+
+    share = "-" if p.share.value is None else mark(p.share.source, f"{p.share.value:.1%}")
+    unpriced = (f" (+ {tokens(p.unpriced_tokens)} local tokens of models never benched, not "
+                "priced)" if p.unpriced_tokens.value else "")
+    return [
+        "",
+        f"app {p.name}, the last {p.days} days: {p.requests} requests, "
+        f"{tokens(p.tokens_in)} tokens in, {tokens(p.tokens_out)} out ({share} of all): "
+        f"{tokens(p.local_tokens)} here, {tokens(p.routed_tokens)} routed out",
+        f"  on the meter {money(p.at_meter)}; here {money(p.here)} (local "
+        f"{money(p.local_cost)}{unpriced}, frontier {money(p.routed_spend)}); "
+        f"saved {money(p.saved)}",
+    ]

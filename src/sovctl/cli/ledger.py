@@ -25,7 +25,11 @@ def ledger(
         metavar="SPAN|DATE", help="Start of the period: a span back from now (24h, 7d, 2w) "
         "or a UTC date (2025-01-31).")] = "7d",
     by: Annotated[str, typer.Option(
-        metavar="day|model|route", help="Group the table by day, model or route.")] = "day",
+        metavar="day|model|route|app", help="Group the table by day, model, route or app "
+        "(the key a request came with: sovctl keys).")] = "day",
+    chart: Annotated[bool, typer.Option(
+        "--chart", help="Also draw the local share of tokens by day against the 95/5 line "
+        "(--json: adds data.chart).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show what stayed home and what went out: local share of tokens, spend by provider,
@@ -35,7 +39,21 @@ def ledger(
 
     state = begin(ctx, json_out)
     result = report(state.home, settings(), since=since, by=by)
-    emit(result, lambda c: render(c, result))
+    if not chart:
+        emit(result, lambda c: render(c, result))
+        return
+    from sovctl.cli import charts
+    from sovctl.ledger.dashboard import LOCAL_TARGET, share_by_day
+    from sovctl.result import jsonable
+
+    days = share_by_day(result.days)
+
+    def both(c: Console) -> None:
+        render(c, result)
+        c.print()
+        charts.share(c, days, LOCAL_TARGET)
+
+    emit({**jsonable(result), "chart": {"target": LOCAL_TARGET, "days": jsonable(days)}}, both)
 
 
 def _mark(a: Amount, text: str) -> str:

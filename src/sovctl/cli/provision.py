@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from sovctl.provision.planning import ClusterPlan
-    from sovctl.provision.sizing import Budget, Fit
+    from sovctl.sizing import Budget, Fit
 
 ProfileOpt = Annotated[str, typer.Option(
     "--profile", metavar="NAME|auto",
@@ -33,7 +33,7 @@ _STATUS = {"ok": "green", "warn": "yellow", "fail": "red", "info": "cyan"}
 
 
 def _size(value: str | None) -> int | None:
-    from sovctl.provision.sizing import parse_size
+    from sovctl.units import parse_size
 
     return None if value is None else parse_size(value)
 
@@ -147,12 +147,12 @@ def _fit_lines(c: Console, f: Fit, budget: Budget) -> None:
     c.print(f"  RAM        {human(fp.ram_bytes)} = weights {human(fp.weights_ram)} + KV "
             f"{human(fp.kv_ram)} + compute {human(fp.compute_ram)} + runtime "
             f"{human(fp.overhead_ram)}; usable {human(max(f.ram_usable, 0))} "
-            f"({budget.ram_source})", highlight=False)
+            f"({budget.ram_source})", highlight=False, markup=False)
     if fp.vram_bytes or budget.vram_usable > 0:
         c.print(f"  VRAM       {human(fp.vram_bytes)} = weights {human(fp.weights_vram)} + KV "
                 f"{human(fp.kv_vram)} + compute {human(fp.compute_vram)} + CUDA "
                 f"{human(fp.overhead_vram)}; usable {human(f.vram_usable)} "
-                f"({budget.vram_source})", highlight=False)
+                f"({budget.vram_source})", highlight=False, markup=False)
     for n in f.notes:
         c.print(f"  [yellow]note:[/] {n}", highlight=False)
 
@@ -160,7 +160,7 @@ def _fit_lines(c: Console, f: Fit, budget: Budget) -> None:
 def _cluster_lines(c: Console, cp: ClusterPlan) -> None:
     from rich.table import Table
 
-    from sovctl.provision.sizing import layer_range
+    from sovctl.sizing import layer_range
     from sovctl.units import human_bytes as human
 
     f, sp = cp.fit, cp.fit.split
@@ -229,7 +229,7 @@ def plan(
     from sovctl.provision.facts import detect
     from sovctl.provision.planning import DoesNotFit, parse_worker_memory
     from sovctl.provision.planning import plan as do_plan
-    from sovctl.provision.sizing import cluster_refusal, refusal
+    from sovctl.sizing import cluster_refusal, refusal
     from sovctl.units import human_bytes as human
 
     state = begin(ctx, json_out)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from sovctl.runtime.documents import ProcessState, StackState, Status
+    from sovctl.runtime.documents import MemoryBudget, ProcessState, StackState, Status
 
 ChatOpt = Annotated[list[str] | None, typer.Option(
     "--chat", help="Store name of a chat model to serve (repeatable).")]
@@ -163,11 +163,51 @@ def _status_table(c: Console, processes: Sequence[ProcessState],
     _workers_table(c, processes)
     # Why a process is not up (or ran degraded) matters more than any column: say it in words.
     for p in processes:
-        if p.last_exit and (p.status != Status.UP or p.last_exit.startswith("degraded")):
+        # An unloaded model's reason is in the memory table below.
+        if p.last_exit and p.status != Status.UNLOADED and (
+                p.status != Status.UP or p.last_exit.startswith("degraded")):
             c.print(f"{p.name}: {p.last_exit}", highlight=False)
         if p.probe_skipped:
             c.print(f"{p.name}: end-to-end probe skipped: {p.probe_skipped}", highlight=False,
                     markup=False)
+
+
+def _memory_table(c: Console, processes: Sequence[ProcessState],
+                  budget: MemoryBudget | None) -> None:
+    """Each model's runtime in memory: loaded, loading, idle or unloaded; memory estimated
+    (what the budget admits it by) and held (measured); last use and why it was unloaded."""
+    from rich.table import Table
+
+    from sovctl.runtime.memory import describe
+    from sovctl.units import human_bytes, human_duration
+
+    runtimes = [p for p in processes if p.load_state]
+    if not runtimes:
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("MODEL", "LOAD", "PIN", "STATE", "LAST USE", "ESTIMATED", "HELD", "LOADS",
+                "UNLOADS", "EVICTED"):
+        t.add_column(col, no_wrap=True)
+    now = time.time()
+    for p in runtimes:
+        estimated = human_bytes(p.memory_estimated) + (
+            f" + {human_bytes(p.vram_estimated)} VRAM" if p.vram_estimated else "")
+        held = "-" if p.memory_held is None else human_bytes(p.memory_held) + (
+            f" + {human_bytes(p.vram_held)} VRAM" if p.vram_held else "")
+        last = "-" if p.last_used is None else human_duration(max(now - p.last_used, 0)) + " ago"
+        t.add_row(p.model, p.load, "yes" if p.pinned else "-", p.load_state, last,
+                  estimated, held, str(p.loads), str(p.unloads), str(p.evictions))
+    c.print(t)
+    if budget is not None:
+        used = sum(p.memory_estimated for p in runtimes if p.load_state != "unloaded")
+        c.print(f"memory: {human_bytes(used)} estimated in use of the budget, "
+                f"{describe(budget)}; ESTIMATED is the plan's estimate, HELD is measured "
+                "(resident set)", highlight=False, markup=False)
+    for p in runtimes:
+        if p.memory_wait:
+            c.print(f"{p.model}: waiting for memory: {p.memory_wait}", highlight=False)
+        elif p.unload_reason and p.load_state == "unloaded":
+            c.print(f"{p.model}: {p.unload_reason}", highlight=False)
 
 
 def _workers_table(c: Console, processes: Sequence[ProcessState]) -> None:
@@ -235,6 +275,7 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
             c.print(f"stack at [bold]{st.url}[/], supervisor pid {st.supervisor_pid}")
         if st.processes:
             _status_table(c, st.processes, tools)
+            _memory_table(c, st.processes, st.memory)
 
     from sovctl.result import jsonable
 

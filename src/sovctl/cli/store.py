@@ -1,4 +1,4 @@
-"""Commands for owned weights: pull, verify, models, rm, mirror serve."""
+"""Commands for owned weights: pull, verify, sign, models, rm, mirror serve."""
 
 from __future__ import annotations
 
@@ -9,19 +9,24 @@ import typer
 
 from sovctl.cli._common import JsonOpt, begin, emit, human_bytes, human_params, settings
 from sovctl.cli._progress import bars
-from sovctl.errors import CheckFailed, RuntimeStartError, UsageError
+from sovctl.errors import CheckFailed, IntegrityError, RuntimeStartError, UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from rich.console import Console
 
+    from sovctl.errors import SovctlError
     from sovctl.home import Home
     from sovctl.store.lock import LockEntry, ProjectorPin
     from sovctl.store.pull import PullResult
+    from sovctl.store.sign import SignResult
 
 
 def register(app: typer.Typer) -> None:
     app.command("pull")(pull)
     app.command("verify")(verify)
+    app.command("sign")(sign)
     app.command("models")(models)
     app.command("rm")(rm)
     mirror = typer.Typer(help="Serve this box's store to the operator's other machines.",
@@ -77,7 +82,8 @@ def pull(
             raise UsageError(f"--lock takes every name, commit and sha256 from the lock, so "
                              f"{', '.join(others)} cannot be given with it",
                              hint="drop them, or pull one REF without --lock")
-        _pull_lock(state.home, lock, cfg.hub.endpoint, os.environ.get("HF_TOKEN"))
+        _pull_lock(state.home, lock, cfg.hub.endpoint, os.environ.get("HF_TOKEN"),
+                   cfg.trust.keys)
         return
     if ref is None:
         raise UsageError("nothing to pull: give a REF, or --lock FILE",
@@ -122,15 +128,23 @@ def _render_pull(c: Console, result: PullResult) -> None:
             c.print("  [yellow]trusted on first use:[/] no independent digest vouched for it")
 
 
-def _pull_lock(home: Home, lock: Path, endpoint: str, token: str | None) -> None:
+def _pull_lock(home: Home, lock: Path, endpoint: str, token: str | None,
+               trust: Mapping[str, str]) -> None:
     from sovctl.store.pull import pull_lock
 
     with bars() as progress:
-        result = pull_lock(home, lock, endpoint=endpoint, progress=progress, token=token)
+        result = pull_lock(home, lock, endpoint=endpoint, progress=progress, token=token,
+                           trust=trust)
 
     def render(c: Console) -> None:
+        signers = dict(result.signed)
         for r in result.pulled:
             _render_pull(c, r)
+            if r.name in signers:
+                c.print(f"  signature by key {signers[r.name]} verified before fetching",
+                        highlight=False)
+        if not trust:
+            c.print("[yellow]signatures not checked:[/] this box has no \\[trust] keys")
         for name, why in result.skipped:
             c.print(f"[red]not pulled[/] {name}: {why}", highlight=False)
 
@@ -150,14 +164,18 @@ def verify(
         metavar="NAME", help="Names to check [default: all].", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-hash blobs against the lock, fully offline. Exit 0 only if every one is ok."""
+    """Re-hash blobs against the lock, and check signed models' signatures, fully offline.
+    Exit 0 only if every one is ok."""
     from sovctl.store.manage import verify as do_verify
 
     state = begin(ctx, json_out)
+    trust = settings().trust.keys
     with bars() as progress:
-        result = do_verify(state.home, names or [], progress)
+        result = do_verify(state.home, names or [], progress, trust)
 
     def render(c: Console) -> None:
+        from rich.markup import escape
+
         if not result.items:
             c.print("nothing to verify: the store is empty")
         for i in result.items:
@@ -165,16 +183,66 @@ def verify(
             line = f"[{colour}]{i.status:8}[/] {i.name}  sha256 {i.expected[:12]}"
             if i.status == "mismatch":
                 line += f" but the blob hashes to {i.actual}"
+            if i.signature == "ok":
+                line += f"  [green]signed[/] by key {i.signer_name} ({i.signer[:16]})"
+            elif i.signature:
+                line += f"  [red]signature {i.signature}[/]: {escape(i.reason)}"
             c.print(line, highlight=False)
 
-    failure = None
-    if not result.ok:
+    failure: SovctlError | None = None
+    if result.bad_signatures:
+        # A signed model that fails is an integrity failure (exit 5): its signer no longer
+        # vouches for what is stored, or this box cannot tell that it does.
+        failure = IntegrityError(
+            f"{len(result.bad_signatures)} signature check(s) failed: "
+            + "; ".join(i.reason for i in result.bad_signatures),
+            hint="a changed blob: 'sovctl rm NAME' then pull it again; a key this box does "
+            "not trust: add its public key to [trust] keys; a missing signature: sovctl sign "
+            "NAME --key KEY")
+    elif not result.ok:
         bad = [i.name for i in result.items if i.status != "ok"]
         failure = CheckFailed(
             f"{len(bad)} of {len(result.items)} failed verification: {', '.join(bad)}",
             hint="re-fetch with 'sovctl rm NAME' then 'sovctl pull REF'",
         )
     emit(result, render, failure)
+
+
+def sign(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The pinned model to sign.")],
+    key: Annotated[Path, typer.Option(
+        "--key", metavar="KEY", help="Your ECDSA private key (PEM; P-256, P-384 or P-521), "
+        "outside the home; read to sign, never copied. An encrypted one takes its passphrase "
+        "from SOVCTL_SIGNING_PASSWORD.", show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Sign a model's files (weights, projector) with your key, offline; the lock records the
+    signer, so verify and a replica's pull --lock check it."""
+    import os
+
+    from sovctl.store.sign import sign as do_sign
+
+    state = begin(ctx, json_out)
+    result = do_sign(state.home, name, key, password=os.environ.get("SOVCTL_SIGNING_PASSWORD"),
+                     trust=settings().trust.keys)
+    emit(result, lambda c: _render_sign(c, result))
+
+
+def _render_sign(c: Console, r: SignResult) -> None:
+    from rich.markup import escape
+
+    known = f"key {r.trusted_as} ({r.signer[:16]})" if r.trusted_as else f"key {r.signer[:16]}"
+    c.print(f"[green]signed[/] {r.name} with {known}", highlight=False)
+    for f in r.files:
+        c.print(f"  {f.label}  sha256 {f.sha256[:12]}  signature {f.signature}",
+                highlight=False)
+    if r.replaced:
+        c.print(f"  it replaces the signature by key {r.replaced[:16]}", highlight=False)
+    if not r.trusted_as:
+        c.print("[yellow]this box does not trust the key:[/] 'sovctl verify' refuses its "
+                "signature until its public key is in sovctl.toml: "
+                + escape('[trust] keys = {NAME = "/path/to/key.pub"}'), highlight=False)
 
 
 def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
@@ -271,11 +339,12 @@ def mirror_serve(
     shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
     bound = f"http://{shown_host}:{server.server_address[1]}"
     info = {"url": bound, "repos": sorted(catalog.repos()), "files": len(catalog.files),
-            "token_required": token is not None}
+            "signatures": len(catalog.signed), "token_required": token is not None}
 
     def render(c: Console) -> None:
         c.print(f"mirror serving {len(catalog.files)} file(s) from {len(catalog.repos())} "
-                f"repo(s) at {bound} (read-only; Ctrl-C stops)")
+                f"repo(s) and {len(catalog.signed)} signature(s) at {bound} (read-only; "
+                "Ctrl-C stops)")
         c.print(f"  clients: sovctl pull --endpoint {bound} hf://ORG/REPO/FILE.gguf  "
                 f"or  HF_ENDPOINT={bound}")
         if token:

@@ -137,8 +137,8 @@ class Ledger:
         self.prices = {r.model: r.price for r in table.routes if r.kind == LOCAL}
 
     def local(self, model: str, endpoint: str, status: int, seconds: float, tokens_in: int,
-              tokens_out: int, *, estimated: bool = False) -> None:
-        """A request served, or refused, here; `model` "-" when it was never routed.
+              tokens_out: int, *, app: str, estimated: bool = False) -> None:
+        """A request of `app` served, or refused, here; `model` "-" when it was never routed.
         `estimated`: the tokens were counted from the stream, not reported."""
         if self.writer is None:
             return
@@ -154,16 +154,17 @@ class Ledger:
         else:
             route, cost = UNROUTED, 0.0
         self.writer.put((time.time() - seconds, route, model, endpoint, status, tokens_in,
-                         tokens_out, seconds, cost, tokens, cost_source))
+                         tokens_out, seconds, cost, tokens, cost_source, app))
 
     def routed(self, provider: str, model: str, endpoint: str, status: int, seconds: float,
-               tokens_in: int, tokens_out: int, cost: float, *, estimated: bool = False
-               ) -> None:
-        """`estimated`: the answer reported no usage; tokens and cost are estimates."""
+               tokens_in: int, tokens_out: int, cost: float, *, app: str,
+               estimated: bool = False) -> None:
+        """A request of `app` routed to `provider`. `estimated`: the answer reported no
+        usage; tokens and cost are estimates."""
         if self.writer is not None:
             source = ESTIMATED if estimated else MEASURED
             self.writer.put((time.time() - seconds, provider, model, endpoint, status,
-                             tokens_in, tokens_out, seconds, cost, source, source))
+                             tokens_in, tokens_out, seconds, cost, source, source, app))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -26,9 +26,10 @@ from starlette.routing import Route as HttpRoute
 
 from sovctl.engines import engine
 from sovctl.errors import ConfigError
-from sovctl.gateway import anthropic, rerank, responses, tools, validate
+from sovctl.gateway import anthropic, rerank, responses, tools, ui, validate
 from sovctl.gateway.accounting import Ledger, StreamTally, ask_usage
-from sovctl.gateway.frontier import Frontier
+from sovctl.gateway.apps import CURRENT, Apps
+from sovctl.gateway.frontier import Frontier, Outcome, Refusal
 from sovctl.gateway.guard import Access, preflight_headers, with_cors
 from sovctl.gateway.metrics import Metrics
 from sovctl.gateway.upstream import PROPS_TIMEOUT_S, Connection, Upstream, UpstreamError
@@ -37,11 +38,13 @@ from sovctl.runtime.demand import Usage
 from sovctl.runtime.documents import (
     FRONTIER_PREFIX,
     LOCAL,
+    MEMORY_HELD,
     ProcessState,
     Route,
     RoutesTable,
     StackState,
 )
+from sovctl.runtime.switch import Ports
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -71,6 +74,11 @@ def error(status: int, message: str, etype: str, code: str | None = None,
           headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _refusal(r: Refusal) -> JSONResponse:
+    """A refusal of the gateway's own (a provider's policy, an app's limits) as its answer."""
+    return error(r.status, r.message, r.type, r.code, headers=r.headers or None, param=r.param)
 
 
 def invalid_request(invalid: validate.Invalid) -> JSONResponse:
@@ -156,33 +164,58 @@ class RouteState:
         self.slot = asyncio.Semaphore(route.parallel)
         self.waiting = 0
         key = Path(route.key_file).read_text().strip() if route.key_file else None
+        self.key = key
         self.upstream = Upstream(route.upstream, key)
+        # The runtime's port is the one state.json names for its process once a switch to
+        # other weights moved it (sovctl.runtime.switch); a connection pool per port.
+        self.upstreams = {self.upstream.port: self.upstream}
+        self.ports = Ports(run, route.process)
         self.tools = tools.Capability()  # whether the model's chat template renders tools
         # An on-demand model's requests, as the supervisor sees them (sovctl.runtime.demand).
         self.usage = Usage(run, route.model) if route.on_demand else None
 
+    def upstream_for(self, port: int) -> Upstream:
+        """The connections to the runtime on `port`. A new port is other weights: what the
+        model was found to take is asked again, and pools no request uses any more close."""
+        found = self.upstreams.get(port)
+        if found is None:
+            busy = self.ports.busy()
+            for old in [p for p in self.upstreams if p not in busy]:
+                self.upstreams.pop(old).close()
+            found = self.upstreams[port] = Upstream(f"http://127.0.0.1:{port}", self.key)
+            self.tools = tools.Capability()
+        return found
+
 
 class RuntimeStatus:
-    """Reads the supervisor's state file, at most every 0.2 s."""
+    """Reads the supervisor's state file, at most every 0.2 s; or, for a request waiting on a
+    load, whenever the file has changed (a stat: 10 ms polls cost little)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._at = 0.0
+        self._version: int | None = None  # the mtime of the file last read (ns)
         self._procs: dict[str, ProcessState] = {}
 
-    def processes(self, fresh: bool = False) -> dict[str, ProcessState]:
+    def processes(self, fresh: bool = False, changed: bool = False) -> dict[str, ProcessState]:
         now = time.monotonic()
+        if changed and not fresh:
+            try:
+                fresh = os.stat(self.path).st_mtime_ns != self._version
+            except FileNotFoundError:
+                fresh = self._version is not None
         if fresh or now - self._at > 0.2:
             self._at = now
             try:
+                self._version = os.stat(self.path).st_mtime_ns
                 state = StackState.read(self.path)
-            except ConfigError:
-                state = None
+            except (ConfigError, FileNotFoundError):
+                self._version, state = None, None
             self._procs = {p.name: p for p in state.processes} if state else {}
         return self._procs
 
-    def status(self, process: str, fresh: bool = False) -> str:
-        p = self.processes(fresh).get(process)
+    def status(self, process: str, fresh: bool = False, changed: bool = False) -> str:
+        p = self.processes(fresh, changed).get(process)
         return str(p.status) if p else "unknown"
 
 
@@ -198,9 +231,13 @@ def _start(status: int, content_type: bytes, length: int | None = None,
 RESTARTING = ("pending", "starting", "backoff")
 # An on-demand model's runtime, not running: a request asks for it and waits for it to load.
 UNLOADED = "unloaded"
+LOAD_POLL = 0.005  # seconds between looks at the state file while a request waits for a load
 # The states of a runtime that /ready counts as ready: an unloaded one loads on demand.
 READY = ("up", UNLOADED)
 STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+# How long a request waits for the port of a model being switched to other weights: the
+# supervisor writes the new port before it retires the old one, so a fresh read finds it.
+SWITCH_WAIT_S = 5.0
 
 
 class Gateway:
@@ -216,30 +253,32 @@ class Gateway:
         self.load_timeout = table.limits.load_timeout
         self.max_body = table.limits.max_body_bytes
         self.access = Access(table.limits, table.auth_required)
-        self.key: bytes | None = None
-        if table.auth_required:
-            self.key = Path(table.key_file).read_text().strip().encode()
+        # The keys it takes (its own and the apps'), who each request is, and its app's limits.
+        self.apps = Apps(table)
         self.status = RuntimeStatus(Path(table.state_file))
         self.metrics = Metrics()
+        # The operator's page (/ui) and the figures it shows.
+        self.page = ui.Page(table.state_file, table.ledger, table.home, self.metrics,
+                            self.frontier, self.routes.values)
         # Recent Responses conversations, for previous_response_id: in the run folder.
         self.responses = responses.Store(Path(table.state_file).parent / responses.STORE_FILE)
 
     def close(self) -> None:
         for route in self.routes.values():
-            route.upstream.close()
+            for upstream in route.upstreams.values():
+                upstream.close()
         self.ledger.close()
         self.responses.close()
 
     # -- plumbing ----------------------------------------------------------------------------
     def _authorised(self, given: bytes) -> bool:
-        if self.key is None:
-            return True
+        """An Authorization header with the gateway's key or an app's, where one is needed."""
         scheme, _, token = given.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self.key)
+        return self.apps.authorised(token if scheme.lower() == b"bearer" else None)
 
     def _authorised_key(self, given: bytes | None) -> bool:
         """The key as Anthropic's clients send it, in x-api-key."""
-        return self.key is None or (given is not None and hmac.compare_digest(given, self.key))
+        return self.apps.authorised(given)
 
     def _authorised_request(self, request: Request) -> bool:
         return self._authorised(request.headers.get("authorization", "").encode("latin-1"))
@@ -336,12 +375,23 @@ class Gateway:
             return self._unauthorised()
         routes = list(self.routes.values())
         takes_tools = await asyncio.gather(*(self._tools_known(r) for r in routes))
+        procs = self.status.processes()
         data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "sovctl",
                  "role": r.role, "route": r.kind, "runtime": r.runtime,
                  "parallel": r.slots, "status": self.status.status(r.process),
+                 **self._load_info(procs.get(r.process)),
                  "capabilities": {"tools": known, "vision": r.vision}}
                 for r, known in zip(routes, takes_tools, strict=True)]
         return JSONResponse({"object": "list", "data": data})
+
+    @staticmethod
+    def _load_info(p: ProcessState | None) -> dict[str, Any]:
+        """A local model's place in memory, as the supervisor last wrote it."""
+        if p is None or not p.load_state:
+            return {}
+        return {"load": p.load, "pinned": p.pinned, "load_state": p.load_state,
+                "last_used": p.last_used, "memory_estimated": p.memory_estimated,
+                "memory_held": p.memory_held}
 
     async def _tools_known(self, route: RouteState) -> bool | None:
         """Whether the model takes tools; None while its runtime cannot say, or for a model
@@ -397,8 +447,8 @@ class Gateway:
             if origin is not None:
                 # An allowed page reads every answer, a 401 for a key it lacks included.
                 send = with_cors(send, origin)
-            if not (self._authorised(headers.get(b"authorization", b""))
-                    or self._authorised_key(headers.get(b"x-api-key"))):
+            app = self.apps.identify(headers)
+            if app is None:
                 refused = self._unauthorised()
         shape = ERROR_SHAPES.get(endpoint)
         if refused is not None:
@@ -406,11 +456,20 @@ class Gateway:
                 refused = shape(refused)
             await refused(scope, receive, send)
             return
-        try:
-            answer = await self._proxy(scope, receive, send, endpoint, started,
-                                       headers.get(b"content-length"))
-        except _ClientGone:
-            return
+        assert app is not None
+        CURRENT.set(app)
+        over = self.apps.admit(app)
+        if over is not None:
+            # Over one of its app's limits: refused before the body is read.
+            answer: tuple[str, Response] | None = ("-", _refusal(over))
+        else:
+            try:
+                answer = await self._proxy(scope, receive, send, endpoint, started,
+                                           headers.get(b"content-length"))
+            except _ClientGone:
+                return
+            finally:
+                self.apps.leave(app)
         if answer is not None:
             model, response = answer
             if shape is not None and isinstance(response, JSONResponse):
@@ -418,7 +477,8 @@ class Gateway:
             await response(scope, receive, send)
             seconds = time.perf_counter() - started
             self.metrics.request(model, endpoint, response.status_code, seconds)
-            self.ledger.local(model, endpoint, response.status_code, seconds, 0, 0)
+            self.metrics.app_request(app, response.status_code)
+            self.ledger.local(model, endpoint, response.status_code, seconds, 0, 0, app=app)
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
                      started: float, declared: bytes | None) -> tuple[str, Response] | None:
@@ -486,6 +546,16 @@ class Gateway:
         finally:
             usage.leave()
 
+    def _no_room(self, route: RouteState, final: bool = False) -> Response | None:
+        """The 503 for a model whose load waits for memory, naming what holds it: at once
+        (`final`) when nothing may be evicted for it, else when the wait has run out."""
+        p = self.status.processes().get(route.process)
+        if p is None or not p.memory_wait or (final and p.memory_wait_kind != MEMORY_HELD):
+            return None
+        return error(503, f"no memory to load {route.model!r}: {p.memory_wait}; retry later",
+                     "service_unavailable", "insufficient_memory",
+                     headers={"Retry-After": "10" if final else "2"})
+
     async def _local(self, route: RouteState, endpoint: str, payload: dict[str, Any],
                      body: bytes, receive: Receive, send: Send, started: float,
                      fresh: bool = False) -> tuple[str, Response] | None:
@@ -509,10 +579,20 @@ class Gateway:
                         # One request file however many wait; written again if the model
                         # was unloaded once more meanwhile. A client hanging up cancels nothing.
                         route.usage.request_load()
-                    await asyncio.sleep(0.1 if status == UNLOADED else 0.25)
-                    status = self.status.status(route.process)
+                        if (no_room := self._no_room(route, final=True)) is not None:
+                            return route.model, no_room
+                    if route.usage is not None:
+                        # A load (or a switch) a request waits for: seen within 10 ms of the
+                        # supervisor writing it.
+                        await asyncio.sleep(LOAD_POLL)
+                        status = self.status.status(route.process, changed=True)
+                    else:
+                        await asyncio.sleep(0.25)
+                        status = self.status.status(route.process)
             finally:
                 route.waiting -= 1
+            if status == UNLOADED and (no_room := self._no_room(route)) is not None:
+                return route.model, no_room
         if status != "up":
             wait = "30" if status == "failed" else "2"
             return route.model, error(
@@ -599,17 +679,39 @@ class Gateway:
                                   "service_unavailable", "runtime_unavailable",
                                   headers={"Retry-After": "2"})
 
+    async def _lease(self, route: RouteState) -> int:
+        """The port of the runtime to send a request to, counted in (`route.ports.leave` it
+        once the answer is read): the one state.json names for the route's process, else
+        routes.json's. A port being retired by a switch to other weights is refused, and
+        state.json read afresh until it names the new one. Raises UpstreamError when none
+        can be had."""
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        fresh = False
+        while True:
+            p = self.status.processes(fresh).get(route.process)
+            port = p.port if p is not None and p.port else route.upstream.port
+            if route.ports.enter(port):
+                return port
+            if time.monotonic() >= deadline:
+                raise UpstreamError(f"its runtime on port {port} is being replaced")
+            fresh = True
+            await asyncio.sleep(0.01)
+
     async def _ask(self, route: RouteState, method: bytes, path: str, body: bytes = b""
                    ) -> tuple[int, bytes, bytes]:
         """The runtime's whole answer: its status, content type and body. Raises
         UpstreamError when there is none."""
-        upstream = route.upstream
-        conn = await upstream.request(method, path, body)
+        port = await self._lease(route)
         try:
-            status = await conn.head()
-            return status, conn.content_type, await conn.body()
+            upstream = route.upstream_for(port)
+            conn = await upstream.request(method, path, body)
+            try:
+                status = await conn.head()
+                return status, conn.content_type, await conn.body()
+            finally:
+                upstream.release(conn)
         finally:
-            upstream.release(conn)
+            route.ports.leave(port)
 
     async def _forward(self, route: RouteState, endpoint: str, body: bytes, send: Send,
                        started: float, reshape: Callable[[bytes], bytes] | None = None
@@ -635,9 +737,12 @@ class Gateway:
                  tokens_out: int, estimated: bool = False) -> None:
         """The accounting tail of a request a runtime answered: its tokens and its request in
         the metrics, its row in the ledger."""
+        app = CURRENT.get()
         self.metrics.count_tokens(model, tokens_in, tokens_out)
         self.metrics.request(model, endpoint, status, seconds)
-        self.ledger.local(model, endpoint, status, seconds, tokens_in, tokens_out,
+        self.metrics.app_request(app, status, tokens_in, tokens_out)
+        self.apps.count(app, tokens_in + tokens_out)
+        self.ledger.local(model, endpoint, status, seconds, tokens_in, tokens_out, app=app,
                           estimated=estimated)
 
     async def _call_tool(self, route: RouteState, endpoint: str, payload: dict[str, Any],
@@ -736,12 +841,16 @@ class Gateway:
             invalid = self._images(anthropic.to_chat(payload))
         if invalid is not None:
             return "-", invalid_request(invalid)
-        out = await self.frontier.serve(endpoint, model, payload, scope["headers"], receive,
-                                        send)
+        app = CURRENT.get()
+        provider = model.removeprefix(FRONTIER_PREFIX).partition("/")[0]
+        # A provider the app may not use, or its frontier money for the day spent.
+        over = (self.apps.frontier(app, provider) if provider in self.frontier.providers
+                else None)
+        out = (Outcome(provider, over.status, refusal=over) if over is not None else
+               await self.frontier.serve(endpoint, model, payload, scope["headers"], receive,
+                                         send))
         if out.refusal is not None:
-            r = out.refusal
-            refusal = error(r.status, r.message, r.type, r.code, headers=r.headers or None,
-                            param=r.param)
+            refusal = _refusal(out.refusal)
             shape = ERROR_SHAPES.get(endpoint)
             await (shape(refusal) if shape is not None else refusal)(scope, receive, send)
         seconds = time.perf_counter() - started
@@ -749,18 +858,28 @@ class Gateway:
         label = FRONTIER_PREFIX + out.route if out.route != UNROUTED else "-"
         self.metrics.count_tokens(label, out.tokens_in, out.tokens_out)
         self.metrics.request(label, endpoint, out.status, seconds)
+        self.metrics.app_request(app, out.status, out.tokens_in, out.tokens_out)
+        self.apps.count(app, out.tokens_in + out.tokens_out, out.cost)
         self.ledger.routed(out.route, model, endpoint, out.status, seconds, out.tokens_in,
-                           out.tokens_out, out.cost, estimated=out.estimated)
+                           out.tokens_out, out.cost, app=app, estimated=out.estimated)
         return None
 
     async def _stream(self, route: RouteState, endpoint: str, body: bytes, keep_usage: bool,
                       receive: Receive, send: Send, started: float,
                       tally: StreamTally | None = None) -> tuple[str, Response] | None:
-        upstream = route.upstream
         try:
-            conn = await upstream.request(b"POST", endpoint, body)
+            port = await self._lease(route)
         except UpstreamError as e:
             return self._unanswered(route, e)
+        try:
+            conn = await route.upstream_for(port).request(b"POST", endpoint, body)
+        except BaseException as e:
+            # Counted out whatever ends it (a client gone cancels the task): a port still
+            # counted in would never be retired.
+            route.ports.leave(port)
+            if isinstance(e, UpstreamError):
+                return self._unanswered(route, e)
+            raise
         # A client that hangs up must stop the generation: closing the connection to the
         # runtime is what tells it, and frees its slot.
         watcher = asyncio.ensure_future(_hang_up(receive, conn))
@@ -813,6 +932,7 @@ class Gateway:
             # Never reused: llama-server closes the connection after a streamed answer without
             # saying so in its headers, and the next request sent on it would be lost.
             conn.close()
+            route.ports.leave(port)
             if streaming:
                 # The usage the runtime reports; one that reports none (llama-cpp-python)
                 # carries one generated token in each data event.
@@ -894,6 +1014,7 @@ def create_app(table: RoutesTable) -> GatewayApp:
         HttpRoute("/ready", gw.ready, methods=["GET"]),
         HttpRoute("/metrics", gw.metrics_text, methods=["GET"]),
         HttpRoute("/v1/models", gw.models, methods=["GET"]),
+        *ui.routes(gw.page, gw.apps, gw._unauthorised),
         # Starlette knows the proxied paths too: another method on one gets its 405, and the
         # path with a trailing slash its redirect.
         *(HttpRoute(ep, _Proxy(gw), methods=["POST"]) for ep in ENDPOINT_ROLES),

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from sovctl.apikey import app_keys_path, read_app_keys
 from sovctl.bench import costs, history
 from sovctl.config import Settings
-from sovctl.errors import ConfigError
+from sovctl.errors import ConfigError, NotFoundError
 from sovctl.home import Home
 from sovctl.ledger import store
 from sovctl.ledger.figures import (
@@ -80,13 +82,20 @@ class CostAnswer:
     defaults: tuple[str, ...]  # the inputs that are built-in defaults
     ledger: Volume | None
     bursty: bool
+    app: AppCost | None = None  # with --app: what that app costs here and on the meter
 
 
-def volume(home: Home, now: float, days: int = WINDOW_DAYS) -> Volume | None:
+# Where a ledger's groups come from: the file (store.groups), or the operator's page's running
+# totals (sovctl.ledger.dashboard.Tally), which count by whole days as the window does.
+GroupsOf = Callable[[Path, float, float], list[store.Group]]
+
+
+def volume(home: Home, now: float, days: int = WINDOW_DAYS,
+           groups: GroupsOf = store.groups) -> Volume | None:
     today = dt.datetime.fromtimestamp(now, dt.UTC).date()
     start = dt.datetime.combine(today - dt.timedelta(days - 1), dt.time(), dt.UTC)
     path = store.ledger_path(home)
-    served = [g for g in store.groups(path, start.timestamp(), now)
+    served = [g for g in groups(path, start.timestamp(), now)
               if g.route != store.UNROUTED]
     if not served:
         return None
@@ -110,11 +119,11 @@ def _given(f: Figure) -> float:
 
 
 def answer(home: Home, settings: Settings, flags: Mapping[str, float | None],
-           now: float | None = None) -> CostAnswer:
+           now: float | None = None, groups: GroupsOf = store.groups) -> CostAnswer:
     """`flags`: hardware_price, lifetime_years, watts, tokens_per_s, tariff, daily_tokens,
     cloud_per_mtok; None where not given."""
     now = time.time() if now is None else now
-    seen = volume(home, now)
+    seen = volume(home, now, groups=groups)
     total = (seen.tokens_in + seen.tokens_out) if seen else 0
     share_in = seen.tokens_in / total if seen and total else None
     mix = f"the ledger's mix ({share_in:.0%} prompt tokens)" if share_in is not None else ""
@@ -182,3 +191,89 @@ def answer(home: Home, settings: Settings, flags: Mapping[str, float | None],
         verdict=costs.verdict(given, math, currency, traffic),
         defaults=tuple(k for k, f in inputs.items() if f.source == DEFAULTED), ledger=seen,
         bursty=traffic is not None and traffic.bursty)
+
+
+@dataclass(frozen=True)
+class AppCost:
+    """One app's traffic over the window (the ledger's last WINDOW_DAYS days), priced both
+    ways: on the meter (its local tokens at the [cost] cloud prices, plus what its frontier
+    requests were charged) and here (its local tokens at their models' bench prices, energy
+    and amortised hardware, plus the same frontier charges)."""
+
+    name: str
+    days: int
+    requests: int
+    tokens_in: Figure
+    tokens_out: Figure
+    local_tokens: Figure
+    routed_tokens: Figure
+    share: Figure  # of all the tokens in the window; value None when there were none
+    at_meter: Figure
+    here: Figure
+    local_cost: Figure
+    routed_spend: Figure
+    unpriced_tokens: Figure  # local tokens of models never benched: not in local_cost, here
+    saved: Figure  # at_meter - here
+
+
+def app_cost(home: Home, settings: Settings, app: str, now: float | None = None,
+             groups: GroupsOf = store.groups) -> AppCost:
+    """What app `app` cost over the window, here and on the meter. A NotFoundError for a name
+    that is no app: none in the ledger's window, configured ([apps.NAME]) or keyed."""
+    now = time.time() if now is None else now
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    start = dt.datetime.combine(today - dt.timedelta(WINDOW_DAYS - 1), dt.time(), dt.UTC)
+    found = groups(store.ledger_path(home), start.timestamp(), now)
+    mine = [g for g in found if g.app == app]
+    if not mine and app not in settings.apps and app != store.DEFAULT_APP \
+            and app not in read_app_keys(app_keys_path(home)):
+        raise NotFoundError(f"no app {app!r}: none in the ledger's last {WINDOW_DAYS} days, "
+                            "in [apps] or among the keys",
+                            hint="'sovctl keys list' and 'sovctl ledger --by app' show the apps")
+    basis = f"ledger, app {app}, the last {WINDOW_DAYS} days"
+
+    def total(parts: list[tuple[float, bool]], what: str) -> Figure:
+        """A sum, estimated when any estimated part of it counts."""
+        return Figure(sum(v for v, _ in parts),
+                      ESTIMATED if any(e and v for v, e in parts) else MEASURED,
+                      f"{basis}: {what}")
+
+    local = [g for g in mine if g.route == "local"]
+    routed = [g for g in mine if g.route not in ("local", store.UNROUTED)]
+    def tokens(of: list[store.Group], what: str) -> Figure:
+        return total([(g.tokens_in + g.tokens_out, g.tokens_source == ESTIMATED) for g in of],
+                     what)
+
+    tokens_in = total([(g.tokens_in, g.tokens_source == ESTIMATED) for g in mine],
+                      "prompt tokens")
+    tokens_out = total([(g.tokens_out, g.tokens_source == ESTIMATED) for g in mine],
+                       "generated tokens")
+    local_tokens = tokens(local, "tokens served here")
+    routed_tokens = tokens(routed, "tokens routed to frontier providers")
+    every = sum(g.tokens_in + g.tokens_out for g in found if g.route != store.UNROUTED)
+    share = Figure(((local_tokens.value or 0) + (routed_tokens.value or 0)) / every
+                   if every else None, weakest(local_tokens.source, routed_tokens.source),
+                   f"{basis}: its tokens over everyone's")
+    local_cost = total([(g.cost, g.cost_source == ESTIMATED) for g in local if g.priced],
+                       "local tokens at their models' bench prices")
+    unpriced = tokens([g for g in local if not g.priced], "local tokens of models never benched")
+    spend = total([(g.cost, g.cost_source == ESTIMATED) for g in routed],
+                  "what frontier providers charged")
+    cost = settings.cost
+    cloud_source = weakest(setting_source(settings, "cost.cloud_input_price_per_mtok"),
+                           setting_source(settings, "cost.cloud_price_per_mtok"))
+    metered = sum(g.tokens_in * cost.cloud_input_price_per_mtok
+                  + g.tokens_out * cost.cloud_price_per_mtok for g in local) / 1e6
+    at_meter = Figure(metered + (spend.value or 0),
+                      weakest(local_tokens.source, cloud_source, spend.source) if local
+                      else spend.source,
+                      "its local tokens at cost.cloud_input_price_per_mtok and "
+                      "cost.cloud_price_per_mtok, plus its frontier spend")
+    here = Figure((local_cost.value or 0) + (spend.value or 0),
+                  weakest(local_cost.source, spend.source),
+                  "its local cost plus its frontier spend")
+    saved = Figure((at_meter.value or 0) - (here.value or 0),
+                   weakest(at_meter.source, here.source), "on the meter less here")
+    return AppCost(app, WINDOW_DAYS, sum(g.requests for g in mine), tokens_in, tokens_out,
+                   local_tokens, routed_tokens, share, at_meter, here, local_cost, spend,
+                   unpriced, saved)

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sovctl.config import Settings
 from sovctl.errors import UsageError
@@ -25,7 +26,7 @@ from sovctl.home import Home
 from sovctl.ledger import store
 from sovctl.ledger.figures import Amount, Sums, setting_source, weakest
 
-BY = ("day", "model", "route")
+BY = ("day", "model", "route", "app")
 _SPAN = re.compile(r"(\d+(?:\.\d+)?)([mhdw])")
 _UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -120,7 +121,11 @@ def _sum(groups: Iterable[store.Group]) -> Sums:
 
 
 def report(home: Home, settings: Settings, since: str = "7d", by: str = "day",
-           now: float | None = None) -> LedgerReport:
+           now: float | None = None,
+           groups: Callable[[Path, float, float], list[store.Group]] = store.groups
+           ) -> LedgerReport:
+    """`groups`: where the groups come from (the operator's page passes its running totals,
+    `sovctl.ledger.dashboard.Tally`, by whole days)."""
     if by not in BY:
         raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
     until = time.time() if now is None else now
@@ -128,7 +133,7 @@ def report(home: Home, settings: Settings, since: str = "7d", by: str = "day",
     if start >= until:
         raise UsageError(f"--since {since!r} is not in the past")
     path = store.ledger_path(home)
-    found = store.groups(path, start, until)
+    found = groups(path, start, until)
     cin = settings.cost.cloud_input_price_per_mtok
     cout = settings.cost.cloud_price_per_mtok
     cloud_in = Amount(cin, setting_source(settings, "cost.cloud_input_price_per_mtok"))
@@ -147,7 +152,8 @@ def report(home: Home, settings: Settings, since: str = "7d", by: str = "day",
                       weakest(local_tokens.source, cloud_in.source, cloud_out.source))
 
     key: Callable[[store.Group], str] = {
-        "day": lambda g: g.day, "model": lambda g: g.model, "route": lambda g: g.route}[by]
+        "day": lambda g: g.day, "model": lambda g: g.model, "route": lambda g: g.route,
+        "app": lambda g: g.app}[by]
     rows = []
     for k in sorted({key(g) for g in found}):
         mine = [g for g in found if key(g) == k]

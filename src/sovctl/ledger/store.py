@@ -14,6 +14,9 @@ a fixed length, so a record has a bounded size too.
 Every token count and cost says how it was obtained: `measured` (the usage the answer
 reported; a bench with a power meter) or `estimated` (a stream that ended without usage, whose
 events or characters were counted; a bench whose energy came from bench.cpu_watts).
+
+Every record carries its app (column `app`): the name of the key it came with (`sovctl keys`),
+the name a request gave itself where the gateway needs no key, or "default".
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from sovctl.config import LedgerSettings
 from sovctl.errors import ConfigError
 from sovctl.home import Home
 
-# /2: tokens_source and cost_source; the daily totals of folded records.
-SCHEMA_VERSION = 2
+# /2: tokens_source and cost_source; the daily totals of folded records. /3: each record's app.
+SCHEMA_VERSION = 3
 RETENTION_DAYS = 400
 FLUSH_S = 0.5
 MAX_ROWS = LedgerSettings().max_rows  # [ledger] max_rows's default
@@ -43,6 +46,24 @@ MAX_MODEL_CHARS = 256
 MAX_TEXT_CHARS = 64  # route and endpoint: a provider's name is at most 64 characters
 UNROUTED = "-"  # the route of a request refused before it was routed (bad key, bad JSON, ...)
 MEASURED, ESTIMATED = "measured", "estimated"
+DEFAULT_APP = "default"  # apikey.DEFAULT_APP: the app of records from before apps had keys
+
+# The daily totals of records folded away by the size bound (a template: the migration from
+# schema 2 makes the table under another name first).
+_DAILY = """
+CREATE TABLE IF NOT EXISTS {name} (
+    day TEXT NOT NULL,         -- YYYY-MM-DD, UTC
+    route TEXT NOT NULL,
+    model TEXT NOT NULL,       -- "-" for refused requests that used nothing
+    app TEXT NOT NULL,
+    tokens_source TEXT NOT NULL,
+    cost_source TEXT NOT NULL, -- "" for records without a cost
+    requests INTEGER NOT NULL,
+    tokens_in INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    PRIMARY KEY (day, route, model, app, tokens_source, cost_source)
+)"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -56,22 +77,11 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_s REAL NOT NULL,
     cost REAL,                 -- in [cost] currency; NULL when unknown (a model never benched)
     tokens_source TEXT NOT NULL DEFAULT 'measured',  -- measured | estimated
-    cost_source TEXT           -- measured | estimated; NULL with cost
+    cost_source TEXT,          -- measured | estimated; NULL with cost
+    app TEXT NOT NULL DEFAULT 'default'  -- the app it came from (its key's name)
 );
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
-CREATE TABLE IF NOT EXISTS daily (  -- records folded away by the size bound, summed
-    day TEXT NOT NULL,         -- YYYY-MM-DD, UTC
-    route TEXT NOT NULL,
-    model TEXT NOT NULL,       -- "-" for refused requests that used nothing
-    tokens_source TEXT NOT NULL,
-    cost_source TEXT NOT NULL, -- "" for records without a cost
-    requests INTEGER NOT NULL,
-    tokens_in INTEGER NOT NULL,
-    tokens_out INTEGER NOT NULL,
-    cost REAL NOT NULL,
-    PRIMARY KEY (day, route, model, tokens_source, cost_source)
-);
-"""
+""" + _DAILY.format(name="daily")
 
 # Schema 1 had neither source: its records count as measured, as it presented them.
 _MIGRATE_1 = (
@@ -79,29 +89,43 @@ _MIGRATE_1 = (
     "ALTER TABLE requests ADD COLUMN cost_source TEXT",
     "UPDATE requests SET cost_source = 'measured' WHERE cost IS NOT NULL",
 )
+# Schema 2 had no apps: every record came with the one key, the default app's. The daily
+# totals take the app into their key, so the table is made anew (schema 1 had none: the
+# schema makes it).
+_ADD_APP = "ALTER TABLE requests ADD COLUMN app TEXT NOT NULL DEFAULT 'default'"
+_MIGRATE_2 = (
+    _ADD_APP,
+    _DAILY.format(name="daily_3"),
+    "INSERT INTO daily_3 SELECT day, route, model, 'default', tokens_source, cost_source,"
+    " requests, tokens_in, tokens_out, cost FROM daily",
+    "DROP TABLE daily",
+    "ALTER TABLE daily_3 RENAME TO daily",
+)
+_MIGRATIONS = {1: (*_MIGRATE_1, _ADD_APP), 2: _MIGRATE_2}
 
 # A refused request that used nothing is folded under model "-": the names a client sends
 # are without number, the models that answer are not, and the totals stay bounded.
 _FOLD = """
-INSERT INTO daily (day, route, model, tokens_source, cost_source, requests, tokens_in,
+INSERT INTO daily (day, route, model, app, tokens_source, cost_source, requests, tokens_in,
                    tokens_out, cost)
 SELECT date(time, 'unixepoch'), route,
        CASE WHEN status < 400 OR tokens_in + tokens_out > 0 OR coalesce(cost, 0) > 0
             THEN model ELSE '-' END,
-       tokens_source, coalesce(cost_source, ''), count(*), sum(tokens_in), sum(tokens_out),
-       coalesce(sum(cost), 0)
-FROM requests WHERE time <= ? GROUP BY 1, 2, 3, 4, 5
-ON CONFLICT (day, route, model, tokens_source, cost_source) DO UPDATE SET
+       app, tokens_source, coalesce(cost_source, ''), count(*), sum(tokens_in),
+       sum(tokens_out), coalesce(sum(cost), 0)
+FROM requests WHERE time <= ? GROUP BY 1, 2, 3, 4, 5, 6
+ON CONFLICT (day, route, model, app, tokens_source, cost_source) DO UPDATE SET
     requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in,
     tokens_out = tokens_out + excluded.tokens_out, cost = cost + excluded.cost
 """
 
 _INSERT = ("INSERT INTO requests (time, route, model, endpoint, status, tokens_in, tokens_out, "
-           "latency_s, cost, tokens_source, cost_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "latency_s, cost, tokens_source, cost_source, app) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 # time, route, model, endpoint, status, tokens_in, tokens_out, latency_s, cost,
-# tokens_source, cost_source
-Row = tuple[float, str, str, str, int, int, int, float, float | None, str, str | None]
+# tokens_source, cost_source, app
+Row = tuple[float, str, str, str, int, int, int, float, float | None, str, str | None, str]
 
 log = logging.getLogger("sovctl.ledger")
 
@@ -117,18 +141,18 @@ def _open(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commit
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, 1, SCHEMA_VERSION):
+    if version not in (0, *_MIGRATIONS, SCHEMA_VERSION):
         conn.close()
         raise ConfigError(f"{path} is a ledger of schema {version}, not {SCHEMA_VERSION}",
                           hint="it was written by another sovctl version: move it aside")
-    if version == 1:
+    if version in _MIGRATIONS:
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             # Read again under the write lock: another process may have migrated it meanwhile.
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
-                for statement in _MIGRATE_1:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for statement in _MIGRATIONS.get(version, ()):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.executescript(_SCHEMA)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return conn
@@ -137,7 +161,7 @@ def _open(path: Path) -> sqlite3.Connection:
 def _bounded(row: Row) -> Row:
     """The row with its text cut to the columns' bounds: a record's size is bounded."""
     return (row[0], row[1][:MAX_TEXT_CHARS], row[2][:MAX_MODEL_CHARS],
-            row[3][:MAX_TEXT_CHARS], *row[4:])
+            row[3][:MAX_TEXT_CHARS], *row[4:11], row[11][:MAX_TEXT_CHARS])
 
 
 class Writer:
@@ -235,7 +259,7 @@ def reading(path: Path) -> Iterator[sqlite3.Connection | None]:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 1:
+        if version in _MIGRATIONS:
             conn.close()
             _open(path).close()
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
@@ -252,7 +276,7 @@ def reading(path: Path) -> Iterator[sqlite3.Connection | None]:
 
 @dataclass(frozen=True)
 class Group:
-    """Requests of one day, route and model whose tokens and cost have the same sources,
+    """Requests of one day, route, model and app whose tokens and cost have the same sources,
     summed."""
 
     day: str  # YYYY-MM-DD, UTC
@@ -264,6 +288,7 @@ class Group:
     tokens_in: int
     tokens_out: int
     cost: float  # 0 when the cost is unknown
+    app: str = DEFAULT_APP
 
     @property
     def priced(self) -> bool:
@@ -277,19 +302,19 @@ def groups(path: Path, since: float, until: float) -> list[Group]:
         if conn is None:
             return []
         found = conn.execute(
-            "SELECT day, route, model, ts, cs, sum(n), sum(tin), sum(tout), sum(c) FROM ("
-            " SELECT date(time, 'unixepoch') AS day, route, model, tokens_source AS ts,"
+            "SELECT day, route, model, app, ts, cs, sum(n), sum(tin), sum(tout), sum(c) FROM ("
+            " SELECT date(time, 'unixepoch') AS day, route, model, app, tokens_source AS ts,"
             "  coalesce(cost_source, '') AS cs, count(*) AS n, sum(tokens_in) AS tin,"
             "  sum(tokens_out) AS tout, coalesce(sum(cost), 0) AS c"
-            " FROM requests WHERE time >= ? AND time < ? GROUP BY 1, 2, 3, 4, 5"
+            " FROM requests WHERE time >= ? AND time < ? GROUP BY 1, 2, 3, 4, 5, 6"
             " UNION ALL"
-            " SELECT day, route, model, tokens_source, cost_source, requests, tokens_in,"
+            " SELECT day, route, model, app, tokens_source, cost_source, requests, tokens_in,"
             "  tokens_out, cost FROM daily"
             " WHERE day >= date(?, 'unixepoch') AND day <= date(?, 'unixepoch')"
-            ") GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5",
+            ") GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6",
             (since, until, since, until)).fetchall()
-    return [Group(day, route, model, ts, cs or None, n, tin, tout, c)
-            for day, route, model, ts, cs, n, tin, tout, c in found]
+    return [Group(day, route, model, ts, cs or None, n, tin, tout, c, app)
+            for day, route, model, app, ts, cs, n, tin, tout, c in found]
 
 
 def spent_since(path: Path, since: float) -> dict[str, float]:
@@ -306,6 +331,31 @@ def spent_since(path: Path, since: float) -> dict[str, float]:
             ") WHERE route NOT IN (?, ?) GROUP BY route",
             (since, since, "local", UNROUTED)).fetchall()
     return {route: float(cost) for route, cost in found}
+
+
+@dataclass(frozen=True)
+class AppDay:
+    """What an app used since a time (the start of a UTC day): what its limits count."""
+
+    tokens: int  # prompt and generated, on every route
+    frontier_cost: float  # money spent on frontier routes, estimates included
+
+
+def app_usage_since(path: Path, since: float) -> dict[str, AppDay]:
+    """Each app's tokens and frontier spend since `since`, days folded counted whole: what a
+    gateway's apps have used of today's limits when it starts."""
+    with reading(path) as conn:
+        if conn is None:
+            return {}
+        found = conn.execute(
+            "SELECT app, sum(t), sum(CASE WHEN route NOT IN (?, ?) THEN c ELSE 0 END) FROM ("
+            " SELECT app, route, tokens_in + tokens_out AS t, coalesce(cost, 0) AS c"
+            " FROM requests WHERE time >= ?"
+            " UNION ALL"
+            " SELECT app, route, tokens_in + tokens_out, cost FROM daily"
+            " WHERE day >= date(?, 'unixepoch')"
+            ") GROUP BY app", ("local", UNROUTED, since, since)).fetchall()
+    return {app: AppDay(int(tokens), float(cost)) for app, tokens, cost in found}
 
 
 @dataclass(frozen=True)

@@ -8,4 +8,6 @@ layer imports it (the import-linter contract in pyproject.toml holds that).
 - `up`: `sovctl up`, from nothing to a verified, supervised stack;
 - `tunnel`: `sovctl tunnel`, pinning the public host's key, rehearsing, restarting the stack
   with its public face.
+- `bundle`: `sovctl bundle create` and `import`, the stack as a directory that rebuilds it
+  with no network; `wheels` makes each installed distribution into a wheel for it.
 """

@@ -15,20 +15,20 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sovctl import config
+from sovctl import config, sizing
 from sovctl.apikey import read_api_key
 from sovctl.config import ModelSettings, ServeSettings, Settings
 from sovctl.errors import ConfigError, NotFoundError, RuntimeStartError, UsageError
 from sovctl.home import Home
 from sovctl.ops import stack
-from sovctl.provision import planning, sizing
+from sovctl.provision import planning
 from sovctl.provision.facts import HostFacts, detect
 from sovctl.provision.init import InitResult, init
 from sovctl.provision.planning import DoesNotFit
-from sovctl.provision.sizing import Fit
 from sovctl.runtime import control
 from sovctl.runtime.documents import ProcessKind, ProcessState, Status
 from sovctl.runtime.plan import build
+from sovctl.sizing import Fit
 from sovctl.store.blobs import BlobStore
 from sovctl.store.lock import Lock
 from sovctl.store.pull import ProgressFactory, pull
@@ -201,7 +201,7 @@ def up(
 
     lock = Lock.load(home)
     store = BlobStore(home)
-    budget = planning.budget(facts, ram, vram)
+    budget = planning.budget(facts, ram, vram, cfg.serve.memory_limit)
     wanted = []
     for name, role, section in served:
         if name not in lock.entries:

@@ -7,23 +7,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from sovctl import sizing
 from sovctl.config import ModelSettings, Settings
 from sovctl.engines import choose
 from sovctl.errors import CheckFailed, UsageError
 from sovctl.home import Home
-from sovctl.provision import header as gguf
-from sovctl.provision import sizing
 from sovctl.provision.facts import HostFacts
-from sovctl.provision.sizing import Budget, ClusterFit, Device, Fit, Want
 from sovctl.runtime import cluster
 from sovctl.runtime.plan import clustered_model
+from sovctl.sizing import Budget, ClusterFit, Device, Fit, Want
+from sovctl.store import header as gguf
 from sovctl.store import hub, refs
 from sovctl.store.blobs import BlobStore
+from sovctl.store.gguf_info import is_reranker
 from sovctl.store.lock import Lock
+from sovctl.units import parse_size
 
 # A worker answers its HELLO in milliseconds; one that does not within this is down or busy.
 PROBE_TIMEOUT = 3.0
@@ -133,16 +135,26 @@ def want_for(cfg: Settings, section: ModelSettings, facts: HostFacts, gpu: bool,
     )
 
 
-def budget(facts: HostFacts, ram: int | None = None, vram: int | None = None) -> Budget:
+def budget(facts: HostFacts, ram: int | None = None, vram: int | None = None,
+           memory_limit: str = "") -> Budget:
+    """The memory to plan with: --ram, else [serve] memory_limit (the budget the stack's
+    runtimes are admitted under, taken whole), else what is available now."""
     if ram is not None:
         ram_bytes, ram_src = ram, "from --ram"
+    elif memory_limit:
+        return _with_vram(facts, vram, Budget(parse_size(memory_limit), "[serve] memory_limit",
+                                              0, "", 0, headroom=0.0))
     else:
         ram_bytes, ram_src = facts.ram_available, "available now"
+    return _with_vram(facts, vram, Budget(ram_bytes, ram_src, 0, "", 0))
+
+
+def _with_vram(facts: HostFacts, vram: int | None, b: Budget) -> Budget:
     if vram is not None:
-        return Budget(ram_bytes, ram_src, vram, "from --vram", 1 if vram > 0 else 0)
+        return replace(b, vram_bytes=vram, vram_source="from --vram", gpus=1 if vram > 0 else 0)
     gpus = facts.usable_gpus
-    return Budget(ram_bytes, ram_src, sum(g.memory_free for g in gpus), facts.vram_note,
-                  len(gpus))
+    return replace(b, vram_bytes=sum(g.memory_free for g in gpus), vram_source=facts.vram_note,
+                   gpus=len(gpus))
 
 
 def parse_worker_memory(values: Sequence[str]) -> dict[str, int]:
@@ -153,7 +165,7 @@ def parse_worker_memory(values: Sequence[str]) -> dict[str, int]:
         if not sep or not endpoint:
             raise UsageError(f"--worker-memory {value!r} is not ENDPOINT=SIZE",
                              hint="write e.g. --worker-memory 10.0.0.2:50052=24GiB")
-        out[endpoint] = sizing.parse_size(size)
+        out[endpoint] = parse_size(size)
     return out
 
 
@@ -212,8 +224,11 @@ def plan(home: Home, cfg: Settings, text: str, facts: HostFacts, *, ram: int | N
                          "its own", hint="plan the language model it belongs to")
     shape = sizing.shape_of(header)
     section = model_section(cfg, text)
-    role = section.role or ("embedding" if shape.embedding else "chat")
-    b = budget(facts, ram, vram)
+    arch = str(header.get("general.architecture") or "")
+    reranker = is_reranker(arch, header.metadata, {t.name for t in header.tensors})
+    role = section.role or ("rerank" if reranker else "embedding" if shape.embedding
+                            else "chat")
+    b = budget(facts, ram, vram, cfg.serve.memory_limit)
     want = want_for(cfg, section, facts, b.gpus > 0, n_ctx, parallel)
     if gpu_layers is not None:
         want = Want(want.n_ctx, want.parallel, gpu_layers)

@@ -16,14 +16,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import time
 from pathlib import Path
 
-from sovctl.runtime.documents import LOAD_DIR, USED_DIR
+from sovctl.runtime.documents import LOAD_DIR, USED_DIR, WAKE_FIFO
 
 
 def prepare(run: Path) -> None:
-    """The folders, empty: a request left from an earlier stack loads nothing."""
+    """The folders, empty: a request left from an earlier stack loads nothing; and the
+    supervisor's wake-up pipe."""
+    wake = run / WAKE_FIFO
+    wake.unlink(missing_ok=True)
+    os.mkfifo(wake, 0o600)
     for sub in (LOAD_DIR, USED_DIR):
         d = run / sub
         d.mkdir(parents=True, exist_ok=True)
@@ -39,14 +44,28 @@ class Usage:
 
     def __init__(self, run: Path, name: str) -> None:
         self.load_file = run / LOAD_DIR / name
+        self.wake_fifo = run / WAKE_FIFO
         self.used_file = run / USED_DIR / name
         self.in_flight = 0
         self._fd: int | None = None
 
     def request_load(self) -> None:
-        """Ask the supervisor to load the model; one request file however many ask."""
-        with contextlib.suppress(FileExistsError):
+        """Ask the supervisor to load the model; one request file however many ask, and a
+        byte down the supervisor's wake-up pipe so it takes it at once."""
+        try:
             os.close(os.open(self.load_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return
+        try:
+            fd = os.open(self.wake_fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return  # no supervisor reading (ENXIO): its next tick takes the file
+        try:
+            os.write(fd, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+        finally:
+            os.close(fd)
 
     def enter(self) -> bool | None:
         """Count a request in. True when it is the first in flight (the lock was taken now:
@@ -74,6 +93,36 @@ class Usage:
 
 
 # -- the supervisor's side ------------------------------------------------------------------------
+class Sleeper:
+    """The supervisor's pause between looks, for a stack with no model loaded on demand."""
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(timeout)
+
+    def close(self) -> None:
+        pass
+
+
+class Waker(Sleeper):
+    """The pause, cut short by a request asking for a load (a byte down run/wake)."""
+
+    def __init__(self, run: Path) -> None:
+        path = run / WAKE_FIFO
+        self._read = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        # A writer of its own, so the pipe never reads as closed between the gateway's writes.
+        self._hold = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+
+    def wait(self, timeout: float) -> None:
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._read, 4096)
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._hold)
+
+
 def take_load_requests(run: Path) -> list[str]:
     """The models requests asked to load since the last look; their files removed."""
     d = run / LOAD_DIR
@@ -118,3 +167,37 @@ def lock_idle(run: Path, name: str) -> int | None:
 
 def release(fd: int) -> None:
     os.close(fd)
+
+
+def in_flight(run: Path, names: list[str], locks: Path = Path("/proc/locks")) -> set[str]:
+    """Which of the models have requests in flight: the gateway's shared locks on their use
+    files, as the kernel lists them. Read-only: trying the lock instead would hold off a
+    request arriving in that instant."""
+    inodes: dict[tuple[int, int], str] = {}
+    for name in names:
+        try:
+            st = os.stat(run / USED_DIR / name)
+        except FileNotFoundError:
+            continue
+        inodes[(st.st_dev, st.st_ino)] = name
+    if not inodes:
+        return set()
+    found: set[str] = set()
+    try:
+        text = locks.read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  READ  1234 00:2b:5678 0 EOF"; a waiter's line has "->" first.
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK" or parts[3] != "READ":
+            continue
+        try:
+            major, minor, ino = parts[5].split(":")
+            dev = os.makedev(int(major, 16), int(minor, 16))
+            held = inodes.get((dev, int(ino)))
+        except ValueError:
+            continue
+        if held is not None:
+            found.add(held)
+    return found

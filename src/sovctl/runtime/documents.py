@@ -24,16 +24,21 @@ from sovctl.ledger.store import MAX_ROWS
 from sovctl.prices import Price
 
 # /3: the [cluster] workers each runtime uses, with their health and memory. /4: the status
-# "unloaded", of an on-demand model's runtime not running until a request asks for it.
-STATE_SCHEMA = "sovctl.state/4"
+# "unloaded", of an on-demand model's runtime not running until a request asks for it. /5: the
+# memory budget, and each runtime's memory (estimated and held), load state, last use, load
+# counters and why it was last unloaded or waits for memory. /6: `switches`, a model switched to
+# other weights while the stack runs (sovctl.runtime.switch).
+STATE_SCHEMA = "sovctl.state/6"
 # /4: a provider's allowed models with a price each, its concurrency and max_tokens bounds;
 # the ledger's row bound; the gateway's image, connection and header-time limits and the Host
 # and Origin names it admits. /5: a provider's kind, the API it speaks. /6: a route's model
-# loaded on demand; the gateway's load_timeout.
-ROUTES_SCHEMA = "sovctl.routes/6"
+# loaded on demand; the gateway's load_timeout. /7: the apps' limits ([apps.NAME]) and the
+# file of the apps' keys; the home, for the operator's page.
+ROUTES_SCHEMA = "sovctl.routes/7"
 # /1: the plan a detached supervisor runs (sovctl.runtime.plan.Plan), from the CLI that made it.
-# /2: a runtime's load mode and idle unload.
-PLAN_SCHEMA = "sovctl.plan/2"
+# /2: a runtime's load mode and idle unload. /3: the memory budget, each runtime's estimated
+# memory and pin; the apps' limits.
+PLAN_SCHEMA = "sovctl.plan/3"
 
 # The gateway and the supervisor about on-demand models, in the run folder (see
 # sovctl.runtime.demand): LOAD_DIR/NAME asks the supervisor to load NAME; USED_DIR/NAME's mtime
@@ -41,6 +46,39 @@ PLAN_SCHEMA = "sovctl.plan/2"
 # flight.
 LOAD_DIR = "load"
 USED_DIR = "used"
+WAKE_FIFO = "wake"  # a named pipe: a byte down it wakes the supervisor for a load request
+# A model switched to other weights while the stack runs (see sovctl.runtime.switch):
+# SWITCH_DIR/NAME asks the supervisor for it; SERVING_DIR/NAME.PORT exists while the runtime of
+# NAME on PORT may be sent requests, and the gateway holds a shared lock on it while any is.
+SWITCH_DIR = "switch"
+SERVING_DIR = "serving"
+
+
+class LoadState(StrEnum):
+    """A model's runtime as an operator asks of it: is the model in memory, and is it in use."""
+
+    LOADING = "loading"  # started, not yet answering
+    LOADED = "loaded"  # up, with requests in flight
+    IDLE = "idle"  # up, no request in flight: an unpinned on-demand one may be evicted
+    UNLOADED = "unloaded"  # not in memory
+
+
+# Why a requested load waits (ProcessState.memory_wait_kind): BUSY, the memory is held by
+# unpinned on-demand runtimes loading or with requests in flight, which are evicted once those
+# end (the request waits, up to load_timeout); HELD, by runtimes nothing may evict (loaded
+# always, pinned): the request gets a 503 at once.
+MEMORY_BUSY = "busy"
+MEMORY_HELD = "held"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The memory a stack's runtimes may hold together, as sizing estimates each."""
+
+    ram: int  # bytes
+    ram_source: str  # "[serve] memory_limit", or what was available less memory_reserve
+    vram: int = 0  # free VRAM over the GPUs NVML saw; 0: none
+    vram_source: str = "no GPU"
 
 
 class Status(StrEnum):
@@ -61,8 +99,8 @@ def check_schema(doc: Any, expected: str, path: Path) -> dict[str, Any]:
         found = doc.get("schema") if isinstance(doc, dict) else None
         raise ConfigError(
             f"{path} is not a {expected} document (found schema {found!r})",
-            hint="it was written by another sovctl version: stop the stack with that version, "
-            "or remove the run directory, then serve again",
+            hint="it was written by another sovctl version: 'sovctl stop' stops a stack of "
+            "any version; then serve again",
         )
     return doc
 
@@ -135,6 +173,23 @@ class ProcessState:
     # A tunnel's end-to-end probe, when it cannot run: why (its public host refuses the probe's
     # way in), and what its health rests on instead; "" when it runs, or for any other process.
     probe_skipped: str = ""
+    # A runtime's memory: what sizing estimates it holds (admitted against the budget by it),
+    # and what it holds now, measured (its resident set, and its processes' VRAM by NVML).
+    load: str = "always"  # [models.NAME] load
+    pinned: bool = False
+    load_state: str = ""  # a LoadState; "" for processes that are not runtimes
+    last_used: float | None = None  # wall clock a request for it last ended (or it loaded)
+    memory_estimated: int = 0
+    vram_estimated: int = 0
+    memory_held: int | None = None  # bytes resident; None while not running
+    vram_held: int | None = None  # bytes on GPUs; None where NVML sees none
+    unload_reason: str = ""  # why it was last unloaded: idle, evicted for another model
+    memory_wait: str = ""  # why a requested load waits: what holds the memory
+    memory_wait_kind: str = ""  # MEMORY_BUSY or MEMORY_HELD, with memory_wait
+    loads: int = 0  # starts that came up (a restart after a crash too)
+    load_seconds: float = 0.0  # from each of those starts to healthy, summed
+    unloads: int = 0  # idle unloads and evictions
+    evictions: int = 0  # unloads to make room for another model
 
     def uptime(self, now: float | None = None) -> float:
         """Seconds since it first answered healthy; 0 while it is not up."""
@@ -147,6 +202,33 @@ class ProcessState:
         return cls(**{**_known(cls, d), "kind": ProcessKind(d["kind"]),
                       "status": Status(d["status"]),
                       "workers": tuple(WorkerState.from_dict(w) for w in d.get("workers", ()))})
+
+
+@dataclass(frozen=True)
+class SwitchState:
+    """A model's switch to other weights while the stack runs, under way or its outcome (the
+    last one per model)."""
+
+    id: str  # the request's (sovctl.runtime.switch.SwitchRequest)
+    name: str
+    why: str  # "upgrade" | "rollback"
+    from_sha256: str
+    to_sha256: str
+    # "starting": the new runtime is starting, the old one serves; "draining": the new one
+    # serves, the old one finishes its requests in flight; "done"; "failed" (see reason)
+    phase: str
+    started_at: float
+    finished_at: float | None = None
+    reason: str = ""  # why it failed; the old runtime serves on
+    old_pid: int | None = None  # the runtime being replaced, while it runs
+    old_port: int = 0
+    new_pid: int | None = None  # the runtime replacing it, while it starts
+    new_port: int = 0
+    drain_seconds: float = 0.0  # from the new runtime serving to the old one's last request
+
+    @property
+    def over(self) -> bool:
+        return self.phase in ("done", "failed")
 
 
 @dataclass(frozen=True)
@@ -169,6 +251,8 @@ class StackState:
     final: bool  # the supervisor's last write, as it exited
     processes: tuple[ProcessState, ...]
     events: tuple[Event, ...]
+    memory: MemoryBudget | None = None  # the budget the runtimes are admitted under
+    switches: tuple[SwitchState, ...] = ()  # models switched to other weights, the last each
 
     def process(self, name: str) -> ProcessState | None:
         return next((p for p in self.processes if p.name == name), None)
@@ -186,6 +270,8 @@ class StackState:
             **_known(cls, d),
             "processes": tuple(ProcessState.from_dict(p) for p in d["processes"]),
             "events": tuple(Event(**e) for e in d["events"]),
+            "memory": MemoryBudget(**d["memory"]) if d.get("memory") else None,
+            "switches": tuple(SwitchState(**s) for s in d.get("switches", ())),
         })
 
 
@@ -245,6 +331,25 @@ class Route:
                       "provider": Provider.from_dict(provider) if provider else None})
 
 
+@dataclass(frozen=True)
+class AppLimits:
+    """An app's limits ([apps.NAME], as config.AppSettings): the gateway holds each request of
+    the app to them. None: no limit."""
+
+    name: str
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None  # prompt + generated, a UTC day
+    max_concurrent: int | None = None
+    providers: tuple[str, ...] | None = None  # the providers it may use; None: all
+    frontier_daily_cap: float | None = None  # money a UTC day on frontier routes
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        providers = d.get("providers")
+        return cls(**{**_known(cls, d),
+                      "providers": tuple(providers) if providers is not None else None})
+
+
 _SERVE = ServeSettings()
 
 
@@ -282,6 +387,12 @@ class RoutesTable:
     routes: tuple[Route, ...]
     ledger: str = ""  # the SQLite file every request is recorded in; "" records nothing
     ledger_max_rows: int = MAX_ROWS  # [ledger] max_rows: beyond, the oldest fold into daily totals
+    # The apps' keys, hashed (sovctl keys; read again whenever it changes); "": no app keys.
+    app_keys_file: str = ""
+    apps: tuple[AppLimits, ...] = ()  # [apps.NAME]: each app's limits
+    # The operator's home: the page at /ui reads its [cost] settings, bench history and audit
+    # reports there (sovctl.gateway.ui); "": the page shows none of those.
+    home: str = ""
 
     def write(self, path: Path) -> None:
         atomic_write(path, json.dumps({"schema": ROUTES_SCHEMA, **asdict(self)},
@@ -297,4 +408,5 @@ class RoutesTable:
             **_known(cls, d),
             "limits": Limits.from_dict(d["limits"]),
             "routes": tuple(Route.from_dict(r) for r in d["routes"]),
+            "apps": tuple(AppLimits.from_dict(a) for a in d["apps"]),
         })

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import runpy
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +24,9 @@ PR_SET_PDEATHSIG = 1
 # llama-cpp-python takes its key only from argv or the environment: the key is read from the
 # file named here into the environment, so it is never on a command line.
 KEY_FILE_ENV = "SOVCTL_RUNTIME_KEY_FILE"
+# A launch started ahead of need (a warm start for a model loaded on demand) waits after its
+# own start-up for one byte on stdin, then runs its program; at end of input it exits unused.
+WAIT_ENV = "SOVCTL_LAUNCH_WAIT"
 # Settings a runtime reads from the inherited environment, some over its own argv
 # (llama_cpp.server's HOST/PORT, llama-server's LLAMA_ARG_*): the plan alone decides them.
 _OVERRIDES = ("HOST", "PORT", "API_KEY", "CONFIG_FILE")
@@ -55,6 +57,11 @@ def main(argv: list[str]) -> None:
     parent = os.environ.get("SOVCTL_SUPERVISOR_PID")
     if parent:
         _die_with_parent(int(parent))
+    if os.environ.pop(WAIT_ENV, None):
+        if not os.read(0, 1):
+            os._exit(0)  # not needed after all
+        os.close(0)
+        os.open(os.devnull, os.O_RDONLY)  # its stdin from here on, as any runtime's
     trace_log = os.environ.get(egress.ENV_TRACE)
     if trace_log:
         # strace keeps this pid, so it is the inner launch's parent; the inner one must not
@@ -75,6 +82,8 @@ def main(argv: list[str]) -> None:
     probe = os.environ.get(egress.ENV_PROBE)
     if probe:
         egress.probe(probe)
+    import runpy  # here: a runtime loaded on demand waits on the `--exec` path above
+
     sys.argv = [target, *rest]
     runpy.run_module(target, run_name="__main__", alter_sys=True)
 

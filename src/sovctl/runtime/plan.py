@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+from sovctl.apikey import app_keys_path
 from sovctl.bench import costs, history
 from sovctl.config import ModelSettings, ServeSettings, Settings, parse_duration
 from sovctl.engines import AUTO, LLAMA_SERVER, PREFERRED, able, choose, engine
@@ -25,14 +26,16 @@ from sovctl.ledger.store import MAX_ROWS, ledger_path
 from sovctl.llamacpp import SETUP_HINT, find_binary
 from sovctl.net import is_loopback
 from sovctl.prices import Price
-from sovctl.runtime import egress
+from sovctl.runtime import egress, memory
 from sovctl.runtime import tunnel as public_face
 from sovctl.runtime.documents import (
     FRONTIER_PREFIX,
     LOCAL,
     PLAN_SCHEMA,
     PROVIDER,
+    AppLimits,
     Limits,
+    MemoryBudget,
     ProcessKind,
     Provider,
     Route,
@@ -92,6 +95,7 @@ class ServedModel:
     mmproj_size: int = 0
     load: str = "always"  # [models.NAME] load: "always" | "on-demand"
     idle_unload: float = 0.0  # seconds; 0: never
+    pin: bool = False  # [models.NAME] pin: never evicted for another model
 
 
 ON_DEMAND = "on-demand"
@@ -115,6 +119,9 @@ class Plan:
     ledger_max_rows: int = MAX_ROWS  # [ledger] max_rows
     frontier: tuple[Route, ...] = ()  # the provider routes of [providers.NAME], opted into
     prices: Mapping[str, Price] = field(default_factory=dict)  # local model -> its price
+    apps: tuple[AppLimits, ...] = ()  # [apps.NAME]: the limits the gateway holds each app to
+    # What the runtimes may hold together; each runtime's estimate is in its ProcessSpec.
+    memory: MemoryBudget = field(default_factory=lambda: MemoryBudget(0, "not sized"))
 
     @property
     def url(self) -> str:
@@ -149,6 +156,8 @@ class Plan:
                    tunnel=public_face.Tunnel(**public) if public else None,
                    frontier=tuple(Route.from_dict(r) for r in d.pop("frontier")),
                    prices={k: Price(**v) for k, v in d.pop("prices").items()},
+                   apps=tuple(AppLimits.from_dict(a) for a in d.pop("apps")),
+                   memory=MemoryBudget(**d.pop("memory")),
                    supervision=ServeSettings.from_dict(d.pop("supervision")), **d)
 
 
@@ -345,6 +354,7 @@ def served_models(
             mmproj_size=projector.size if projector else 0,
             load=m.load,
             idle_unload=parse_duration(m.idle_unload) or 0.0,
+            pin=m.pin,
         ))
     used = any(engine(m.runtime).binary for m in out)
     return Selection(tuple(out), tuple(notes), str(binary) if used and binary else None)
@@ -455,16 +465,20 @@ def build(
         common_env[egress.ENV_PROBE] = egress_probe
     procs = []
     models, clustered, workers_all, cluster_notes = _cluster(cfg, selection.models)
+    budget = memory.budget(cfg.serve)
+    needs = _sized(models, clustered, budget)
     for m in models:
         rport = free_port()
         key_file = str(run / "keys" / f"{m.name}.key")
         workers = workers_all if m.name == clustered else ()
+        need = needs.get(m.name, memory.Need(0, 0))
         procs.append(ProcessSpec(
             name=m.name, kind=ProcessKind.RUNTIME, argv=runtime_argv(m, rport, common_env, key_file,
                                                                selection.llama_server, workers),
             port=rport, health_path=engine(m.runtime).health_path, role=m.role, model=m.name,
             sha256=m.sha256, runtime=m.runtime, key_file=key_file, workers=workers,
-            load=m.load, idle_unload=m.idle_unload,
+            load=m.load, idle_unload=m.idle_unload, pin=m.pin, memory=need.ram,
+            vram=need.vram,
         ))
     routes_file = run / "routes.json"
     gateway = Argv(
@@ -486,8 +500,22 @@ def build(
         api_key_required=not is_loopback(host) or public is not None, supervision=cfg.serve,
         notes=selection.notes + cluster_notes + price_notes, tunnel=public,
         ledger=str(ledger_path(home)), frontier=frontier_routes(cfg), prices=prices,
-        ledger_max_rows=cfg.ledger.max_rows,
+        ledger_max_rows=cfg.ledger.max_rows, memory=budget,
+        apps=tuple(AppLimits(name, **asdict(a)) for name, a in sorted(cfg.apps.items())),
     )
+
+
+def _sized(models: Sequence[ServedModel], clustered: str | None, budget: MemoryBudget
+           ) -> dict[str, memory.Need]:
+    """Each runtime's memory by the plan's estimate, refused here (before anything starts) when
+    the budget could never hold it. A clustered runtime is not counted: its layers are on the
+    workers, and `sovctl plan` sizes its split; a blob missing is refused by the weights check."""
+    sized = [memory.Sized(m.name, memory.need(Path(m.blob), m.name, m.n_ctx, m.parallel,
+                                              m.n_gpu_layers, budget.vram > 0, m.mmproj_size),
+                          always=m.load != ON_DEMAND)
+             for m in models if m.name != clustered and Path(m.blob).exists()]
+    memory.admit(sized, budget)
+    return {s.name: s.need for s in sized}
 
 
 def routes_table(plan: Plan, home: Home) -> RoutesTable:
@@ -509,6 +537,7 @@ def routes_table(plan: Plan, home: Home) -> RoutesTable:
             for p in plan.processes if p.kind == ProcessKind.RUNTIME
         ) + plan.frontier,
         ledger=plan.ledger, ledger_max_rows=plan.ledger_max_rows,
+        app_keys_file=str(app_keys_path(home)), apps=plan.apps, home=str(home.root),
     )
 
 

@@ -50,10 +50,13 @@ class ProcessSpec:
     workers: tuple[str, ...] = ()  # RPC workers ([cluster]) its --rpc names, checked each start
     load: str = "always"  # a runtime's [models.NAME] load: "always" | "on-demand"
     idle_unload: float = 0.0  # seconds idle after which an on-demand runtime is stopped; 0 never
+    pin: bool = False  # never unloaded to make room for another runtime
+    memory: int = 0  # RAM bytes a runtime holds, by the plan's estimate (sovctl.sizing)
+    vram: int = 0  # VRAM bytes, likewise
 
 
 def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | None = None,
-          out: int | None = None) -> subprocess.Popen[bytes]:
+          out: int | None = None, stdin: int | None = None) -> subprocess.Popen[bytes]:
     """Start `argv` as the leader of a new session, so its whole group can be signalled. Its
     environment is `base_env` (default: this process's) with `argv.env` on top; its stdout and
     stderr go to the descriptor `out` (a pipe the caller reads), else are appended to `log`
@@ -68,7 +71,7 @@ def spawn(argv: Argv, log: Path | None = None, base_env: Mapping[str, str] | Non
             list(argv.args),
             env=env,
             cwd=argv.cwd,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
             stdout=out if out is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -133,22 +136,28 @@ def stop_group(pgid: int, timeout: float, proc: subprocess.Popen[bytes] | None =
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout
+    # Looked at soon, then less often: most programs exit within milliseconds of SIGTERM, and a
+    # model being evicted keeps the one loading in its place waiting until it has.
+    pause = 0.002
     while time.monotonic() < deadline:
         if proc is not None:
             proc.poll()
         if not group_alive(pgid):
             break
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
     else:
         try:
             os.killpg(pgid, signal.SIGKILL)
             how = "killed"
         except ProcessLookupError:
             pass
+        pause = 0.002
         while group_alive(pgid) and time.monotonic() < deadline + 5:
             if proc is not None:
                 proc.poll()
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
     if proc is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=1)

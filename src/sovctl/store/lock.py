@@ -21,10 +21,16 @@ from sovctl.fsutil import atomic_write, file_lock
 from sovctl.home import Home
 from sovctl.names import check_name, is_sha256_hex
 
-# Version 2 adds a model's projector, [models.NAME.mmproj]. A lock without one is still
-# written as version 1: a sovctl from before projectors keeps reading it.
-LOCK_VERSION = 2
+# Version 2 adds a model's projector, [models.NAME.mmproj]; version 3 a model's signer; version
+# 4 a model's previous pin and its upgrade candidate ([models.NAME.previous], .candidate). A lock
+# is written at the lowest version that holds what it pins: a sovctl from before projectors,
+# signatures or upgrades keeps reading a lock that has none. Older locks read as they are.
+LOCK_VERSION = 4
 _PLAIN_VERSION = 1
+_PROJECTOR_VERSION = 2
+_SIGNER_VERSION = 3
+# The pins an entry keeps beside its own (`sovctl upgrade`, `sovctl rollback`).
+_BESIDE = ("previous", "candidate")
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,15 @@ class LockEntry:
     revision: str = ""
     commit: str = ""
     verified_at: str = ""
+    # The key that signed its files (`sovctl sign`): the sha256 of its public key (PEM), the
+    # key id model-signing writes in each signature; "" when unsigned. See store.signatures.
+    signer: str = ""
     mmproj: ProjectorPin | None = None
+    # `sovctl upgrade`: the pin this name had before its last switch (what `sovctl rollback`
+    # switches back to), and a candidate pulled beside it, compared but served only once
+    # applied. Each is a pin of the same fields, with no previous or candidate of its own.
+    previous: LockEntry | None = None
+    candidate: LockEntry | None = None
 
     @property
     def short_sha(self) -> str:
@@ -76,11 +90,28 @@ class LockEntry:
         """The sha256 of every file this name pins: its weights, then its projector."""
         return (self.sha256, self.mmproj.sha256) if self.mmproj else (self.sha256,)
 
+    @property
+    def held(self) -> tuple[str, ...]:
+        """Every blob the name keeps in the store: its pin's, then its previous and its
+        candidate pins' (kept for a rollback or an upgrade, though not served)."""
+        out = list(self.blobs)
+        for pin in (self.previous, self.candidate):
+            out += [b for b in (pin.blobs if pin is not None else ()) if b not in out]
+        return tuple(out)
+
+    def pin_only(self) -> LockEntry:
+        """The pin alone, without the pins kept beside it."""
+        return dataclasses.replace(self, previous=None, candidate=None)
+
     def to_toml(self) -> dict[str, Any]:
-        body = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("name", "mmproj") and v != ""}
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("name", "mmproj", *_BESIDE) and getattr(self, f.name) != ""}
         if self.mmproj is not None:
             body["mmproj"] = {k: v for k, v in dataclasses.asdict(self.mmproj).items() if v != ""}
+        for key in _BESIDE:
+            pin = getattr(self, key)
+            if pin is not None:
+                body[key] = pin.to_toml()
         return body
 
 
@@ -109,7 +140,21 @@ def _scalars(cls: type, body: Any, required: tuple[str, ...], what: str, path: P
             )
     if not is_sha256_hex(body["sha256"]):
         raise ConfigError(f"lock file {path}: {what} has a bad sha256", hint=hint)
+    if "signer" in body and not is_sha256_hex(body["signer"]):
+        raise ConfigError(f"lock file {path}: {what} has a bad signer (a key id is 64 hex "
+                          "characters)", hint=hint)
     return body
+
+
+def _entry(name: str, body: Any, what: str, path: Path, hint: str) -> LockEntry:
+    """One pin of the lock: its fields and its projector."""
+    projector = body.pop("mmproj", None) if isinstance(body, dict) else None
+    fields = _scalars(LockEntry, body, _REQUIRED, what, path, hint)
+    pin = None
+    if projector is not None:
+        pin = ProjectorPin(**_scalars(ProjectorPin, projector, _PROJECTOR_REQUIRED,
+                                      f"{what}: mmproj", path, hint))
+    return LockEntry(name=name, **fields, mmproj=pin)
 
 
 class Lock:
@@ -134,10 +179,11 @@ class Lock:
             raise ConfigError(f"lock file {path} is malformed: {e}", hint=hint) from e
         except OSError as e:
             raise ConfigError(f"cannot read lock file {path}: {e.strerror}", hint=hint) from e
-        if data.get("version") not in (_PLAIN_VERSION, LOCK_VERSION):
+        if data.get("version") not in (_PLAIN_VERSION, _PROJECTOR_VERSION, _SIGNER_VERSION,
+                                       LOCK_VERSION):
             raise ConfigError(
                 f"lock file {path} has version {data.get('version')!r}, expected "
-                f"{_PLAIN_VERSION} or {LOCK_VERSION}",
+                f"{_PLAIN_VERSION} to {LOCK_VERSION}",
                 hint=hint,
             )
         models = data.get("models", {})
@@ -145,20 +191,19 @@ class Lock:
             raise ConfigError(f"lock file {path}: [models] must be a table", hint=hint)
         entries = {}
         for name, body in models.items():
-            what = f"entry {name!r}"
-            projector = body.pop("mmproj", None) if isinstance(body, dict) else None
-            fields = _scalars(LockEntry, body, _REQUIRED, what, path, hint)
             try:
                 check_name(name)
             except UsageError:
                 raise ConfigError(
                     f"lock file {path}: {name!r} is not a valid model name", hint=hint
                 ) from None
-            pin = None
-            if projector is not None:
-                pin = ProjectorPin(**_scalars(ProjectorPin, projector, _PROJECTOR_REQUIRED,
-                                              f"{what}: mmproj", path, hint))
-            entries[name] = LockEntry(name=name, **fields, mmproj=pin)
+            beside = {key: body.pop(key, None) if isinstance(body, dict) else None
+                      for key in _BESIDE}
+            pins = {key: _entry(name, pin, f"entry {name!r}: {key}", path, hint)
+                    if pin is not None else None for key, pin in beside.items()}
+            entries[name] = dataclasses.replace(_entry(name, body, f"entry {name!r}", path, hint),
+                                                previous=pins["previous"],
+                                                candidate=pins["candidate"])
         return cls(entries)
 
     @classmethod
@@ -170,8 +215,12 @@ class Lock:
             lock.save(home)
 
     def save(self, home: Home) -> None:
+        entries = self.entries.values()
+        pins = [p for e in entries for p in (e, e.previous, e.candidate) if p is not None]
         doc = {
-            "version": LOCK_VERSION if any(e.mmproj for e in self.entries.values())
+            "version": LOCK_VERSION if any(e.previous or e.candidate for e in entries)
+            else _SIGNER_VERSION if any(p.signer for p in pins)
+            else _PROJECTOR_VERSION if any(p.mmproj for p in pins)
             else _PLAIN_VERSION,
             "models": {n: e.to_toml() for n, e in sorted(self.entries.items())},
         }
@@ -189,5 +238,6 @@ class Lock:
             ) from None
 
     def names_for_blob(self, sha256: str) -> list[str]:
-        """Every name that pins these bytes, as its weights or as its projector."""
-        return sorted(n for n, e in self.entries.items() if sha256 in e.blobs)
+        """Every name that keeps these bytes, as its weights or its projector, in its pin or
+        in the previous or candidate pin kept beside it: while one does, they stay stored."""
+        return sorted(n for n, e in self.entries.items() if sha256 in e.held)

@@ -2,7 +2,9 @@
 
 Other machines of the same operator pull from this box (`sovctl pull --endpoint`, or any
 huggingface_hub client with HF_ENDPOINT) and get the very commit and sha256 it pinned.
-Only files named in the lock are reachable; lookups are by table, never by filesystem path.
+Only files named in the lock are reachable, and the signatures of the names the lock says are
+signed (`/api/sovctl/signatures/FILE`, for `pull --lock` on a replica that takes only signed
+weights); lookups are by table, never by filesystem path.
 Beyond loopback every request needs the mirror's own token (never the gateway's key, never a Hub
 token); no client text reaches a header unescaped; a client that stalls cannot hold the server.
 """
@@ -25,6 +27,7 @@ from typing import Any, BinaryIO, ClassVar
 from urllib.parse import unquote, urlparse
 
 from sovctl.home import Home
+from sovctl.store import signatures
 from sovctl.store.blobs import BlobStore
 from sovctl.store.lock import Lock
 
@@ -42,14 +45,17 @@ class MirrorFile:
 
 
 class Catalog:
-    def __init__(self, files: list[MirrorFile]) -> None:
+    def __init__(self, files: list[MirrorFile],
+                 signed: dict[str, Path] | None = None) -> None:
         self.files = files
+        self.signed = signed or {}  # a signature's file name -> where it is kept
 
     @classmethod
     def from_store(cls, home: Home) -> Catalog:
         store = BlobStore(home)
         files: dict[tuple[str, str, str], MirrorFile] = {}
-        for e in sorted(Lock.load(home).entries.values(), key=lambda e: e.pulled_at):
+        entries = Lock.load(home).entries.values()
+        for e in sorted(entries, key=lambda e: e.pulled_at):
             # A projector is served too: another box pulls the model and its projector here.
             for pin in (e, e.mmproj):
                 if pin is not None and pin.source == "hf" and store.has(pin.sha256, pin.size):
@@ -57,7 +63,13 @@ class Catalog:
                     files[(pin.repo, pin.commit, pin.path)] = MirrorFile(
                         pin.repo, pin.revision, pin.commit, pin.path, pin.sha256, pin.size,
                         store.path(pin.sha256), e.pulled_at)
-        return cls(list(files.values()))
+        signed = {}
+        for e in entries:
+            for sha256 in e.blobs if e.signer else ():
+                sig = signatures.path(home, sha256, e.signer)
+                if sig.is_file():
+                    signed[sig.name] = sig
+        return cls(list(files.values()), signed)
 
     def repos(self) -> set[str]:
         return {f.repo for f in self.files}
@@ -82,6 +94,8 @@ class Catalog:
 _API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?/?")
 _PATHS = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)")
 _RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+_SIGNATURE = re.compile(
+    r"/api/sovctl/signatures/(?P<name>sha256-[0-9a-f]{64}\.[0-9a-f]{64}\.sig)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 # What a header value may hold as it is: printable ASCII. Anything else a message carries (it
 # may quote the client's own path, URL-decoded: CR LF would start a header of the client's
@@ -152,6 +166,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self._model_info(m["repo"], m["rev"] or "main")
         elif m := _RESOLVE.fullmatch(path):
             self._resolve(m["repo"], m["rev"], m["path"])
+        elif m := _SIGNATURE.fullmatch(path):
+            self._signature(m["name"])
         else:
             self._error(404, "NotFound", f"no route for {path}")
 
@@ -196,6 +212,22 @@ class MirrorHandler(BaseHTTPRequestHandler):
                 for f in snap
             ],
         })
+
+    def _signature(self, name: str) -> None:
+        where = self.catalog.signed.get(name)
+        try:
+            data = where.read_bytes() if where is not None else None
+        except OSError:
+            data = None  # re-signed or removed since the mirror started
+        if data is None:
+            self._error(404, "SignatureNotFound", f"no signature {name} on this mirror")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _resolve(self, repo: str, rev: str, path: str) -> None:
         snap = self._snapshot(repo, rev)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sovctl.errors import IntegrityError, UsageError
+from sovctl.errors import IntegrityError, NotFoundError, UsageError
 from sovctl.fsutil import file_lock, fsync_path
 from sovctl.home import Home
 from sovctl.names import check_name, is_sha256_hex, name_from_filename
-from sovctl.store import gguf_info, integrity
+from sovctl.store import gguf_info, hub, integrity, signatures
 from sovctl.store.blobs import BlobStore
 from sovctl.store.lock import Lock, LockEntry, ProjectorPin
 from sovctl.store.sources import HubSource, ProgressFactory, Resolved, Source, source_for
@@ -32,6 +32,9 @@ class ReplicaResult:
     lock: str  # the other box's lock file
     pulled: tuple[PullResult, ...]
     skipped: tuple[tuple[str, str], ...]  # (name, why): pins no Hub endpoint can serve
+    # (name, key name) of each pin whose signatures were checked before its files were
+    # fetched: every one when this box has [trust] keys, none when it has not
+    signed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,12 @@ def _record(home: Home, store: BlobStore, entry: LockEntry) -> LockEntry:
         if existing is not None and entry.mmproj is None:
             # A pull without --mmproj leaves the projector pinned before in place.
             entry = replace(entry, mmproj=existing.mmproj)
+        if existing is not None and existing.blobs == entry.blobs:
+            # The same bytes again (a lost blob fetched anew): their signer still vouches.
+            entry = replace(entry, signer=existing.signer)
+        if existing is not None:
+            # The pins kept beside it (sovctl upgrade) stay.
+            entry = replace(entry, previous=existing.previous, candidate=existing.candidate)
         if existing is not None and (_source(existing) != _source(entry) or (
                 existing.mmproj is not None and entry.mmproj is not None
                 and _source(existing.mmproj) != _source(entry.mmproj))):
@@ -300,6 +309,7 @@ def _drop_unpinned(home: Home, store: BlobStore, blobs: list[str]) -> None:
                 store.remove(sha256)
                 integrity.forget(home, sha256)
                 gguf_info.forget(home, sha256)
+                signatures.remove(home, sha256)
 
 
 def _unmirrorable(e: LockEntry) -> str | None:
@@ -318,23 +328,142 @@ def _unmirrorable(e: LockEntry) -> str | None:
 
 
 def pull_lock(home: Home, lock_path: Path, *, endpoint: str,
-              progress: ProgressFactory | None = None, token: str | None = None
-              ) -> ReplicaResult:
+              progress: ProgressFactory | None = None, token: str | None = None,
+              trust: Mapping[str, str] | None = None) -> ReplicaResult:
     """Every Hub pin of another box's lock, under its name, at its commit and sha256, from
     `endpoint` (that box's `sovctl mirror serve`): a replica serving byte-identical weights.
-    A file that does not hash to the pinned sha256 is refused, as any pull's."""
+    A file that does not hash to the pinned sha256 is refused, as any pull's.
+
+    With `trust` ([trust] keys), the replica takes only what a trusted key signed: before any
+    file is fetched, every pin must name a trusted signer and each of its files' signatures,
+    fetched from the mirror, must verify and vouch for the pinned sha256; one that does not
+    refuses the whole pull (IntegrityError) and nothing is stored. The signatures are kept
+    and the signer recorded, so this box's `verify` checks them too."""
     other = Lock.read(lock_path)
     if not other.entries:
         raise UsageError(f"{lock_path} pins no model",
                          hint="give the sovctl.lock of a box that has pulled its models")
-    pulled, skipped = [], []
+    keys = signatures.trusted(trust or {})
+    wanted, skipped = [], []
     for e in sorted(other.entries.values(), key=lambda e: e.name):
         why = _unmirrorable(e)
-        if why is not None:
+        if why is None:
+            wanted.append(e)
+        else:
             skipped.append((e.name, why))
+    checked = {e.name: _signed(e, endpoint, keys, token) for e in wanted} if keys else {}
+    pulled, signed = [], []
+    for e in wanted:
+        result = pull(home, e.ref, name=e.name, revision=e.commit, sha256=e.sha256,
+                      endpoint=endpoint, progress=progress, token=token,
+                      mmproj=e.mmproj.ref if e.mmproj else None,
+                      mmproj_sha256=e.mmproj.sha256 if e.mmproj else None)
+        if e.name in checked:
+            result = replace(result, entry=_record_signer(home, result.entry, e.signer,
+                                                          checked[e.name]))
+            signed.append((e.name, keys[e.signer].name))
+        pulled.append(result)
+    return ReplicaResult(str(lock_path), tuple(pulled), tuple(skipped), tuple(signed))
+
+
+def _signed(e: LockEntry, endpoint: str, keys: Mapping[str, signatures.TrustedKey],
+            token: str | None) -> dict[str, bytes]:
+    """The signatures of the pin's files (by sha256), fetched and checked: each verifies with
+    the trusted key the pin names and vouches for the pinned sha256; else IntegrityError."""
+    names = ", ".join(sorted(k.name for k in keys.values()))
+    if not e.signer:
+        raise IntegrityError(
+            f"{e.name} is not signed, and this box takes only models signed by a key of its "
+            f"[trust] keys ({names}); nothing was stored",
+            hint=f"on the box that pinned it: sovctl sign {e.name} --key KEY; then pull again")
+    if e.signer not in keys:
+        raise IntegrityError(
+            f"{e.name} is signed by key {e.signer[:16]}, which this box's [trust] keys "
+            f"({names}) does not hold; nothing was stored",
+            hint="add that signer's public key to [trust] keys only if you trust it")
+    found = {}
+    for label, pin in ((e.name, e), (f"{e.name}/mmproj", e.mmproj)):
+        if pin is None:
             continue
-        pulled.append(pull(home, e.ref, name=e.name, revision=e.commit, sha256=e.sha256,
-                           endpoint=endpoint, progress=progress, token=token,
-                           mmproj=e.mmproj.ref if e.mmproj else None,
-                           mmproj_sha256=e.mmproj.sha256 if e.mmproj else None))
-    return ReplicaResult(str(lock_path), tuple(pulled), tuple(skipped))
+        url = (f"{endpoint.rstrip('/')}/api/sovctl/signatures/"
+               f"{signatures.path_name(pin.sha256, e.signer)}")
+        data = _fetch_signature(url, label, keys[e.signer], token)
+        signatures.check(data, pin.sha256, keys[e.signer],
+                         label=f"{label} (the signature {endpoint} serves)")
+        found[pin.sha256] = data
+    return found
+
+
+def _fetch_signature(url: str, label: str, key: signatures.TrustedKey,
+                     token: str | None) -> bytes:
+    data = b""
+    try:
+        with hub.fetch(url, 0, hub.credential(url, token)) as resp:
+            for chunk in resp.chunks:
+                data += chunk
+                if len(data) > signatures.MAX_SIGNATURE_BYTES:
+                    break
+    except NotFoundError:
+        raise IntegrityError(
+            f"{label}: the mirror serves no signature of it by key {key.name}; nothing was "
+            "stored", hint=f"sign it on the mirror's box: sovctl sign {label.split('/')[0]} "
+            "--key KEY") from None
+    return data
+
+
+def _record_signer(home: Home, entry: LockEntry, signer: str,
+                   checked: Mapping[str, bytes]) -> LockEntry:
+    """Keep the checked signatures and record their signer, if the name still pins those
+    bytes."""
+    with Lock.editing(home) as lock:
+        current = lock.entries.get(entry.name)
+        if current is None or set(current.blobs) != set(checked):
+            return entry
+        for sha256, data in checked.items():
+            signatures.store(home, sha256, signer, data)
+        lock.entries[entry.name] = replace(current, signer=signer)
+        return lock.entries[entry.name]
+
+
+def pull_candidate(home: Home, name: str, ref_text: str, *, revision: str = "main",
+                   sha256: str | None = None, endpoint: str, trust_on_first_use: bool = False,
+                   progress: ProgressFactory | None = None, token: str | None = None
+                   ) -> PullResult:
+    """`sovctl upgrade NAME REF`: REF's bytes into the store, verified as any pull's, kept as
+    NAME's candidate beside its pin; nothing NAME serves changes. A candidate recorded before
+    is replaced (its blob goes once nothing keeps it)."""
+    sha256 = _check_sha(sha256, "--sha256")
+    source = source_for(ref_text, endpoint=endpoint, revision=revision, hub_token=token)
+    store = BlobStore(home)
+    lock = Lock.load(home)
+    current = lock.get(name)
+    if current.mmproj is not None:
+        raise UsageError(f"{name} is served with a projector; upgrading a vision model (its "
+                         "weights and projector together) is not supported yet",
+                         hint=f"pull the new model under another name with --mmproj, and serve "
+                         f"that name instead of {name}")
+    have = sorted(lock.entries)
+    dl = _Download(source, source.resolve(sha256, tofu=trust_on_first_use, have=have))
+    got = _fetch(home, store, dl, f"{name}/candidate", progress, have, _weights)
+    dropped: list[str] = []
+    try:
+        with Lock.editing(home) as edit:
+            entry = edit.get(name)
+            if got.entry.sha256 == entry.sha256:
+                raise UsageError(
+                    f"{ref_text} is the very file {name} is pinned to (sha256 "
+                    f"{entry.short_sha}): there is nothing to upgrade",
+                    hint=f"give the REF of another checkpoint; 'sovctl models' shows {name}'s")
+            if not store.has(got.entry.sha256, got.entry.size):
+                raise IntegrityError(
+                    f"the blob of {name}'s candidate disappeared from the store while pinning it",
+                    hint="run the same 'sovctl upgrade' again")
+            if entry.candidate is not None:
+                dropped = list(entry.candidate.blobs)
+            candidate = replace(got.entry, name=name)
+            edit.entries[name] = replace(entry, candidate=candidate)
+    except BaseException:
+        _drop_unpinned(home, store, [got.entry.sha256])
+        raise
+    _drop_unpinned(home, store, dropped)
+    return PullResult(name, got.action, candidate, got.transferred, got.resumed_from)

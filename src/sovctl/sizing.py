@@ -40,9 +40,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sovctl.errors import UsageError
-from sovctl.provision.header import ModelHeader, Tensor
 from sovctl.store.gguf_info import is_embedding
+from sovctl.store.header import ModelHeader, Tensor
 from sovctl.units import MiB, human_bytes
 
 HEADROOM = 0.10
@@ -55,22 +54,6 @@ FULL_OFFLOAD_MIN_CTX = 2048
 
 _INPUT = re.compile(r"^(token_embd|position_embd|token_types|token_embd_norm)\.")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
-
-
-# -- sizes as people write them ------------------------------------------------------------------
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """"100MB" (decimal), "1.5GiB" or "8G" (binary), "0", or a number of bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"cannot read {text!r} as a size",
-                         hint="write e.g. 512MiB, 8GiB, 8G (binary), 100MB (decimal) or 0")
-    number, unit, binary, byte = m.groups()
-    power = "kmgt".find(unit.lower()) + 1 if unit else 0
-    base = 1000 if (byte and not binary and unit) else 1024
-    return int(float(number) * base ** power)
 
 
 # -- the model, as sizing sees it ----------------------------------------------------------------
@@ -248,6 +231,21 @@ def footprint(s: ModelShape, n_ctx: int, parallel: int, offloaded: int) -> Footp
         compute_vram=compute if offloaded else 0,
         overhead_ram=RAM_OVERHEAD, overhead_vram=VRAM_OVERHEAD if offloaded else 0,
     )
+
+
+def runtime_need(s: ModelShape, n_ctx: int, parallel: int, n_gpu_layers: int, gpus: bool,
+                 projector: int = 0) -> tuple[int, int]:
+    """(RAM, VRAM) bytes one runtime serving `s` as configured holds: the footprint, with as
+    many layers offloaded as n_gpu_layers asks where there is a GPU (-1: all of them), plus a
+    multimodal projector's weights where the model's layers go. The supervisor admits a
+    runtime loaded on demand by this estimate."""
+    offloaded = 0
+    if gpus and n_gpu_layers:
+        offloaded = s.n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    fp = footprint(s, n_ctx, parallel, offloaded)
+    if fp.offloaded:
+        return fp.ram_bytes, fp.vram_bytes + projector
+    return fp.ram_bytes + projector, fp.vram_bytes
 
 
 def _fits(fp: Footprint, b: Budget) -> bool:

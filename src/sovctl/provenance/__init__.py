@@ -1,0 +1,1 @@
+"""What this stack is made of, as a document others can check: the bill of materials."""

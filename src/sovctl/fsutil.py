@@ -62,3 +62,13 @@ def file_lock(path: Path, timeout: float = 600.0, what: str = "the store") -> It
         yield
     finally:
         os.close(fd)
+
+
+def fresh_private_dir(path: Path) -> None:
+    """`path` as a folder only its owner opens (0700), empty: what an earlier run left in it
+    means nothing now."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    for f in path.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()

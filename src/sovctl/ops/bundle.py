@@ -37,9 +37,10 @@ from sovctl.fsutil import atomic_write, file_lock, fsync_path
 from sovctl.home import Home
 from sovctl.ops import wheels
 from sovctl.result import utcnow
-from sovctl.store import gguf_info, integrity, signatures
+from sovctl.store import integrity, signatures
 from sovctl.store.blobs import BlobStore, HashingWriter, hash_file
 from sovctl.store.lock import Lock, LockEntry
+from sovctl.store.pull import drop_unpinned
 from sovctl.store.sources.base import ProgressFactory
 from sovctl.units import human_bytes
 
@@ -497,10 +498,10 @@ def import_bundle(home: Home, bundle: Path, *, force: bool = False,
                 lock.entries[name] = replace(e, verified_at=now)
                 models.append(ImportedModel(name, e.sha256, e.size, action))
     except BaseException:
-        _drop_unpinned(home, stored)
+        drop_unpinned(home, BlobStore(home), stored)
         raise
     # The blobs of the pins --force replaced, unless another name still pins them.
-    _drop_unpinned(home, [sha256 for m in models if m.action == "replaced"
+    drop_unpinned(home, BlobStore(home), [sha256 for m in models if m.action == "replaced"
                           for sha256 in ours.entries[m.name].blobs])
     written = []
     for rel, data in carried:
@@ -538,16 +539,3 @@ def _import_blob(home: Home, src: Path, sha256: str, size: int, label: str,
         integrity.record(home, sha256)
     return got
 
-
-def _drop_unpinned(home: Home, blobs: Sequence[str]) -> None:
-    """Remove the blobs among `blobs` that no name pins (under the lock, so that no pull pins
-    one as it goes)."""
-    if not blobs:
-        return
-    store = BlobStore(home)
-    with Lock.editing(home) as lock:
-        for sha256 in blobs:
-            if not lock.names_for_blob(sha256):
-                store.remove(sha256)
-                integrity.forget(home, sha256)
-                gguf_info.forget(home, sha256)

@@ -20,6 +20,7 @@ import select
 import time
 from pathlib import Path
 
+from sovctl.fsutil import fresh_private_dir
 from sovctl.runtime.documents import LOAD_DIR, USED_DIR, WAKE_FIFO
 
 
@@ -30,12 +31,7 @@ def prepare(run: Path) -> None:
     wake.unlink(missing_ok=True)
     os.mkfifo(wake, 0o600)
     for sub in (LOAD_DIR, USED_DIR):
-        d = run / sub
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
-        for f in d.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
+        fresh_private_dir(run / sub)
 
 
 # -- the gateway's side ---------------------------------------------------------------------------

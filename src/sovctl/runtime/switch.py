@@ -27,7 +27,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sovctl.fsutil import atomic_write
+from sovctl.fsutil import atomic_write, fresh_private_dir
 from sovctl.runtime.documents import SERVING_DIR, SWITCH_DIR
 
 
@@ -55,12 +55,7 @@ class SwitchRequest:
 def prepare(run: Path) -> None:
     """The folders, empty: a request or a port left from an earlier stack means nothing."""
     for sub in (SWITCH_DIR, SERVING_DIR):
-        d = run / sub
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
-        for f in d.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
+        fresh_private_dir(run / sub)
 
 
 # -- the CLI's side -------------------------------------------------------------------------------

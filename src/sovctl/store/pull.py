@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -192,7 +192,7 @@ def pull(
             mmproj=ProjectorPin.from_entry(projector.entry) if projector else None))
     except BaseException:
         # Both or neither: a blob this pull stored and no name pins goes again.
-        _drop_unpinned(home, store, stored)
+        drop_unpinned(home, store, stored)
         raise
     return PullResult(final_name, model.action, entry,
                       model.transferred + (projector.transferred if projector else 0),
@@ -299,8 +299,9 @@ def _source(pin: LockEntry | ProjectorPin) -> tuple[str, str]:
     return pin.ref, pin.sha256
 
 
-def _drop_unpinned(home: Home, store: BlobStore, blobs: list[str]) -> None:
-    """Remove the blobs no name pins (under the lock, so that no pull pins one as it goes)."""
+def drop_unpinned(home: Home, store: BlobStore, blobs: Sequence[str]) -> None:
+    """Remove the blobs among `blobs` that no name pins, with what is kept of each (integrity
+    stamp, GGUF facts, signatures); under the lock, so that no pull pins one as it goes."""
     if not blobs:
         return
     with Lock.editing(home) as lock:
@@ -463,7 +464,7 @@ def pull_candidate(home: Home, name: str, ref_text: str, *, revision: str = "mai
             candidate = replace(got.entry, name=name)
             edit.entries[name] = replace(entry, candidate=candidate)
     except BaseException:
-        _drop_unpinned(home, store, [got.entry.sha256])
+        drop_unpinned(home, store, [got.entry.sha256])
         raise
-    _drop_unpinned(home, store, dropped)
+    drop_unpinned(home, store, dropped)
     return PullResult(name, got.action, candidate, got.transferred, got.resumed_from)

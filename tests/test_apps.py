@@ -37,6 +37,7 @@ TOML = """
 [providers.paid]
 base_url = "{url}"
 api_key_env = "STANDIN_KEY"
+max_tokens = 4
 [providers.paid.models.gpt-test]
 input_per_mtok = {price}
 output_per_mtok = {price}
@@ -60,7 +61,7 @@ tokens_per_day = 20
 
 [apps.paidonly]
 providers = ["paid"]
-frontier_daily_cap = 0.01
+frontier_daily_cap = 0.02
 """
 ENV = {**FAST_SUPERVISION, "STANDIN_KEY": STANDIN_KEY}
 
@@ -226,12 +227,13 @@ def test_providers_allowed_and_frontier_daily_cap(stack: dict[str, Any]) -> None
     assert err["code"] == "app_provider_not_allowed" and "'paidonly'" in err["message"]
     assert "elsewhere" in err["message"] and "paid" in err["message"]
     assert routed(keys["free"], "elsewhere").status_code == 200  # other apps may
-    # 0.015 spent of the app's 0.01 a day: the next one is refused until midnight UTC.
+    # Each may cost 11 prompt tokens (estimated) + 4 generated (max_tokens) = 0.015, which
+    # fits the app's 0.02 a day once: 0.015 spent, the next is refused until midnight UTC.
     assert routed(keys["paidonly"], "paid").status_code == 200
     capped = routed(keys["paidonly"], "paid")
     assert capped.status_code == 429
     assert capped.json()["error"]["code"] == "app_frontier_daily_cap"
-    assert "frontier_daily_cap = 0.01" in capped.json()["error"]["message"]
+    assert "frontier_daily_cap = 0.02" in capped.json()["error"]["message"]
     assert 0 < int(capped.headers["retry-after"]) <= 86_401
     assert routed(keys["free"], "paid").status_code == 200  # the provider is not capped
 

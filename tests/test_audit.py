@@ -184,6 +184,36 @@ def test_audit_with_a_tool_call_and_an_image(tmp_path: Path) -> None:
     assert_nothing_left(home)
 
 
+def test_audit_with_a_reranker(tmp_path: Path) -> None:
+    """A reranker (a tiny random head on MiniLM, see tests/test_rerank.py) gets the fixed rerank
+    request in the blackout, and its order and scores match the baseline recorded first."""
+    from tests.test_rerank import write_reranker
+
+    home = tmp_path / "home"
+    reranker = write_reranker(tmp_path / "tiny-reranker.gguf")
+    run(home, "pull", str(TINY_MODEL), "--name", "tiny", check=True)
+    run(home, "pull", str(reranker), "--name", "rr", check=True)
+    doc = run_json(home, "audit", "blackout", "--chat", "tiny", "--rerank", "rr")
+    assert doc["_rc"] == 0 and doc["ok"], doc["_stderr"] + json.dumps(doc["data"], indent=1)
+    checks = by_id(doc)
+    assert [c["passed"] for c in checks.values()] == [True] * 8
+    assert {m["name"]: m["role"] for m in doc["data"]["models"]} == {"tiny": "chat",
+                                                                    "rr": "rerank"}
+    assert re.search(r"rr rerank 200 \(3 documents scored, best first \[[0-2], [0-2], [0-2]\]",
+                     checks[4]["evidence"])
+    assert {"model": "rr", "request": "rerank"}.items() <= next(
+        a for a in checks[4]["details"]["answers"] if a["model"] == "rr").items()
+    assert "not exercised: embeddings" in checks[4]["evidence"]
+    assert "rr: rerank order identical, scores max |Δ|" in checks[5]["evidence"]
+    assert doc["data"]["baseline"]["recorded_now"] == ["tiny", "rr"]
+    recorded = json.loads((home / "audit" / "baselines" / "rr"
+                           / f"sha256-{sha256(reranker)}.json").read_text())
+    assert recorded["role"] == "rerank" and len(recorded["answers"]["rerank"]["scores"]) == 3
+    assert recorders(checks[6]) == {"tiny": ["strace"], "rr": ["strace"],
+                                    "gateway": ["strace", "audit hook"]}
+    assert_nothing_left(home)
+
+
 def test_tampered_blob_fails_weights(tmp_path: Path) -> None:
     home = stack_home(tmp_path)
     blob = home / "store" / "blobs" / f"sha256-{sha256(TINY_MODEL)}"

@@ -7,10 +7,12 @@ provider is a stand-in for a paid OpenAI-compatible API on 127.0.0.1. It answers
 asked for: "gpt-test" at once with a usage of 10 prompt and 5 generated tokens; "story" as a
 slow stream of 40 one-word events whose usage event would come last; "gated" only once the
 test opens its gate (usage 10 and 20); "leaky" with a 400 whose message quotes credentials,
-"leaky-auth" with a 401 that does. Asserted: a client that hangs up mid-stream is recorded as
-an estimate and brings the cap closer; reservations keep concurrent requests under the cap;
-unlisted models, max_concurrent and max_tokens; credentials redacted from relayed errors;
-`sovctl ledger` and `sovctl cost` saying which figures are estimated or defaulted; the local
+"leaky-auth" with a 401 that does; "broken-stream" as a stream whose middle events are
+errors (OpenAI's and Anthropic's shapes) quoting a credential. Asserted: a client that hangs
+up mid-stream is recorded as an estimate and brings the cap closer; reservations keep
+concurrent requests under the cap, a provider's and an app's; unlisted models,
+max_concurrent and max_tokens; credentials redacted from relayed errors, whole or within a
+stream; `sovctl ledger` and `sovctl cost` saying which figures are estimated or defaulted; the local
 stream path marking counted tokens as estimated; the ledger's size bound.
 """
 
@@ -25,6 +27,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +43,7 @@ from sovctl.gateway.frontier import prompt_tokens
 from sovctl.home import Home
 from sovctl.ledger import store
 from sovctl.runtime.documents import (
+    AppLimits,
     Limits,
     ProcessState,
     Route,
@@ -100,6 +104,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if model == "story":
             self._story()
             return
+        if model == "broken-stream":
+            self._broken_stream()
+            return
         if model == "gated":
             self.server.gate.wait(30)
         completion = 20 if model == "gated" else 5
@@ -126,6 +133,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         except OSError:
             self.server.cut_short.set()
+
+
+    def _broken_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        said = f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'once '}}]})}"
+        errors = [f"data: {json.dumps({'error': {'message': f'upstream saw {SECRETS[0]}'}})}",
+                  "event: error\ndata: " + json.dumps({"type": "error", "error": {
+                      "type": "overloaded_error", "message": f"retry with {SECRETS[1]}"}})]
+        for event in [said, *errors, said, "data: [DONE]"]:
+            # Each error event in two writes: the gateway must hold it to its end.
+            half = len(event) // 2 if event in errors else len(event)
+            for part in (event[:half], event[half:] + "\n\n"):
+                self.wfile.write(part.encode())
+                self.wfile.flush()
+                time.sleep(0.02)
 
 
 class LocalRuntime(http.server.BaseHTTPRequestHandler):
@@ -172,6 +196,16 @@ daily_cap = 0.7
 max_tokens = 20
 models = {{ gated = {{ input_per_mtok = {per}, output_per_mtok = {per} }} }}
 
+[providers.pool]
+base_url = "{url}"
+api_key_env = "STANDIN_KEY"
+max_concurrent = 16
+max_tokens = 20
+models = {{ gated = {{ input_per_mtok = {per}, output_per_mtok = {per} }} }}
+
+[apps.frugal]
+frontier_daily_cap = 1.0
+
 [providers.single]
 base_url = "{url}"
 api_key_env = "STANDIN_KEY"
@@ -189,6 +223,9 @@ output_per_mtok = 2.0
 input_per_mtok = 1.0
 output_per_mtok = 2.0
 [providers.plain.models.leaky-auth]
+input_per_mtok = 1.0
+output_per_mtok = 2.0
+[providers.plain.models.broken-stream]
 input_per_mtok = 1.0
 output_per_mtok = 2.0
 """
@@ -213,7 +250,8 @@ def table_for(home: Path, local_upstream: str | None = None) -> RoutesTable:
         limits=Limits(queue_limit=8, queue_timeout=10, max_body_bytes=1 << 20),
         state_file=str(state), routes=local + frontier_routes(cfg),
         ledger=str(store.ledger_path(Home(home))),
-        ledger_max_rows=cfg.ledger.max_rows)
+        ledger_max_rows=cfg.ledger.max_rows,
+        apps=tuple(AppLimits(name, **asdict(a)) for name, a in sorted(cfg.apps.items())))
 
 
 @contextmanager
@@ -331,6 +369,47 @@ def test_reservations_keep_concurrent_requests_under_the_cap(stack: dict[str, An
     assert spent == pytest.approx(0.6) and spent <= 0.7
 
 
+def test_an_apps_frontier_daily_cap_holds_concurrent_requests(stack: dict[str, Any]) -> None:
+    standin: StandIn = stack["standin"]
+    standin.gate.clear()
+
+    def ask() -> httpx.Response:
+        return httpx.post(stack["base"] + "/v1/chat/completions", timeout=30, trust_env=False,
+                          headers={"x-sovctl-app": "frugal"},
+                          json={"model": "frontier/pool/gated", "messages": HI})
+
+    def gated() -> int:
+        return len([r for r in standin.received if r["body"]["model"] == "gated"])
+
+    before = gated()
+    # Each may cost 11 prompt tokens (estimated) + 20 generated = 0.31: three fit in the app's
+    # 1.0 a day together (its provider has no cap), the other five of eight at once do not.
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            asked = [pool.submit(ask) for _ in range(8)]
+            wait_for(lambda: sum(f.done() for f in asked) == 5, 20, what="five refusals")
+            assert gated() == before + 3
+            standin.gate.set()
+            answers = [f.result() for f in asked]
+    finally:
+        standin.gate.set()
+    assert sorted(a.status_code for a in answers) == [200] * 3 + [429] * 5
+    for refused in (a for a in answers if a.status_code == 429):
+        err = refused.json()["error"]
+        assert err["code"] == "app_frontier_daily_cap"
+        assert "app 'frugal'" in err["message"] and "frontier_daily_cap = 1" in err["message"]
+        assert refused.headers["retry-after"] == "5"  # the three in flight end soon
+    # They cost 10 + 20 tokens each, 0.9: another's worst case no longer fits the 0.1 left.
+    over = ask()
+    assert over.status_code == 429 and over.json()["error"]["code"] == "app_frontier_daily_cap"
+    assert "more than the 0.1 left" in over.json()["error"]["message"]
+    assert 5 < int(over.headers["retry-after"]) <= 86_401
+    assert gated() == before + 3
+    wait_for(lambda: len(rows(stack["ledger"], "pool")) == 9, 10, what="nine records")
+    spent = sum(r["cost"] for r in rows(stack["ledger"], "pool"))
+    assert spent == pytest.approx(0.9) and spent <= 1.0
+
+
 def test_unlisted_model_is_refused_naming_the_allowed(stack: dict[str, Any]) -> None:
     before = len(stack["standin"].received)
     with pytest.raises(openai.PermissionDeniedError) as refused:
@@ -402,6 +481,26 @@ def test_credentials_in_a_providers_error_are_redacted(stack: dict[str, Any]) ->
     assert ("invalid request: we were sent [redacted] and [redacted], [redacted], [redacted], "
             "[redacted], [redacted]; model gpt-4o-mini-2024-07-18 has no such parameter"
             in leaky.value.message)
+
+
+def test_credentials_in_a_providers_error_event_mid_stream_are_redacted(
+        stack: dict[str, Any]) -> None:
+    with httpx.stream("POST", stack["base"] + "/v1/chat/completions", trust_env=False,
+                      timeout=30, json={"model": "frontier/plain/broken-stream", "messages": HI,
+                                        "stream": True}) as r:
+        assert r.status_code == 200
+        received = r.read().decode()
+    events = received.split("\n\n")
+    assert events[0] == events[3] and '"once "' in events[0]  # the others pass as they came
+    chat_error = json.loads(events[1].removeprefix("data: "))
+    assert chat_error == {"error": {"message": "upstream saw [redacted]"}}
+    kind, data = events[2].split("\n")
+    assert kind == "event: error"
+    assert json.loads(data.removeprefix("data: "))["error"] == {
+        "type": "overloaded_error", "message": "retry with [redacted]"}
+    assert events[4:] == ["data: [DONE]", ""]
+    for secret in [KEY, *SECRETS[:2], "Q1w2E3r4", "abcd"]:
+        assert secret not in received
 
 
 def test_local_stream_without_usage_is_recorded_as_estimated(stack: dict[str, Any]) -> None:

@@ -427,13 +427,15 @@ def test_serve_errors(tmp_path: Path) -> None:
 
 def test_service_install_writes_confined_unit(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    doc = run_json(home, "service", "install", "--chat", "tiny", "--unit-dir", str(tmp_path))
+    doc = run_json(home, "service", "install", "--chat", "tiny", "--embedding", "minilm",
+                   "--rerank", "rr", "--unit-dir", str(tmp_path))
     assert doc["ok"]
     text = (tmp_path / "sovctl.service").read_text()
     for line in ("Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "PrivateTmp=yes", "IPAddressDeny=any", "IPAddressAllow=localhost"):
         assert line in text
-    assert "serve --host 127.0.0.1 --port 8088 --chat tiny" in text
+    assert "serve --host 127.0.0.1 --port 8088 --chat tiny --embedding minilm --rerank rr" \
+        in text
     assert any("systemctl" in c for c in doc["data"]["commands"])
 
 

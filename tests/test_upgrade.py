@@ -4,6 +4,7 @@ SmolLM2-135M, both imported from local paths, served by real llama-server runtim
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import json
 import threading
@@ -370,3 +371,59 @@ def test_a_candidate_that_cannot_start_switches_nothing(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
     finally:
         assert run(home, "stop", env=ENV).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_request_outlasting_drain_timeout_does_not_keep_the_old_runtime(tmp_path: Path
+                                                                         ) -> None:
+    """A request in flight on the replaced runtime is waited for up to [serve] drain_timeout,
+    then the old runtime is stopped under it: a stream that never ends cannot keep the old
+    weights in memory. The request in flight is held here as the gateway holds one (its lease
+    on the old port), for longer than the timeout."""
+    from sovctl.runtime import switch
+
+    home = setup_home(tmp_path)
+    doc = run_json(home, "upgrade", "chat", str(CHAT_MODEL), env=ENV, timeout=600)
+    assert doc["_rc"] == 0, doc["_stderr"]
+    env = {**ENV, "SOVCTL_SERVE__DRAIN_TIMEOUT": "2"}
+    assert run(home, "serve", "--port", str(free_port()), "-d", env=env).returncode == 0
+    try:
+        before = served(home)
+        held = switch.Ports(home / "run", "chat")
+        assert held.enter(before["port"])
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(1) as pool:
+            applying = pool.submit(run_json, home, "upgrade", "chat", "--apply", env=env,
+                                   timeout=300)
+            # Meanwhile `sovctl status` says the switch is under way.
+            wait_for(lambda: "chat: switching to sha256 " + SMOL[:12] + " (upgrade): the new "
+                     "runtime serves; the old one finishes its requests" in run(
+                         home, "status", env={**env, "COLUMNS": "200"}).stdout,
+                     timeout=60, what="the switch shown draining")
+            doc = applying.result()
+        assert doc["_rc"] == 0, doc["_stderr"]
+        wait_for(lambda: not pid_alive(before["pid"]), timeout=60,
+                 what="the old runtime stopped after drain_timeout")
+        assert time.monotonic() - t0 >= 2
+        state = json.loads((home / "run" / "state.json").read_text())
+        (last,) = state["switches"]
+        assert last["phase"] == "done" and "drain_timeout (2s)" in last["reason"], last
+        assert served(home)["sha256"] == SMOL
+        held.leave(before["port"])
+    finally:
+        assert run(home, "stop", env=ENV).returncode == 0
+
+
+def test_a_rerankers_answers_are_compared_by_order_and_scores() -> None:
+    """The comparison judges a reranker as the audit's baseline does: the same order of the
+    documents, each score within RERANK_TOLERANCE."""
+    from sovctl.audit import upgrade
+    from sovctl.audit.baseline import Answer
+
+    def ranked(*scores: float) -> Answer:
+        return Answer("rr", "rerank", "/v1/rerank", 200, 0.1, scores=list(scores))
+
+    assert not upgrade._differ(ranked(2.0, 1.0, -3.0), ranked(2.00001, 1.0, -3.0))
+    assert upgrade._differ(ranked(2.0, 1.0, -3.0), ranked(2.01, 1.0, -3.0))
+    assert upgrade._differ(ranked(2.0, 1.0, -3.0), ranked(1.0, 2.0, -3.0))
+    assert upgrade._shown(ranked(2.0, 5.0, -3.0)) == "3 documents, best first [1, 0, 2]"

@@ -65,6 +65,9 @@ class ServeSettings:
     # loaded on demand is admitted under it by unloading idle ones, least recently used first.
     memory_limit: str = ""
     memory_reserve: str = "1GiB"  # kept free for the rest of the machine when memory_limit is ""
+    # seconds a runtime replaced by `upgrade --apply` or `rollback` may take to finish its
+    # requests in flight; then it is stopped, and what still runs on it fails loudly
+    drain_timeout: float = 300.0
     max_body_bytes: int = 8 * 1024 * 1024
     # What one request may make a runtime decode: image parts, and each image's bytes and
     # pixels (read from its header; a small file may declare a huge canvas).
@@ -802,7 +805,7 @@ def _check_hardware(body: Any, origin: str) -> dict[str, Any]:
 # The lowest value each numeric gateway limit takes ([serve]); max_images 0 refuses images.
 GATEWAY_MINIMUMS: dict[str, float] = {
     "max_images": 0, "max_image_bytes": 1, "max_image_pixels": 1, "max_connections": 1,
-    "header_timeout": 0.1, "load_timeout": 0.1,
+    "header_timeout": 0.1, "load_timeout": 0.1, "drain_timeout": 0.1,
 }
 _HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?", re.IGNORECASE)
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", re.IGNORECASE)

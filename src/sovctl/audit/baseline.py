@@ -2,7 +2,9 @@
 
 Every served model gets the same requests, in the same order, against a freshly started stack,
 at temperature 0 with a fixed seed: a chat model answers a chat request (plain, then streaming)
-and a completion; a completion model a completion; an embedding model one embeddings request.
+and a completion; a completion model a completion; an embedding model one embeddings request;
+a reranker one rerank request (a fixed query over fixed documents), compared by the order it
+ranks the documents in, exactly, and its scores, within a tolerance.
 A chat model that takes tools (the gateway's `/v1/models` says so in `capabilities`) also
 answers a request that names the tool it must call, and one with vision a request with an
 image; a chat model without them has these requests skipped, and the exchange says why. A chat
@@ -44,6 +46,9 @@ from sovctl.vision.images import tiny_png
 
 BASELINE_SCHEMA = "sovctl.audit.baseline/v1"
 EMBEDDING_TOLERANCE = 1e-5
+# A reranker's scores are unnormalised logits, an order of magnitude above a unit vector's
+# components: the same float noise is larger in absolute terms.
+RERANK_TOLERANCE = 1e-4
 SEED = 42
 MAX_TOKENS = 32
 
@@ -57,6 +62,8 @@ EMBEDDING_INPUTS = [
     "Quarterly revenue grew by ten percent.",
     "A sovereign stack keeps working when the network is gone.",
 ]
+RERANK_QUERY = "What keeps working without a network?"
+RERANK_DOCUMENTS = EMBEDDING_INPUTS
 
 # (request id, endpoint, body without "model") per role, in the order they are sent.
 _SAMPLING = {"temperature": 0, "seed": SEED, "max_tokens": MAX_TOKENS}
@@ -72,6 +79,9 @@ REQUESTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     ],
     "embedding": [
         ("embeddings", "/v1/embeddings", {"input": EMBEDDING_INPUTS}),
+    ],
+    "rerank": [
+        ("rerank", "/v1/rerank", {"query": RERANK_QUERY, "documents": RERANK_DOCUMENTS}),
     ],
 }
 
@@ -143,7 +153,7 @@ class Answer:
 
     model: str
     # "chat" | "chat_stream" | "completion" | "embeddings" | "tool_call" | "image" | "messages"
-    # | "responses"
+    # | "responses" | "rerank"
     request: str
     endpoint: str
     status: int  # HTTP status; 0 when no response arrived
@@ -155,6 +165,7 @@ class Answer:
     error: str = ""
     tool_call: dict[str, Any] | None = None  # {"name", "arguments" (parsed)}
     prompt_tokens: int | None = None  # the image request's: the image's tokens are in it
+    scores: list[float] | None = None  # the rerank's: one per document, in the documents' order
 
     @property
     def ok(self) -> bool:
@@ -164,6 +175,8 @@ class Answer:
             return self.vectors is not None and bool(self.vectors) and all(self.vectors)
         if self.request == "tool_call":
             return self.tool_call is not None and self.finish_reason == "tool_calls"
+        if self.request == "rerank":
+            return bool(self.scores)
         return self.text is not None and self.finish_reason is not None
 
 
@@ -237,6 +250,14 @@ def _one(client: Any, base: str, headers: dict[str, str], model: str, request: s
         if request == "embeddings":
             vectors = [d["embedding"] for d in sorted(doc["data"], key=lambda d: d["index"])]
             return Answer(model, request, endpoint, 200, seconds, vectors=vectors)
+        if request == "rerank":
+            results = sorted(doc["results"], key=lambda r: r["index"])
+            if [r["index"] for r in results] != list(range(len(body["documents"]))):
+                return Answer(model, request, endpoint, 200, seconds,
+                              error=f"scored documents {[r['index'] for r in results]} of "
+                              f"{len(body['documents'])}")
+            return Answer(model, request, endpoint, 200, seconds,
+                          scores=[float(r["relevance_score"]) for r in results])
         choice = doc["choices"][0]
         if request == "tool_call":
             call = choice["message"]["tool_calls"][0]["function"]
@@ -449,6 +470,8 @@ def compare(model: ServedModel, found: Found, answers: Sequence[Answer]) -> list
             if worst > EMBEDDING_TOLERANCE:
                 diffs.append(f"{model.name}/embeddings: max |Δ| {worst:.3g} > "
                              f"{EMBEDDING_TOLERANCE:g}")
+        elif a.request == "rerank":
+            diffs += rerank_diffs(model.name, a.scores or [], base.get("scores") or [])
         elif a.request == "tool_call":
             if a.tool_call != base.get("tool_call"):
                 diffs.append(f"{model.name}/tool_call: call differs: baseline "
@@ -461,6 +484,23 @@ def compare(model: ServedModel, found: Found, answers: Sequence[Answer]) -> list
             diffs.append(f"{model.name}/image: prompt of {a.prompt_tokens} tokens, baseline "
                          f"{base.get('prompt_tokens')}")
     return diffs
+
+
+def ranking(scores: Sequence[float]) -> list[int]:
+    """The documents' indices, best first."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def rerank_diffs(name: str, got: Sequence[float], want: Sequence[float]) -> list[str]:
+    """How a reranker's scores differ from the ones wanted: order, then each score."""
+    if len(got) != len(want):
+        return [f"{name}/rerank: {len(got)} documents scored, baseline {len(want)}"]
+    if ranking(got) != ranking(want):
+        return [f"{name}/rerank: order differs: baseline {ranking(want)}, now {ranking(got)}"]
+    worst = max((abs(x - y) for x, y in zip(got, want, strict=True)), default=0.0)
+    if worst > RERANK_TOLERANCE:
+        return [f"{name}/rerank: scores max |Δ| {worst:.3g} > {RERANK_TOLERANCE:g}"]
+    return []
 
 
 def unrecorded(found: Found, answers: Sequence[Answer]) -> list[str]:
@@ -494,3 +534,13 @@ def max_embedding_diff(found: Found, answers: Sequence[Answer]) -> float | None:
                 continue
             worst = d if worst is None else max(worst, d)
     return worst
+
+
+def max_rerank_diff(found: Found, answers: Sequence[Answer]) -> float | None:
+    if found.doc is None:
+        return None
+    base = ((found.doc.get("answers") or {}).get("rerank") or {}).get("scores")
+    got = next((a.scores for a in answers if a.request == "rerank"), None)
+    if not base or not got or len(base) != len(got):
+        return None
+    return max(abs(x - y) for x, y in zip(got, base, strict=True))

@@ -65,7 +65,8 @@ class BaselineResult:
 
 def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
                     embedding: Sequence[str], only: Sequence[str] | None = None,
-                    full_verify: bool = True, progress: Progress = _quiet) -> BaselineResult:
+                    full_verify: bool = True, progress: Progress = _quiet,
+                    rerank: Sequence[str] = ()) -> BaselineResult:
     """Start the stack normally (network available), send the fixed requests, record answers.
 
     `only` limits which models get a baseline written (all models always get the requests, so
@@ -75,7 +76,7 @@ def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
     run_home = stack.audit_home(home, "baseline")
     for attempt in (1, 2):
         stack.fresh_run_dir(run_home)
-        _, plan = stack.plans(home, run_home, cfg, chat, embedding)
+        _, plan = stack.plans(home, run_home, cfg, chat, embedding, rerank=rerank)
         progress(f"starting {', '.join(m.name for m in plan.models)} for the baseline")
         try:
             stack.start(run_home, plan, full_verify=full_verify and attempt == 1)
@@ -112,7 +113,8 @@ def record_baseline(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
         models=tuple(ModelInfo(m.name, m.role, m.sha256, m.size) for m in chosen),
         files=tuple(map(str, files)),
         answers=tuple({"model": a.model, "request": a.request, "seconds": round(a.seconds, 3),
-                       "text": a.text, "dims": len(a.vectors[0]) if a.vectors else None}
+                       "text": a.text, "dims": len(a.vectors[0]) if a.vectors else None,
+                       "scores": a.scores}
                       for a in exchange.answers if only is None or a.model in only),
         seconds=round(time.perf_counter() - t0, 3),
         network=f"host namespace {netns}",
@@ -167,7 +169,7 @@ def _baseline_note(recorded_now: Sequence[str], replaced: Mapping[str, str]) -> 
 
 def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
              embedding: Sequence[str], egress_probe: str | None = None,
-             progress: Progress = _quiet) -> AuditReport:
+             progress: Progress = _quiet, rerank: Sequence[str] = ()) -> AuditReport:
     t_start = time.perf_counter()
     started_at, when = utcnow(), dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
@@ -179,7 +181,7 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
     timings["preflight"] = round(time.perf_counter() - t, 3)
 
     cfg = config.load(home, flags=flags)
-    configured = build(home, cfg, chat, embedding)
+    configured = build(home, cfg, chat, embedding, rerank=rerank)
     models = configured.models
 
     # 2. Weights, re-hashed in full, before any of them is loaded.
@@ -206,7 +208,7 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
             progress(f"recording a baseline first, with the network available ({why})")
             t = time.perf_counter()
             rec = record_baseline(home, flags, chat, embedding, only=todo,
-                                  full_verify=False, progress=progress)
+                                  full_verify=False, progress=progress, rerank=rerank)
             timings["baseline"] = round(time.perf_counter() - t, 3)
             recorded_now, baseline_files = [m.name for m in rec.models], list(rec.files)
 
@@ -226,7 +228,8 @@ def blackout(home: Home, flags: Mapping[str, Any], chat: Sequence[str],
         with bridge.Outer(bridges) as relay:
             inside = _run_inside(home, {
                 "home": str(home.root), "flags": job_flags, "chat": list(chat),
-                "embedding": list(embedding), "egress_probe": egress_probe,
+                "embedding": list(embedding), "rerank": list(rerank),
+                "egress_probe": egress_probe,
                 "outer_netns": outer_netns, "weights_ok": c2.passed,
                 "recorded_now": recorded_now, "replaced": replaced,
                 "bridges": [dataclasses.asdict(b) for b in bridges],

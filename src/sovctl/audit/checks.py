@@ -245,6 +245,9 @@ def service(models: Sequence[ServedModel], exchange: Exchange) -> CheckResult:
                 what = f"{a.events} events, {len(text)} chars"
             elif a.request == "tool_call":
                 what = describe_call(a.tool_call)
+            elif a.request == "rerank":
+                what = (f"{len(a.scores or [])} documents scored, best first "
+                        f"{baseline.ranking(a.scores or [])}")
             elif a.request == "image":
                 what = f"{len(text)} chars, prompt of {a.prompt_tokens} tokens with the image"
             else:
@@ -264,6 +267,7 @@ def service(models: Sequence[ServedModel], exchange: Exchange) -> CheckResult:
     roles = {m.role for m in models}
     missing = [kind for kind, have in (("chat", "chat" in roles),
                                        ("embeddings", "embedding" in roles),
+                                       ("rerank", "rerank" in roles),
                                        ("completions", bool(roles & {"chat", "completion"})))
                if not have]
     if missing:
@@ -312,11 +316,15 @@ def behaviour(home: Home, models: Sequence[ServedModel], exchange: Exchange,
         diffs += d
         if not d:
             worst = baseline.max_embedding_diff(found, answers)
-            same = ", ".join(a.request for a in answers
-                             if a.request != "embeddings" and a.request not in older)
+            ranked = baseline.max_rerank_diff(found, answers)
+            same = ", ".join(a.request for a in answers if a.request not in
+                             ("embeddings", "rerank") and a.request not in older)
             bits = [f"{same} identical"] if same else []
             if worst is not None:
                 bits.append(f"embeddings max |Δ| {worst:.2g} ≤ {baseline.EMBEDDING_TOLERANCE:g}")
+            if ranked is not None:
+                bits.append(f"rerank order identical, scores max |Δ| {ranked:.2g} ≤ "
+                            f"{baseline.RERANK_TOLERANCE:g}")
             when = found.doc.get("recorded_at") if found.doc else "?"
             parts.append(f"{m.name}: {'; '.join(bits)} (baseline of {when})")
         if older:
@@ -725,8 +733,11 @@ def probe_routes(base: str, headers: Mapping[str, str], plan: Plan) -> list[Rout
             "model": m.name, "prompt": "Once upon a time", "max_tokens": 2,
             "temperature": 0}, m.name))
     elif plan.models:
-        probes.append(_post(base, headers, "/v1/embeddings", {
-            "model": plan.models[0].name, "input": "ping"}, plan.models[0].name))
+        first = plan.models[0]
+        # Roles are kept apart: a reranker answers no embeddings request.
+        endpoint, body = (("/v1/rerank", {"query": "ping", "documents": ["pong"]})
+                          if first.role == "rerank" else ("/v1/embeddings", {"input": "ping"}))
+        probes.append(_post(base, headers, endpoint, {"model": first.name, **body}, first.name))
     return probes
 
 

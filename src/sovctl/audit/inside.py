@@ -48,7 +48,8 @@ def run(job: dict[str, Any], mode: str) -> dict[str, Any]:
     run_home = stack.audit_home(home, "blackout")
     cfg = config.load(home, flags=job.get("flags") or {})
     configured, plan = stack.plans(home, run_home, cfg, job["chat"], job["embedding"],
-                                   egress_probe=job.get("egress_probe"))
+                                   egress_probe=job.get("egress_probe"),
+                                   rerank=job.get("rerank") or [])
     bridges = [bridge.Bridge(**b) for b in job.get("bridges", ())]
     bridge_error = None
     try:

@@ -57,7 +57,8 @@ def fresh_run_dir(home: RunHome) -> None:
 
 
 def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
-          embedding: Sequence[str], egress_probe: str | None = None) -> tuple[Plan, Plan]:
+          embedding: Sequence[str], egress_probe: str | None = None,
+          rerank: Sequence[str] = ()) -> tuple[Plan, Plan]:
     """(the plan as configured, the plan the audit runs).
 
     The run plan is the configured one on an unused port, with its state under the audit's run
@@ -67,11 +68,11 @@ def plans(home: Home, run_home: RunHome, cfg: Settings, chat: Sequence[str],
     one), while its gateway still requires the key the tunnel demands. Its requests go to a
     ledger of the audit's own, not the operator's.
     """
-    configured = build(home, cfg, chat, embedding)
+    configured = build(home, cfg, chat, embedding, rerank=rerank)
     host = configured.host if (is_loopback(configured.host) or configured.host in UNSPECIFIED) \
         else "127.0.0.1"
     port = free_port()
-    run = build(run_home, cfg, chat, embedding, egress_probe=egress_probe)
+    run = build(run_home, cfg, chat, embedding, rerank=rerank, egress_probe=egress_probe)
     procs = tuple(dataclasses.replace(p, port=port) if p.kind == ProcessKind.GATEWAY else p
                   for p in run.processes if p.kind != ProcessKind.TUNNEL)
     run = dataclasses.replace(run, host=host, port=port, processes=procs, tunnel=None,

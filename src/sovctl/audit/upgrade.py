@@ -319,6 +319,8 @@ def _shown(a: baseline.Answer, other: baseline.Answer | None = None) -> str:
         shape = f"{len(a.vectors)} vectors of {len(a.vectors[0]) if a.vectors else 0}"
         worst = _worst(a, other) if other is not None else None
         return shape + (f" (max |Δ| {worst:.3g})" if worst is not None else "")
+    if a.scores is not None:
+        return f"{len(a.scores)} documents, best first {baseline.ranking(a.scores)}"
     if a.request == "tool_call":
         return baseline.describe_call(a.tool_call)
     return a.text or ""
@@ -333,6 +335,10 @@ def _worst(a: baseline.Answer, b: baseline.Answer) -> float | None:
 
 
 def _differ(a: baseline.Answer, b: baseline.Answer) -> bool:
+    if a.scores is not None or b.scores is not None:
+        # A reranker's answer: the baseline's own rule (the same order, scores within its
+        # tolerance).
+        return bool(baseline.rerank_diffs("", a.scores or [], b.scores or []))
     if a.vectors is not None or b.vectors is not None:
         worst = _worst(a, b)
         return worst is None or worst > baseline.EMBEDDING_TOLERANCE

@@ -16,6 +16,9 @@ ChatOpt = Annotated[list[str] | None, typer.Option(
 EmbedOpt = Annotated[list[str] | None, typer.Option(
     "--embedding", metavar="NAME",
     help="Store name of an embedding model to serve (repeatable).")]
+RerankOpt = Annotated[list[str] | None, typer.Option(
+    "--rerank", metavar="NAME",
+    help="Store name of a reranker to serve on /v1/rerank (repeatable).")]
 # Test-only: every process of the stack attempts one outbound connect to HOST:PORT at start,
 # which check 6 must catch. Hidden from --help; the report records that it was used.
 ProbeOpt = Annotated[str | None, typer.Option("--egress-probe", hidden=True)]
@@ -40,6 +43,7 @@ def blackout(
     ctx: typer.Context,
     chat: ChatOpt = None,
     embedding: EmbedOpt = None,
+    rerank: RerankOpt = None,
     egress_probe: ProbeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -52,7 +56,7 @@ def blackout(
     from sovctl.errors import CheckFailed
 
     state = begin(ctx, json_out)
-    report = run_blackout(state.home, {}, chat or [], embedding or [],
+    report = run_blackout(state.home, {}, chat or [], embedding or [], rerank=rerank or [],
                           egress_probe=egress_probe, progress=_progress)
     failure = None
     if not report.passed:
@@ -100,6 +104,7 @@ def baseline(
     ctx: typer.Context,
     chat: ChatOpt = None,
     embedding: EmbedOpt = None,
+    rerank: RerankOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Record the behaviour the blackout compares with, with the network available.
@@ -110,7 +115,8 @@ def baseline(
     from sovctl.audit.blackout import record_baseline
 
     state = begin(ctx, json_out)
-    result = record_baseline(state.home, {}, chat or [], embedding or [], progress=_progress)
+    result = record_baseline(state.home, {}, chat or [], embedding or [], rerank=rerank or [],
+                             progress=_progress)
 
     def render(c: Console) -> None:
         from rich.table import Table

@@ -276,6 +276,14 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         if st.processes:
             _status_table(c, st.processes, tools)
             _memory_table(c, st.processes, st.memory)
+        for sw in st.switches:
+            if not sw.over and st.running:
+                # Under way: `sovctl upgrade --apply` or `rollback` in another shell.
+                c.print(f"{sw.name}: switching to sha256 {sw.to_sha256[:12]} ({sw.why}): "
+                        + ("the new runtime is starting; the old one serves"
+                           if sw.phase == "starting" else
+                           "the new runtime serves; the old one finishes its requests"),
+                        highlight=False, markup=False)
 
     from sovctl.result import jsonable
 
@@ -371,6 +379,7 @@ def service_install(
     ctx: typer.Context,
     chat: ChatOpt = None,
     embedding: EmbedOpt = None,
+    rerank: RerankOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     user: Annotated[bool, typer.Option("--user", help="Install a user unit "
@@ -385,7 +394,7 @@ def service_install(
     state = begin(ctx, json_out)
     cfg = settings({"serve.host": host, "serve.port": port})
     u = unit(state.home, cfg.serve.host, cfg.serve.port, chat or [],
-             embedding or [], user, unit_dir)
+             embedding or [], user, unit_dir, rerank=rerank or [])
     atomic_write(u.path, u.text.encode())
 
     def render(c: Console) -> None:

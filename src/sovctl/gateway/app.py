@@ -843,12 +843,13 @@ class Gateway:
             return "-", invalid_request(invalid)
         app = CURRENT.get()
         provider = model.removeprefix(FRONTIER_PREFIX).partition("/")[0]
-        # A provider the app may not use, or its frontier money for the day spent.
+        # A provider the app may not use; its frontier_daily_cap is reserved against as the
+        # provider's daily_cap is.
         over = (self.apps.frontier(app, provider) if provider in self.frontier.providers
                 else None)
         out = (Outcome(provider, over.status, refusal=over) if over is not None else
                await self.frontier.serve(endpoint, model, payload, scope["headers"], receive,
-                                         send))
+                                         send, self.apps.caps(app)))
         if out.refusal is not None:
             refusal = _refusal(out.refusal)
             shape = ERROR_SHAPES.get(endpoint)
@@ -859,7 +860,7 @@ class Gateway:
         self.metrics.count_tokens(label, out.tokens_in, out.tokens_out)
         self.metrics.request(label, endpoint, out.status, seconds)
         self.metrics.app_request(app, out.status, out.tokens_in, out.tokens_out)
-        self.apps.count(app, out.tokens_in + out.tokens_out, out.cost)
+        self.apps.count(app, out.tokens_in + out.tokens_out)
         self.ledger.routed(out.route, model, endpoint, out.status, seconds, out.tokens_in,
                            out.tokens_out, out.cost, app=app, estimated=out.estimated)
         return None

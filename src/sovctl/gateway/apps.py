@@ -20,10 +20,11 @@ for a provider not allowed), naming the app and the limit, before any work is do
   day when the gateway starts. Requests in flight when the limit is reached still finish, so
   a day may end above it by what they use;
 - `providers`: the frontier providers its requests may be routed to (403 for another);
-- `frontier_daily_cap`: money its frontier requests may spend a UTC day, counted as for
-  `tokens_per_day`. It is checked before a request is sent: requests in flight together may
-  pass it by their cost. A provider's own `daily_cap`, which reserves each request's worst
-  case, is the bound that holds exactly.
+- `frontier_daily_cap`: money its frontier requests may spend a UTC day, held as a
+  provider's `daily_cap` is (frontier.DailyCap): the day's spend (the ledger's, on a start)
+  plus each request in flight's worst case, reserved against both the app's cap and the
+  provider's before it is sent, and settled to its cost when it ends. A request whose worst
+  case does not fit either is refused, so requests in flight together cannot pass it.
 Other apps are untouched by one app's limits.
 """
 
@@ -44,7 +45,7 @@ from typing import Generic, TypeVar
 
 from sovctl.apikey import DEFAULT_APP, key_digest, read_app_keys
 from sovctl.errors import ConfigError
-from sovctl.gateway.frontier import Refusal
+from sovctl.gateway.frontier import CAP_RETRY_S, Admission, DailyCap, Refusal, Shortfall
 from sovctl.ledger.store import AppDay, app_usage_since
 from sovctl.runtime.documents import AppLimits, RoutesTable
 
@@ -128,14 +129,16 @@ class Keys:
 class _Usage:
     """An app's traffic, as its limits count it."""
 
-    __slots__ = ("in_flight", "limits", "recent", "spent", "tokens")
+    __slots__ = ("in_flight", "limits", "money", "recent", "tokens")
 
     def __init__(self, limits: AppLimits, today: AppDay) -> None:
         self.limits = limits
         self.in_flight = 0
         self.recent: deque[float] = deque()  # when its requests of the last minute began
         self.tokens = today.tokens
-        self.spent = today.frontier_cost
+        cap = limits.frontier_daily_cap
+        self.money = (DailyCap(cap, today.frontier_cost, lambda short, a: _over_cap(
+            limits.name, short, a)) if cap is not None else None)
 
 
 def _next_midnight(now: float) -> float:
@@ -148,6 +151,21 @@ def _refuse(app: str, limit: str, value: float, said: str, retry: float) -> Refu
     return Refusal(429, f"app {app!r} has reached its limit {limit} = {value:g} "
                    f"([apps.{app}]): {said}; retry in {wait} s", "rate_limit_exceeded",
                    f"app_{limit}", {"Retry-After": str(wait)})
+
+
+def _over_cap(app: str, short: Shortfall, a: Admission) -> Refusal:
+    left = short.cap - short.spent
+    if short.reason == "reserved":
+        said = (f"its {short.holding} frontier requests in flight hold {short.reserved:.4g} of "
+                f"the {left:.4g} left today, and this one may cost up to {a.worst:.4g}")
+        retry = float(CAP_RETRY_S)
+    else:
+        said = (f"{short.spent:.4g} spent on frontier routes since 00:00 UTC" if
+                short.reason == "spent" else f"this request may cost up to {a.worst:.4g}, "
+                f"more than the {left:.4g} left today: ask for fewer max_tokens")
+        now = time.time()
+        retry = _next_midnight(now) - now
+    return _refuse(app, "frontier_daily_cap", short.cap, said, retry)
 
 
 class Apps:
@@ -198,7 +216,7 @@ class Apps:
         if now >= self._midnight:
             self._midnight = _next_midnight(now)
             for u in self.usage.values():
-                u.tokens, u.spent = 0, 0.0
+                u.tokens = 0
 
     def admit(self, app: str) -> Refusal | None:
         """Let one more request of `app` in (then `leave` when it ends), or its refusal."""
@@ -232,30 +250,26 @@ class Apps:
             u.in_flight -= 1
 
     def frontier(self, app: str, provider: str) -> Refusal | None:
-        """The refusal of a request of `app` for `provider`'s route: one it may not use, or
-        its frontier_daily_cap spent; None when it may go."""
+        """The refusal of a request of `app` for `provider`'s route, one it may not use; None
+        when it may go (its frontier_daily_cap is held by `caps`)."""
         u = self.usage.get(app)
-        if u is None:
+        limits = u.limits if u is not None else None
+        if limits is None or limits.providers is None or provider in limits.providers:
             return None
-        limits = u.limits
-        if limits.providers is not None and provider not in limits.providers:
-            allowed = ", ".join(limits.providers) or "none"
-            return Refusal(403, f"app {app!r} may not use provider {provider!r} ([apps.{app}] "
-                           f"providers: {allowed})", "permission_denied",
-                           "app_provider_not_allowed", param="model")
-        now = time.time()
-        self._roll(now)
-        cap = limits.frontier_daily_cap
-        if cap is not None and u.spent >= cap:
-            return _refuse(app, "frontier_daily_cap", cap, f"{u.spent:.4g} spent on frontier "
-                           "routes since 00:00 UTC", self._midnight - now)
-        return None
+        allowed = ", ".join(limits.providers) or "none"
+        return Refusal(403, f"app {app!r} may not use provider {provider!r} ([apps.{app}] "
+                       f"providers: {allowed})", "permission_denied",
+                       "app_provider_not_allowed", param="model")
 
-    def count(self, app: str, tokens: int, cost: float = 0.0) -> None:
-        """What a request of `app` used, as it ends: its tokens, and its money on a frontier
-        route."""
+    def caps(self, app: str) -> tuple[DailyCap, ...]:
+        """The caps a frontier request of `app` reserves its worst case against, besides its
+        provider's: its frontier_daily_cap, if it has one."""
+        u = self.usage.get(app)
+        return (u.money,) if u is not None and u.money is not None else ()
+
+    def count(self, app: str, tokens: int) -> None:
+        """The tokens a request of `app` used, as it ends."""
         u = self.usage.get(app)
         if u is not None:
             self._roll(time.time())
             u.tokens += tokens
-            u.spent += cost

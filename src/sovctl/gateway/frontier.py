@@ -29,7 +29,9 @@ reserves nothing against the cap and is recorded at 0. An answer without usage (
 hung up mid-stream, which stops the generation; the stream broke off; a provider that reports
 none) is still billed by the provider: it is recorded as an estimate, the prompt's estimated
 tokens and the tokens of what was received, and counts towards the cap. A provider's error
-message reaches the client with anything that looks like a credential replaced by [redacted].
+message reaches the client with anything that looks like a credential replaced by [redacted],
+in a whole answer or an error event within a stream (ErrorEvents). An app's
+`frontier_daily_cap` is held as `daily_cap` is (DailyCap): a request reserves against both.
 """
 
 from __future__ import annotations
@@ -251,6 +253,7 @@ class Admission:
     prompt_tokens: int  # estimated from the prompt's size
     worst: float  # what it costs if it generates all it may: reserved while it is in flight
     way: Way = SURFACES["openai"][ENDPOINT]  # the surface it came in on
+    bound: int = 0  # the most tokens it may generate
 
 
 def _today() -> dt.date:
@@ -300,6 +303,159 @@ def redact(text: str, key: str | None) -> str:
     return _LONG_RUN.sub(lambda m: REDACTED if _random_looking(m[0]) else m[0], text)
 
 
+def _redact_strings(doc: Any, key: str | None) -> Any:
+    if isinstance(doc, str):
+        return redact(doc, key)
+    if isinstance(doc, dict):
+        return {k: _redact_strings(v, key) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_redact_strings(v, key) for v in doc]
+    return doc
+
+
+# An error event by its first line: OpenAI's `data: {"error": ...}` on chat, `event: error`
+# on Messages (Anthropic) and Responses.
+_ERROR_EVENT = re.compile(rb"event: ?error\r?\n|data: ?\{\s*\"error\"")
+# How much of an event's start tells whether it is one: its first line, or this much of it.
+_EVENT_HEAD = 64
+
+
+class ErrorEvents:
+    """Redacts, as [redacted], the credentials in the error events of a provider's stream,
+    as a whole error answer's are. Bytes pass as they come: a chunk without "error" in it
+    costs a search and the find of its last event's start; an event is held only while its
+    start does not yet tell whether it is an error event (a chunk cut within its first
+    line), and an error event until its end, then passed redacted."""
+
+    def __init__(self, key: str | None) -> None:
+        self.key = key
+        self.head = b""  # the held start of the current event
+        self.error = False  # the current event is an error event: held to its end
+        self.passing = False  # the current event is not one: its bytes pass
+        self.newline = False  # the last chunk ended with a newline
+
+    def feed(self, data: bytes) -> bytes:
+        ended = b""
+        if self.newline and data[:1] == b"\n":  # the blank line ending an event, cut in two
+            ended, data = self._close() + b"\n", data[1:]
+        self.newline = data.endswith(b"\n")
+        return ended + self._feed(data)
+
+    def _feed(self, data: bytes) -> bytes:
+        if b"error" not in data and (self.passing or not self.head):
+            # No error event begins or goes on here: only the last event's start may have
+            # to wait, when too little of it came to tell.
+            cut = data.rfind(b"\n\n") + 2
+            tail = len(data) - cut if cut >= 2 else (0 if self.passing else len(data))
+            if 0 < tail < _EVENT_HEAD and b"\n" not in data[-tail:]:
+                self.head, self.passing = data[-tail:], False
+                return data[:-tail]
+            self.passing = (self.passing and cut < 2) or tail > 0
+            return data
+        return self._events(data)
+
+    def _events(self, data: bytes) -> bytes:
+        out = bytearray()
+        pos = 0
+        while pos < len(data):
+            end = data.find(b"\n\n", pos)
+            stop = len(data) if end < 0 else end + 2
+            piece, pos = data[pos:stop], stop
+            if self.passing:
+                out += piece
+            else:
+                self.head += piece
+                if not self.error and (b"\n" in self.head or len(self.head) >= _EVENT_HEAD):
+                    self.error = _ERROR_EVENT.match(self.head) is not None
+                    if not self.error:
+                        out += self.head
+                        self.head, self.passing = b"", True
+            if end >= 0:  # the event ends here
+                out += self._close()
+        return bytes(out)
+
+    def _close(self) -> bytes:
+        """What is held of the event that ends, passed on; the next one begins."""
+        held = self._redacted(self.head) if self.error else self.head
+        self.head, self.error, self.passing = b"", False, False
+        return held
+
+    def end(self) -> bytes:
+        """What is held when the stream ends (cut off within an event)."""
+        return self._close()
+
+    def _redacted(self, event: bytes) -> bytes:
+        lines = event.split(b"\n")
+        for i, line in enumerate(lines):
+            if line.startswith(b"data:"):
+                text = line[5:].decode("utf-8", "replace").strip()
+                try:
+                    said = json.dumps(_redact_strings(json.loads(text), self.key))
+                except ValueError:
+                    said = redact(text, self.key)
+                lines[i] = b"data: " + said.encode()
+        return b"\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Why a request's worst case does not fit a daily cap now."""
+
+    # "spent": nothing is left of it today; "over": the request may cost more than is left;
+    # "reserved": more than the requests in flight leave of it (they end within seconds).
+    reason: str
+    cap: float
+    spent: float
+    reserved: float  # what the requests in flight hold
+    holding: int  # the requests in flight that hold it
+
+
+class DailyCap:
+    """Money that may be spent a UTC day on frontier routes: the day's spend (the ledger's, on
+    a restart) plus a reservation for each request in flight, its worst case. A provider's
+    `daily_cap` is one, an app's `frontier_daily_cap` another; a request holds both, so
+    neither can be passed by requests in flight together. `refuse` words the refusal of a
+    request that does not fit, for whose cap it is. With no cap, the spend is only counted."""
+
+    def __init__(self, cap: float | None, spent: float,
+                 refuse: Callable[[Shortfall, Admission], Refusal]) -> None:
+        self.cap = cap
+        self.refuse = refuse
+        self.day = _today()
+        self.spent = spent
+        self.reserved = 0.0
+        self.holding = 0
+
+    def spent_today(self) -> float:
+        today = _today()
+        if today != self.day:
+            self.day, self.spent = today, 0.0
+        return self.spent
+
+    def shortfall(self, worst: float) -> Shortfall | None:
+        """Why a request that may cost `worst` does not fit now; None when it does."""
+        if self.cap is None:
+            return None
+        spent = self.spent_today()
+        left = self.cap - spent
+        reason = ("spent" if spent >= self.cap else "over" if worst > left
+                  else "reserved" if worst > left - self.reserved else None)
+        return (Shortfall(reason, self.cap, spent, self.reserved, self.holding)
+                if reason is not None else None)
+
+    def hold(self, worst: float) -> None:
+        self.holding += 1
+        self.reserved += worst
+
+    def settle(self, worst: float, cost: float) -> None:
+        """A request that held `worst` ended, having cost `cost` (0 when it failed unsent)."""
+        self.holding -= 1
+        # Back to an exact 0 when nothing is in flight: no rounding left over holds the cap.
+        self.reserved = self.reserved - worst if self.holding else 0.0
+        self.spent_today()
+        self.spent += cost
+
+
 class ProviderState:
     def __init__(self, route: Route, spent: float, environ: Mapping[str, str]) -> None:
         assert route.provider is not None
@@ -310,30 +466,46 @@ class ProviderState:
         parts = urlsplit(route.upstream)
         self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         self.models = provider.models
-        self.cap = provider.daily_cap
         self.max_concurrent = provider.max_concurrent
         self.max_tokens = provider.max_tokens
         self.key_env = provider.api_key_env
         self.key = environ.get(self.key_env) or None
-        self.day = _today()
-        self.spent = spent
+        self.money = DailyCap(provider.daily_cap, spent, self._over_cap)
         self.in_flight = 0
-        self.reserved = 0.0  # the worst cases of the requests in flight, held against the cap
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
             # Only what is configured: no proxy or certificate setting from the environment
             # changes where a request goes.
             trust_env=False)
 
-    def spent_today(self) -> float:
-        today = _today()
-        if today != self.day:
-            self.day, self.spent = today, 0.0
-        return self.spent
+    @property
+    def cap(self) -> float | None:
+        return self.money.cap
 
-    def charge(self, cost: float) -> None:
-        self.spent_today()
-        self.spent += cost
+    @property
+    def reserved(self) -> float:
+        """The worst cases of the requests in flight, held against the cap."""
+        return self.money.reserved
+
+    def _over_cap(self, short: Shortfall, a: Admission) -> Refusal:
+        name, left = self.name, short.cap - short.spent
+        if short.reason == "spent":
+            return Refusal(429, f"provider {name}'s daily cap of {short.cap:g} is spent "
+                           f"({short.spent:.4g}); requests resume at 00:00 UTC",
+                           "rate_limit_exceeded", "daily_cap_reached",
+                           {"Retry-After": _until_midnight()})
+        if short.reason == "over":
+            return Refusal(429, f"this request may cost up to {a.worst:.4g} (about "
+                           f"{a.prompt_tokens} prompt tokens and {a.bound} generated, at "
+                           f"{a.body['model']}'s prices), more than the {left:.4g} left of "
+                           f"provider {name}'s daily cap of {short.cap:g}: ask for fewer "
+                           "max_tokens, or wait for 00:00 UTC", "rate_limit_exceeded",
+                           "daily_cap_reached", {"Retry-After": _until_midnight()})
+        return Refusal(429, f"the {short.holding} requests in flight to provider {name} hold "
+                       f"{short.reserved:.4g} of the {left:.4g} left of its daily cap; this "
+                       f"one may cost up to {a.worst:.4g}: retry when they end",
+                       "rate_limit_exceeded", "daily_cap_reserved",
+                       {"Retry-After": str(CAP_RETRY_S)})
 
     def headers(self, stream: bool) -> dict[str, str]:
         assert self.key is not None
@@ -406,7 +578,8 @@ class Frontier:
                                                       headers or {}, param))
 
     def _check(self, endpoint: str, model: str, payload: Mapping[str, Any],
-               headers: Sequence[tuple[bytes, bytes]]) -> tuple[ProviderState, Admission] | Outcome:
+               headers: Sequence[tuple[bytes, bytes]], caps: Sequence[DailyCap]
+               ) -> tuple[ProviderState, Admission] | Outcome:
         name, _, upstream_model = model.removeprefix(FRONTIER_PREFIX).partition("/")
         p = self.providers.get(name)
         if p is None:
@@ -456,48 +629,37 @@ class Frontier:
                                 f"flight, its limit (providers.{name}.max_concurrent)",
                                 "rate_limit_exceeded", "provider_busy",
                                 {"Retry-After": str(BUSY_RETRY_S)})
-        if p.cap is not None and way.billed:
-            spent = p.spent_today()
-            left = p.cap - spent
-            if spent >= p.cap:
-                return self._refuse(p.name, 429, f"provider {name}'s daily cap of {p.cap:g} is "
-                                    f"spent ({spent:.4g}); requests resume at 00:00 UTC",
-                                    "rate_limit_exceeded", "daily_cap_reached",
-                                    {"Retry-After": _until_midnight()})
-            if worst > left:
-                return self._refuse(p.name, 429, f"this request may cost up to {worst:.4g} "
-                                    f"(about {prompt} prompt tokens and {bound} generated, at "
-                                    f"{upstream_model}'s prices), more than the {left:.4g} left "
-                                    f"of provider {name}'s daily cap of {p.cap:g}: ask for "
-                                    "fewer max_tokens, or wait for 00:00 UTC",
-                                    "rate_limit_exceeded", "daily_cap_reached",
-                                    {"Retry-After": _until_midnight()})
-            if worst > left - p.reserved:
-                return self._refuse(p.name, 429, f"the {p.in_flight} requests in flight to "
-                                    f"provider {name} hold {p.reserved:.4g} of the {left:.4g} "
-                                    f"left of its daily cap; this one may cost up to "
-                                    f"{worst:.4g}: retry when they end", "rate_limit_exceeded",
-                                    "daily_cap_reserved", {"Retry-After": str(CAP_RETRY_S)})
-        return p, Admission(price, body, prompt, worst, way)
+        admitted = Admission(price, body, prompt, worst, way, bound)
+        for cap in (p.money, *caps) if way.billed else ():
+            short = cap.shortfall(worst)
+            if short is not None:
+                refusal = cap.refuse(short, admitted)
+                return Outcome(p.name, refusal.status, refusal=refusal)
+        return p, admitted
 
     async def serve(self, endpoint: str, model: str, payload: dict[str, Any],
-                    headers: Sequence[tuple[bytes, bytes]], receive: Receive, send: Send
-                    ) -> Outcome:
-        checked = self._check(endpoint, model, payload, headers)
+                    headers: Sequence[tuple[bytes, bytes]], receive: Receive, send: Send,
+                    caps: Sequence[DailyCap] = ()) -> Outcome:
+        """The request sent to its provider, or refused. Its worst case is reserved against
+        the provider's daily cap and `caps` (its app's), and settled when it ends."""
+        checked = self._check(endpoint, model, payload, headers, caps)
         if isinstance(checked, Outcome):
             return checked
         p, admitted = checked
+        held = (p.money, *caps) if admitted.way.billed else ()
         # Admitted and reserved with no await in between: concurrent requests see each other.
         p.in_flight += 1
-        p.reserved += admitted.worst
+        for cap in held:
+            cap.hold(admitted.worst)
+        cost = 0.0  # an exception (the task cancelled) leaves no answer to bill
         try:
             out = await self._send(p, admitted, receive, send)
-            p.charge(out.cost)
+            cost = out.cost
             return out
         finally:
             p.in_flight -= 1
-            # Back to an exact 0 when nothing is in flight: no rounding left over holds the cap.
-            p.reserved = p.reserved - admitted.worst if p.in_flight else 0.0
+            for cap in held:
+                cap.settle(admitted.worst, cost)
 
     async def _send(self, p: ProviderState, a: Admission, receive: Receive, send: Send
                     ) -> Outcome:
@@ -582,6 +744,7 @@ class Frontier:
                       keep_usage: bool, receive: Receive, send: Send) -> Outcome:
         tally = (StreamTally(keep_usage, count_text=True) if a.way.path == "/chat/completions"
                  else EventTally())
+        errors = ErrorEvents(p.key)
         await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
         status = 200
 
@@ -589,11 +752,11 @@ class Frontier:
             nonlocal status
             try:
                 async for data in response.aiter_bytes():
-                    out = tally.feed(data)
+                    out = errors.feed(tally.feed(data))
                     if out:
                         await send({"type": "http.response.body", "body": out,
                                     "more_body": True})
-                rest = tally.end()
+                rest = errors.feed(tally.end()) + errors.end()
                 if rest:
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
             except httpx.HTTPError as e:

@@ -83,6 +83,7 @@ class StackStatus:
     processes: tuple[ProcessState, ...]
     events: tuple[Event, ...]
     memory: MemoryBudget | None = None  # the budget its runtimes are admitted under
+    switches: tuple[SwitchState, ...] = ()  # each model's last switch to other weights
 
 
 def _read_state(home: Home) -> StackState | None:
@@ -102,7 +103,7 @@ def status(home: Home) -> StackStatus:
             load_state="unloaded" if p.load_state else "", memory_held=None, vram_held=None)
             for p in procs)
     return StackStatus(running, st.supervisor_pid if running else None, st.url,
-                       st.api_key_required, procs, st.events, st.memory)
+                       st.api_key_required, procs, st.events, st.memory, st.switches)
 
 
 @dataclass(frozen=True)

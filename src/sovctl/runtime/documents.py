@@ -219,7 +219,7 @@ class SwitchState:
     phase: str
     started_at: float
     finished_at: float | None = None
-    reason: str = ""  # why it failed; the old runtime serves on
+    reason: str = ""  # why it failed (the old runtime serves on), or why a done one cut requests
     old_pid: int | None = None  # the runtime being replaced, while it runs
     old_port: int = 0
     new_pid: int | None = None  # the runtime replacing it, while it starts

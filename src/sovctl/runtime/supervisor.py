@@ -843,13 +843,22 @@ class Supervisor:
         self._write_state()
 
     def _draining(self, sw: _Switch) -> None:
+        cut = ""
         if not switch.retire_port(self._run, sw.old.spec.name, sw.old_port):
-            return  # a request is in flight on the old runtime
+            # A request is in flight on the old runtime: waited for, up to drain_timeout (a
+            # stream that never ends would keep the old weights in memory for ever).
+            if time.monotonic() - sw.served_at < self.cfg.drain_timeout:
+                return
+            cut = (f"the old runtime still had requests in flight after drain_timeout "
+                   f"({self.cfg.drain_timeout:.0f}s): stopped under them")
+            self._event(sw.old.spec.name, cut)
         if sw.old.popen is not None:
             stop_group(sw.old.popen.pid, self.cfg.stop_timeout, sw.old.popen)
             sw.old.popen = None
+        if cut:
+            switch.retire_port(self._run, sw.old.spec.name, sw.old_port)
         self._pumps.pop(sw.old.key, None)
-        self._end_switch(sw, "done", "")
+        self._end_switch(sw, "done", cut)
 
     def _end_switch(self, sw: _Switch, phase: str, reason: str) -> None:
         name = sw.old.spec.name

@@ -21,13 +21,15 @@ class UnitFile:
 
 
 def unit(home: Home, host: str, port: int, chat: Sequence[str], embedding: Sequence[str],
-         user: bool, unit_dir: Path | None = None) -> UnitFile:
+         user: bool, unit_dir: Path | None = None, *, rerank: Sequence[str] = ()) -> UnitFile:
     args = [sys.executable, "-m", "sovctl", "--home", str(home.root), "serve",
             "--host", host, "--port", str(port)]
     for n in chat:
         args += ["--chat", n]
     for n in embedding:
         args += ["--embedding", n]
+    for n in rerank:
+        args += ["--rerank", n]
     loopback = is_loopback(host)
     network = ["IPAddressDeny=any", "IPAddressAllow=localhost"]
     if not loopback:

@@ -23,6 +23,7 @@ it started is left. Exits 1 when a target is missed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -40,7 +41,9 @@ from typing import Any
 
 import httpx
 
-from _common import sovctl_command  # benchmarks/ is on the path of a script run from it
+from _common import sovctl as run_sovctl  # benchmarks/ is on the path of a script run from it
+from _common import sovctl_command
+from bench_runtime import Verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("SOVCTL_TEST_MODELS", ROOT.parent / "shared" / "models"))
@@ -59,12 +62,8 @@ LISTENING = re.compile(STAMP + rb"srv +llama_server: listening on", re.MULTILINE
 FIRST_TASK = re.compile(STAMP + rb"slot launch_slot_", re.MULTILINE)
 
 
-def sovctl(home: Path, *args: str) -> str:
-    done = subprocess.run([*sovctl_command(), *args], capture_output=True, text=True,
-                          env={**os.environ, "SOVCTL_HOME": str(home), **ENV})
-    if done.returncode != 0:
-        raise SystemExit(f"sovctl {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-    return done.stdout
+# Every sovctl call of this script with its settings.
+sovctl = functools.partial(run_sovctl, env=ENV)
 
 
 def free_port() -> int:
@@ -220,16 +219,6 @@ def runtime_clock(log: Path) -> tuple[float, float]:
 
 def ms(x: float) -> str:
     return f"{x * 1000:.0f} ms"
-
-
-class Verdicts:
-    def __init__(self) -> None:
-        self.missed: list[str] = []
-
-    def check(self, ok: bool, what: str) -> str:
-        if not ok:
-            self.missed.append(what)
-        return "PASS" if ok else "MISS"
 
 
 # -- 1. cold start to first token ----------------------------------------------------------------

@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from _common import sovctl  # benchmarks/ is on the path of a script run from it
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("SOVCTL_TEST_MODELS", ROOT.parent / "shared" / "models"))
 CHAT_MODEL = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,15 +91,6 @@ class Burst:
         """The slowest request's end-to-end time over the median's."""
         times = [s.seconds for s in self.streams]
         return max(times) / statistics.median(times)
-
-
-def sovctl(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    full = {**os.environ, "SOVCTL_HOME": str(home), **(env or {})}
-    done = subprocess.run([sys.executable, "-m", "sovctl", *args], env=full,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"sovctl {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-    return done.stdout
 
 
 @contextmanager

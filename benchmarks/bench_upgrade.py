@@ -23,6 +23,7 @@ process outlived the stack.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -36,7 +37,8 @@ from pathlib import Path
 
 import httpx
 
-from _common import sovctl_command  # benchmarks/ is on the path of a script run from it
+from _common import sovctl as run_sovctl  # benchmarks/ is on the path of a script run from it
+from _common import sovctl_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("SOVCTL_TEST_MODELS", ROOT.parent / "shared" / "models"))
@@ -45,12 +47,8 @@ ENV = {"SOVCTL_SERVE__RUNTIME": "llama-server", "SOVCTL_SERVE__HEALTH_INTERVAL":
 SETTINGS = '[models.chat]\nrole = "chat"\nn_ctx = 512\nparallel = 2\nn_threads = 1\n'
 
 
-def sovctl(home: Path, *args: str) -> str:
-    done = subprocess.run([*sovctl_command(), *args], capture_output=True, text=True,
-                          env={**os.environ, "SOVCTL_HOME": str(home), **ENV})
-    if done.returncode != 0:
-        raise SystemExit(f"sovctl {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-    return done.stdout
+# Every sovctl call of this script with its settings.
+sovctl = functools.partial(run_sovctl, env=ENV)
 
 
 def renamed(gguf: bytes) -> bytes:

@@ -19,25 +19,21 @@ import datetime as dt
 import json
 import os
 import random
-import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from tests.conftest import TINY_MODEL
 from tests.helpers import run, run_json, wait_for
+from tests.test_gateway_guard import serving
 from tests.test_serve import start_stack, stop_stack
 
 from sovctl.apikey import ensure_api_key
 from sovctl.config import load
-from sovctl.gateway import server as gateway_server
 from sovctl.gateway.ui import CSP, DATA_PATH
 from sovctl.home import Home
 from sovctl.ledger import cost, dashboard, store
@@ -197,25 +193,6 @@ def test_ledger_chart(sovctl_home: Path) -> None:
 
 
 # -- the gateway behind its key ------------------------------------------------------------------
-
-@contextmanager
-def serving(table: RoutesTable) -> Iterator[str]:
-    """The gateway as `python -m sovctl.gateway` runs it, in a thread, on loopback."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(gateway_server.config(table))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: srv.started or not thread.is_alive(), timeout=20,
-                 what="the gateway to start")
-        assert srv.started, "the gateway did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
 
 @pytest.fixture
 def keyed(sovctl_home: Path) -> Iterator[dict[str, str]]:
